@@ -1,0 +1,1 @@
+"""Who runs jobs: the CLI, the foreground runner and (later) the daemon."""

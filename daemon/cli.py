@@ -1,0 +1,98 @@
+"""The `traind` command. Subcommands parse, call the library and print; nothing more.
+
+Exit codes (CONTRACT §4): 0 success; 1 the operation failed; 2 bad usage or an invalid
+job file; 3 no such job or save.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from traind.daemon.foreground import run_job
+from traind.daemon.home import Home, default_home
+from traind.jobs import devices
+from traind.jobs.build import build_job
+from traind.jobs.errors import JobSpecError
+from traind.jobs.jobfile import load_job
+from traind.jobs.model import count_parameters
+from traind.jobs.spec import JobSpec
+from traind.store.errors import TraindError
+
+
+class TraindGroup(click.Group):
+    """Turns every TraindError into its message and exit code, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except TraindError as e:
+            click.echo(str(e) if isinstance(e, JobSpecError) else f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+
+
+def _set_home(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    if value is not None:
+        ctx.obj = Home(value)
+
+
+HOME_HELP = "Home folder (env TRAIND_HOME; default $XDG_STATE_HOME/traind)."
+home_option = click.option("--home", type=click.Path(file_okay=False, path_type=Path), expose_value=False,
+                           callback=_set_home, help=HOME_HELP)
+pass_home = click.make_pass_decorator(Home)
+job_file_argument = click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+
+
+@click.group(cls=TraindGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", type=click.Path(file_okay=False, path_type=Path), help=HOME_HELP)
+@click.version_option(package_name="traind")
+@click.pass_context
+def cli(ctx: click.Context, home: Path | None) -> None:
+    """traind: a training daemon that keeps crash-safe saves and resumes exactly."""
+    ctx.obj = Home(home or default_home())
+
+
+@cli.command()
+@job_file_argument
+@home_option
+def validate(file: Path) -> None:
+    """Validate FILE and dry-build it: module tree, parameters, device, one forward pass."""
+    job_file = load_job(file)
+    try:
+        job = build_job(job_file.spec, job_file.name)
+    except JobSpecError as e:
+        raise job_file.locate(e) from e
+    (x_shape, out_shape), d = job.sample_shapes, job.spec.data
+    click.echo(f"{file}: valid job '{job.name}'")
+    click.echo(str(job.model))
+    click.echo(f"parameters: {count_parameters(job.model):,} (tied parameters counted once)")
+    click.echo(f"device: {devices.describe(job.device)}")
+    click.echo(f"data: {job.splits.description}; batch {d.batch_size}, {job.steps_per_epoch} steps per epoch")
+    click.echo(f"forward: input {x_shape} -> output {out_shape}")
+    epochs = job.spec.train.epochs
+    click.echo(f"training: {job.total_steps} steps" + (f" ({epochs} epochs)" if epochs else ""))
+
+
+@cli.command()
+@job_file_argument
+@click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path),
+              help="The job folder (default ./NAME): job file copy, log, metrics.")
+@home_option
+def run(file: Path, folder: Path | None) -> None:
+    """Train FILE in the foreground, without the daemon. SIGTERM or Ctrl-C stops it at
+    the next step boundary."""
+    job_file = load_job(file)
+    run_job(job_file, folder or Path(job_file.name), click.echo)
+
+
+@cli.command()
+@home_option
+def schema() -> None:
+    """Print the JSON Schema of job files."""
+    click.echo(json.dumps(JobSpec.model_json_schema(), indent=2))
+
+
+def main() -> None:
+    cli(prog_name="traind")

@@ -1,0 +1,97 @@
+"""From a validated spec to everything training needs, checked on a real batch.
+
+`traind validate` and `traind run` both come through here, so a job that validates
+is one that builds: same seed, same order of RNG use, same device.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from traind.jobs import data, devices, model as model_mod, optim
+from traind.jobs.errors import JobSpecError, Problem
+from traind.jobs.spec import JobSpec
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (every CUDA device too) from the job's seed."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Job:
+    """A job ready to train: its spec and the live objects built from it."""
+
+    name: str
+    spec: JobSpec
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None
+    loss_fn: Callable
+    splits: data.Splits
+    sample_shapes: tuple[tuple, tuple]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return data.batches_per_epoch(self.splits.train, self.spec.data.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        epochs, limit = self.spec.train.epochs, self.spec.train.max_steps
+        by_epochs = self.steps_per_epoch * epochs if epochs else None
+        return min(s for s in (by_epochs, limit) if s is not None)
+
+    @property
+    def classification(self) -> bool:
+        return self.spec.data.task == "classification"
+
+
+def build_job(spec: JobSpec, name: str) -> Job:
+    """Seed, load the data, build and check the model, then its optimizer, scheduler and loss."""
+    seed_everything(spec.seed)
+    device = devices.resolve_device(spec.device)
+    splits = data.load_splits(spec.data, spec.seed, spec.python_path)
+    if len(splits.train) == 0:
+        raise JobSpecError([Problem(("data",), "the training set is empty",
+                                    fix="give more samples, or lower data.val_fraction")])
+    net = model_mod.build_model(spec.model, spec.python_path).to(device)
+    x, y = data.first_batch(splits.train, spec.data)
+    x, y = x.to(device), y.to(device)
+    out = model_mod.dry_forward(net, x, spec.model)
+    model_mod.apply_init(net, spec.model.init)
+    loss_fn = optim.build_loss(spec.train, spec.python_path)
+    _check_loss(loss_fn, out, y, spec)
+    optimizer = optim.build_optimizer(net, spec.optimizer)
+    scheduler = optim.build_scheduler(optimizer, spec.scheduler)
+    return Job(name, spec, device, net, optimizer, scheduler, loss_fn, splits,
+               (tuple(x.shape), tuple(out.shape)))
+
+
+def _check_loss(loss_fn: Callable, out: torch.Tensor, y: torch.Tensor, spec: JobSpec) -> None:
+    try:
+        with torch.no_grad():
+            loss = loss_fn(out, y)
+    except Exception as e:  # torch or user code; the pairing of model, data and loss is the job's problem
+        raise JobSpecError([Problem(("train", "loss"), f"{spec.train.loss} cannot compare the model's output of "
+                                    f"shape {tuple(out.shape)} with targets of shape {tuple(y.shape)} "
+                                    f"({y.dtype}): {type(e).__name__}: {e}", fix=_loss_fix(spec, out))]) from e
+    if not torch.is_tensor(loss) or loss.numel() != 1:
+        raise JobSpecError([Problem(("train", "loss"), f"{spec.train.loss} returned {type(loss).__name__} "
+                                    f"of shape {tuple(getattr(loss, 'shape', ()))}, not a single number",
+                                    fix="use a loss with reduction 'mean' or 'sum'")])
+
+
+def _loss_fix(spec: JobSpec, out: torch.Tensor) -> str:
+    if spec.data.task == "classification":
+        return (f"the last layer gives {out.shape[-1]} outputs: it needs one per class, with class labels "
+                f"0..{out.shape[-1] - 1} and a classification loss such as CrossEntropyLoss")
+    return "for regression, make the last layer's outputs match the targets and use a loss such as MSELoss"

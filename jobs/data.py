@@ -1,0 +1,261 @@
+"""Where a job's samples come from, how they are split, and in which order they arrive.
+
+Everything random here draws from generators seeded by (job seed, purpose, epoch), never
+from the global RNG, so that (a) the data, the split and each epoch's order are fixed by
+the seed, and (b) a loop continued at batch k of an epoch sees exactly the batches the
+uninterrupted loop saw from k on, while the global RNG (Dropout) sees the same draws.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from traind.jobs import names
+from traind.jobs.errors import JobSpecError, Problem
+from traind.jobs.spec import DataSpec
+
+# Purposes of the seeded generators: one stream each, so one cannot shift another.
+DATA, SPLIT, ORDER, WORKERS = 1, 2, 3, 4
+
+
+def seeded(*keys: int) -> torch.Generator:
+    """A torch generator whose state follows from KEYS alone (numpy's SeedSequence mixing)."""
+    state = np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+class TensorPairs(Dataset):
+    """In-memory (x, y) tensors that hand out whole batches with one gather each."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        if len(x) != len(y):
+            raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+    def __getitems__(self, indices: list[int]):
+        index = torch.as_tensor(indices)
+        return self.x[index], self.y[index]
+
+
+def keep_batch(batch):
+    """collate_fn for TensorPairs: its __getitems__ already made the batch."""
+    return batch
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: Dataset
+    val: Dataset | None
+    description: str
+
+
+def load_splits(spec: DataSpec, seed: int, python_path: list[str]) -> Splits:
+    """The job's train and validation sets, or JobSpecError naming what is wrong."""
+    if spec.source == "synthetic":
+        x, y = synthetic(spec, seed)
+    elif spec.source == "csv":
+        x, y = read_csv(spec)
+    elif spec.source in ("npz", "pt"):
+        x, y = read_arrays(spec)
+    else:
+        return _factory_splits(spec, seed, python_path)
+    x, y = _shape_for_task(x, y, spec)
+    whole = TensorPairs(x, y)
+    train, val = split(whole, spec.val_fraction, seed)
+    what = f"{spec.source} {spec.task}, {len(train)} train / {len(val) if val else 0} val samples"
+    return Splits(train, val, what)
+
+
+def synthetic(spec: DataSpec, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian clusters (classification) or a noisy linear map (regression), fixed by seed."""
+    g = seeded(seed, DATA)
+    n, f = spec.samples, spec.features
+    if spec.task == "classification":
+        centers = torch.randn(spec.classes, f, generator=g)
+        y = torch.randint(spec.classes, (n,), generator=g)
+        return centers[y] + torch.randn(n, f, generator=g), y
+    weight = torch.randn(f, spec.outputs, generator=g) / math.sqrt(f)
+    x = torch.randn(n, f, generator=g)
+    return x, x @ weight + 0.1 * torch.randn(n, spec.outputs, generator=g)
+
+
+def _problem(key: str, message: str, fix: str) -> JobSpecError:
+    return JobSpecError([Problem(("data", key), message, fix=fix)])
+
+
+def read_csv(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    with open(spec.path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r]
+    header = rows.pop(0) if spec.header and rows else None
+    if not rows:
+        raise _problem("path", f"{spec.path} has no data rows", "check the file, and data.header")
+    width = len(rows[0])
+    col = _target_column(spec, header, width)
+    xs, ys = [], []
+    for number, row in enumerate(rows, start=2 if header else 1):
+        if len(row) != width:
+            raise _problem("path", f"{spec.path} line {number}: {len(row)} columns, expected {width}",
+                           "give every row the same number of columns")
+        ys.append(row[col])
+        try:
+            xs.append([float(v) for i, v in enumerate(row) if i != col])
+        except ValueError as e:
+            raise _problem("path", f"{spec.path} line {number}: {e}",
+                           "every column but the target must be a number") from e
+    return torch.tensor(xs, dtype=torch.float32), _labels(ys, spec)
+
+
+def _target_column(spec: DataSpec, header: list[str] | None, width: int) -> int:
+    target = -1 if spec.target is None else spec.target
+    if isinstance(target, str):
+        if header is None or target not in header:
+            known = header or []
+            raise _problem("target", f"no column named '{target}' in {spec.path}{names.suggest(target, known)}",
+                           f"use one of: {', '.join(known)}" if known else "give a column index, or set header = true")
+        return header.index(target)
+    if not -width <= target < width:
+        raise _problem("target", f"column {target} is out of range; {spec.path} has {width} columns",
+                       f"use an index from 0 to {width - 1}, or -1 for the last")
+    return target % width
+
+
+def _labels(values: list[str], spec: DataSpec) -> torch.Tensor:
+    try:
+        numbers = [float(v) for v in values]
+    except ValueError:
+        if spec.task == "regression":
+            raise _problem("target", "the target column holds text, but task = 'regression'",
+                           "pick a numeric target column, or task = 'classification'") from None
+        classes = sorted(set(values))  # text labels: class i is the i-th label in sorted order
+        return torch.tensor([classes.index(v) for v in values])
+    return torch.tensor(numbers)
+
+
+def read_arrays(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    if spec.source == "npz":
+        try:
+            with np.load(spec.path, allow_pickle=False) as archive:
+                found = {k: torch.from_numpy(archive[k]) for k in archive.files}
+        except (ValueError, OSError) as e:
+            raise _problem("path", f"cannot read {spec.path} as npz: {e}", "save it with numpy.savez") from e
+    else:
+        try:
+            found = torch.load(spec.path, weights_only=True, map_location="cpu")
+        except Exception as e:  # torch raises many kinds on bad files; all mean the same here
+            raise _problem("path", f"cannot read {spec.path} with torch.load(weights_only=True): {e}",
+                           "save a dict of tensors: torch.save({'x': x, 'y': y}, path)") from e
+        if not isinstance(found, dict):
+            raise _problem("path", f"{spec.path} holds {type(found).__name__}, not a dict of tensors",
+                           "save a dict of tensors: torch.save({'x': x, 'y': y}, path)")
+    for key in ("x", "y"):
+        name = getattr(spec, key)
+        if name not in found:
+            raise _problem(key, f"{spec.path} has no '{name}'{names.suggest(name, found)}",
+                           f"set data.{key} to one of: {', '.join(found)}")
+    return torch.as_tensor(found[spec.x]), torch.as_tensor(found[spec.y])
+
+
+def _shape_for_task(x: torch.Tensor, y: torch.Tensor, spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """CONTRACT §3: classification y is int64 of shape (n,), regression y float32 (n, outputs)."""
+    if len(x) != len(y):
+        raise _problem("path", f"x has {len(x)} samples but y has {len(y)}", "give x and y one row per sample")
+    x = x.float()
+    if spec.task == "regression":
+        return x, (y.reshape(len(y), -1) if y.dim() < 2 else y).float()
+    if y.is_floating_point() and not torch.equal(y, y.round()):
+        raise _problem("task", "classification needs whole-number class labels, but y has fractions",
+                       "set task = 'regression', or store class indices in y")
+    y = y.reshape(-1).long()
+    if len(y) and int(y.min()) < 0:
+        raise _problem("task", "class labels must be 0 or more", "store class indices 0..classes-1 in y")
+    return x, y
+
+
+def split(whole: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    n = len(whole)
+    n_val = int(round(n * val_fraction))
+    if n_val == 0:
+        return whole, None
+    order = torch.randperm(n, generator=seeded(seed, SPLIT))
+    val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
+    if isinstance(whole, TensorPairs):
+        return TensorPairs(whole.x[train_idx], whole.y[train_idx]), TensorPairs(whole.x[val_idx], whole.y[val_idx])
+    return Subset(whole, train_idx.tolist()), Subset(whole, val_idx.tolist())
+
+
+def _factory_splits(spec: DataSpec, seed: int, python_path: list[str]) -> Splits:
+    factory = names.import_object(spec.source, python_path)
+    try:
+        with names.search_path(python_path):
+            made = factory(**spec.kwargs)
+    except Exception as e:  # user code
+        raise _problem("source", f"{spec.source}(**kwargs) raised {type(e).__name__}: {e}",
+                       f"check data.kwargs against {names.signature_text(factory, spec.source)}") from e
+    if isinstance(made, tuple) and len(made) == 2:
+        train, val = made
+    elif isinstance(made, Dataset):
+        train, val = split(made, spec.val_fraction, seed)
+    else:
+        raise _problem("source", f"{spec.source} returned {type(made).__name__}",
+                       "return a torch Dataset, or a (train, val) pair of them")
+    return Splits(train, val, f"{spec.source}: {len(train)} train / {len(val) if val else 0} val samples")
+
+
+class EpochSampler(Sampler[int]):
+    """Indices of one epoch, in an order that follows from (seed, epoch), from sample START on."""
+
+    def __init__(self, size: int, seed: int, epoch: int, shuffle: bool, start: int = 0):
+        self.size, self.seed, self.epoch, self.shuffle, self.start = size, seed, epoch, shuffle, start
+
+    def order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.size)
+        return torch.randperm(self.size, generator=seeded(self.seed, ORDER, self.epoch))
+
+    def __iter__(self):
+        return iter(self.order()[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return max(0, self.size - self.start)
+
+
+def batches_per_epoch(train: Dataset, batch_size: int) -> int:
+    return math.ceil(len(train) / batch_size)
+
+
+def train_loader(train: Dataset, spec: DataSpec, seed: int, epoch: int, start_batch: int = 0,
+                 pin_memory: bool = False) -> DataLoader:
+    """The batches of EPOCH from batch START_BATCH on. The explicit generator keeps the
+    loader off the global RNG (it would otherwise draw the workers' base seed there)."""
+    sampler = EpochSampler(len(train), seed, epoch, spec.shuffle, start_batch * spec.batch_size)
+    return _loader(train, spec, sampler, seeded(seed, WORKERS, epoch), pin_memory)
+
+
+def val_loader(val: Dataset, spec: DataSpec, seed: int, pin_memory: bool = False) -> DataLoader:
+    sampler = EpochSampler(len(val), seed, 0, shuffle=False)
+    return _loader(val, spec, sampler, seeded(seed, WORKERS), pin_memory)
+
+
+def first_batch(ds: Dataset, spec: DataSpec):
+    """The first batch in stored order, for dry runs: no workers, no global RNG drawn."""
+    return next(iter(_loader(ds, spec, EpochSampler(len(ds), 0, 0, shuffle=False), seeded(0), False, workers=0)))
+
+
+def _loader(ds: Dataset, spec: DataSpec, sampler: Sampler, generator: torch.Generator, pin: bool,
+            workers: int | None = None) -> DataLoader:
+    kwargs = {"collate_fn": keep_batch} if isinstance(ds, TensorPairs) else {}
+    return DataLoader(ds, batch_size=spec.batch_size, sampler=sampler,
+                      num_workers=spec.num_workers if workers is None else workers,
+                      generator=generator, pin_memory=pin, **kwargs)

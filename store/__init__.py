@@ -1,0 +1,1 @@
+"""Where saves live: crash-safe snapshots of named tensors and JSON state."""
