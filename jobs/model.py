@@ -76,11 +76,10 @@ def _parse_all(layers: list, blocks: dict) -> tuple[Block, dict[str, Item], list
             problems.append(Problem(path, str(e)))
             return None
 
-    top = parse(list(layers), ("model", "layers")) if layers else None
-    if not isinstance(top, Block):
-        problems.append(Problem(("model", "layers"), "the layer list is empty or malformed",
-                                fix="layers = [['Linear', 20, 10]]"))
-        top = Block((), ("model", "layers"))
+    if not layers:
+        problems.append(Problem(("model", "layers"), "the layer list is empty", fix="layers = [['Linear', 20, 10]]"))
+    items = [parse(raw, ("model", "layers", i)) for i, raw in enumerate(layers)]
+    top = Block(tuple(i for i in items if i is not None), ("model", "layers"))
     parsed = {n: parse(raw, ("model", "blocks", n)) for n, raw in blocks.items()}
     return top, {n: i for n, i in parsed.items() if i is not None}, problems
 

@@ -194,7 +194,9 @@ class DataSpec(Section):
 
     @model_validator(mode="after")
     def _fits_source(self, info: ValidationInfo) -> DataSpec:
-        kind = self.source if self.source in SOURCES or not names.is_import_path(self.source) else "factory"
+        if self.source not in SOURCES and not names.is_import_path(self.source):
+            return self  # an unknown source is reported by itself; its keys cannot be judged
+        kind = self.source if self.source in SOURCES else "factory"
         problems = []
         for key in sorted(self.model_fields_set):
             allowed = DATA_KEYS_FOR.get(key)
@@ -314,7 +316,7 @@ class CheckpointSpec(Section):
     keep_best: NonNegativeInt = 1
     """Best saves by `monitor` kept."""
     monitor: Literal["val_loss", "val_acc", "train_loss"] = "val_loss"
-    """The metric that ranks best saves (and feeds ReduceLROnPlateau)."""
+    """The metric that ranks best saves (and feeds ReduceLROnPlateau); train_loss when data.val_fraction = 0."""
     mode: Literal["min", "max"] | None = None
     """Whether lower or higher `monitor` is better; default max for val_acc, else min."""
     best_after_epoch: NonNegativeInt = 0
@@ -357,6 +359,18 @@ class JobSpec(Section):
     """Length of training, loss and its guards."""
     checkpoint: CheckpointSpec = CheckpointSpec()
     """Save cadence and what is kept."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _monitor_train_loss_without_validation(cls, data: Any) -> Any:
+        """With no validation set, an unset monitor follows train_loss instead of val_loss."""
+        if not isinstance(data, dict):
+            return data
+        section, checkpoint = data.get("data"), data.get("checkpoint", {})
+        if isinstance(section, dict) and section.get("val_fraction") == 0 and isinstance(checkpoint, dict) \
+                and "monitor" not in checkpoint:
+            data = {**data, "checkpoint": {**checkpoint, "monitor": "train_loss"}}
+        return data
 
     @field_validator("device")
     @classmethod

@@ -128,7 +128,7 @@ class Trainer:
                 scheduler.step(monitored)
             else:
                 scheduler.step()
-        if monitored is not None and p.epoch + 1 > self.spec.checkpoint.best_after_epoch and self._better(monitored):
+        if monitored is not None and p.epoch + 1 >= self.spec.checkpoint.best_after_epoch and self._better(monitored):
             p.best = monitored
         record = {"kind": "epoch", "epoch": p.epoch + 1, "step": p.step, **metrics, "lr": self.lr(),
                   "val_seconds": round(time.monotonic() - started, 4)}
