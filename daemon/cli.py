@@ -67,7 +67,9 @@ def validate(file: Path) -> None:
     (x_shape, out_shape), d = job.sample_shapes, job.spec.data
     click.echo(f"{file}: valid job '{job.name}'")
     click.echo(str(job.model))
-    click.echo(f"parameters: {count_parameters(job.model):,} (tied parameters counted once)")
+    unique = count_parameters(job.model)
+    uses = sum(p.numel() for _, p in job.model.named_parameters(remove_duplicate=False))
+    click.echo(f"parameters: {unique:,}" + (f" (tied: {uses - unique:,} reused, counted once)" if uses > unique else ""))
     click.echo(f"device: {devices.describe(job.device)}")
     click.echo(f"data: {job.splits.description}; batch {d.batch_size}, {job.steps_per_epoch} steps per epoch")
     click.echo(f"forward: input {x_shape} -> output {out_shape}")
@@ -96,3 +98,7 @@ def schema() -> None:
 
 def main() -> None:
     cli(prog_name="traind")
+
+
+if __name__ == "__main__":
+    main()

@@ -44,7 +44,7 @@ class TensorPairs(Dataset):
     def __getitem__(self, i):
         return self.x[i], self.y[i]
 
-    def __getitems__(self, indices: list[int]):
+    def __getitems__(self, indices: torch.Tensor | list[int]):
         index = torch.as_tensor(indices)
         return self.x[index], self.y[index]
 
@@ -213,11 +213,13 @@ def _factory_splits(spec: DataSpec, seed: int, python_path: list[str]) -> Splits
     return Splits(train, val, f"{spec.source}: {len(train)} train / {len(val) if val else 0} val samples")
 
 
-class EpochSampler(Sampler[int]):
-    """Indices of one epoch, in an order that follows from (seed, epoch), from sample START on."""
+class EpochBatches(Sampler[torch.Tensor]):
+    """The batches of one epoch, from batch START on, as index tensors: the order is a
+    permutation that follows from (seed, epoch) alone, so any batch can come first."""
 
-    def __init__(self, size: int, seed: int, epoch: int, shuffle: bool, start: int = 0):
-        self.size, self.seed, self.epoch, self.shuffle, self.start = size, seed, epoch, shuffle, start
+    def __init__(self, size: int, batch_size: int, seed: int, epoch: int, shuffle: bool, start: int = 0):
+        self.size, self.batch_size, self.seed, self.epoch, self.shuffle = size, batch_size, seed, epoch, shuffle
+        self.start = start
 
     def order(self) -> torch.Tensor:
         if not self.shuffle:
@@ -225,10 +227,12 @@ class EpochSampler(Sampler[int]):
         return torch.randperm(self.size, generator=seeded(self.seed, ORDER, self.epoch))
 
     def __iter__(self):
-        return iter(self.order()[self.start:].tolist())
+        # Tensors, not lists: TensorPairs gathers with them directly (no list->tensor per batch).
+        rest = self.order()[self.start * self.batch_size:]
+        return iter(rest.split(self.batch_size) if len(rest) else ())
 
     def __len__(self) -> int:
-        return max(0, self.size - self.start)
+        return max(0, math.ceil(self.size / self.batch_size) - self.start)
 
 
 def batches_per_epoch(train: Dataset, batch_size: int) -> int:
@@ -239,23 +243,38 @@ def train_loader(train: Dataset, spec: DataSpec, seed: int, epoch: int, start_ba
                  pin_memory: bool = False) -> DataLoader:
     """The batches of EPOCH from batch START_BATCH on. The explicit generator keeps the
     loader off the global RNG (it would otherwise draw the workers' base seed there)."""
-    sampler = EpochSampler(len(train), seed, epoch, spec.shuffle, start_batch * spec.batch_size)
-    return _loader(train, spec, sampler, seeded(seed, WORKERS, epoch), pin_memory)
+    batches = EpochBatches(len(train), spec.batch_size, seed, epoch, spec.shuffle, start_batch)
+    return _loader(train, spec, batches, seeded(seed, WORKERS, epoch), pin_memory)
 
 
 def val_loader(val: Dataset, spec: DataSpec, seed: int, pin_memory: bool = False) -> DataLoader:
-    sampler = EpochSampler(len(val), seed, 0, shuffle=False)
-    return _loader(val, spec, sampler, seeded(seed, WORKERS), pin_memory)
+    batches = EpochBatches(len(val), spec.batch_size, seed, 0, shuffle=False)
+    return _loader(val, spec, batches, seeded(seed, WORKERS), pin_memory)
 
 
 def first_batch(ds: Dataset, spec: DataSpec):
     """The first batch in stored order, for dry runs: no workers, no global RNG drawn."""
-    return next(iter(_loader(ds, spec, EpochSampler(len(ds), 0, 0, shuffle=False), seeded(0), False, workers=0)))
+    batches = EpochBatches(len(ds), spec.batch_size, 0, 0, shuffle=False)
+    return next(iter(_loader(ds, spec, batches, seeded(0), False, workers=0)))
 
 
-def _loader(ds: Dataset, spec: DataSpec, sampler: Sampler, generator: torch.Generator, pin: bool,
+def _loader(ds: Dataset, spec: DataSpec, batches: EpochBatches, generator: torch.Generator, pin: bool,
             workers: int | None = None) -> DataLoader:
-    kwargs = {"collate_fn": keep_batch} if isinstance(ds, TensorPairs) else {}
-    return DataLoader(ds, batch_size=spec.batch_size, sampler=sampler,
-                      num_workers=spec.num_workers if workers is None else workers,
-                      generator=generator, pin_memory=pin, **kwargs)
+    workers = spec.num_workers if workers is None else workers
+    # Worker processes get plain lists: a tensor would travel through shared memory, which
+    # costs more than it saves. User datasets get ints and the default collation.
+    sampler = batches if isinstance(ds, TensorPairs) and workers == 0 else _AsLists(batches)
+    collate = keep_batch if isinstance(ds, TensorPairs) else None
+    return DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                      generator=generator, pin_memory=pin)
+
+
+class _AsLists(Sampler[list[int]]):
+    def __init__(self, batches: EpochBatches):
+        self.batches = batches
+
+    def __iter__(self):
+        return (b.tolist() for b in self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
