@@ -51,10 +51,15 @@ def load_job(path: str | Path) -> JobFile:
         raise JobSpecError([Problem((), f"unknown job file type '{path.suffix}'",
                                     fix="name it .toml, .yaml, .yml or .json")], path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise JobSpecError([Problem((), f"cannot read the file: {e}", fix="check the path and that it is UTF-8 text")],
+        raw = path.read_bytes()
+    except OSError as e:
+        raise JobSpecError([Problem((), f"cannot read the file: {e.strerror}", fix="check the path and its permissions")],
                            path) from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise JobSpecError([Problem((), f"not UTF-8 text: byte {raw[e.start]:#04x} at offset {e.start}",
+                                    line=raw[:e.start].count(b"\n") + 1, fix="save the file as UTF-8")], path) from e
     return JobFile(path, fmt, text, parse_spec(text, fmt, path))
 
 
@@ -114,32 +119,39 @@ def parse_text(text: str, fmt: str, path: Path) -> dict:
         else:
             raw = json.loads(text, object_pairs_hook=_json_pairs)
     except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError, ValueError) as e:
-        line, message = _syntax_error(e)
+        line, message = _syntax_error(e, text)
         raise JobSpecError([Problem((), f"not valid {fmt.upper()}: {message}", line=line,
                                     fix=f"fix the {fmt.upper()} syntax at that line")], path) from e
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise JobSpecError([Problem((), f"the file holds a {type(raw).__name__}, not a table of keys",
+        raise JobSpecError([Problem((), f"the file holds a {type(raw).__name__}, not a table of keys", line=1,
                                     fix="start from an example in examples/")], path)
     return raw
 
 
-def _syntax_error(e: Exception) -> tuple[int | None, str]:
+def _syntax_error(e: Exception, text: str) -> tuple[int | None, str]:
+    """The line (1-based) and message of a parser's error, each parser telling it its own way."""
     if isinstance(e, json.JSONDecodeError):
         return e.lineno, e.msg
+    if isinstance(e, yaml.reader.ReaderError):
+        return text[:e.position].count("\n") + 1, str(e.reason)
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
     if mark is not None:
         return mark.line + 1, str(getattr(e, "problem", None) or e).strip()
-    found = re.search(r"\(at line (\d+), column \d+\)", str(e))
-    message = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
-    return (int(found.group(1)) if found else None), message
+    message = str(e)
+    if "(at end of document)" in message:
+        return text.count("\n") + 1, message.replace(" (at end of document)", " at the end of the file")
+    found = re.search(r"\(at line (\d+), column \d+\)", message)
+    return (int(found.group(1)) if found else None), re.sub(r"\s*\(at line \d+, column \d+\)", "", message)
 
 
-# pydantic error types, said for people who write job files.
+# pydantic's type errors, said for people who write job files.
 _EXPECTED = {
-    "int": "a whole number", "float": "a number", "bool": "true or false", "string": "text",
-    "list": "a list", "dict": "a table", "model": "a table", "model_attributes": "a table",
+    "int_type": "a whole number", "int_parsing": "a whole number", "int_from_float": "a whole number",
+    "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
+    "bool_parsing": "true or false", "string_type": "text", "list_type": "a list", "dict_type": "a table",
+    "model_type": "a table", "model_attributes_type": "a table",
 }
 
 
@@ -194,9 +206,8 @@ def _problem_for(e: dict, path: tuple) -> Problem:
                        fix="use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     if kind == "value_error":
         return Problem(path, e["msg"].removeprefix("Value error, "), fix=about)
-    base = kind.split("_")[0] if kind.split("_")[0] in _EXPECTED else kind.rsplit("_", 1)[0]
-    if base in _EXPECTED:
-        return Problem(path, f"expected {_EXPECTED[base]}, got {e.get('input')!r}", fix=about)
+    if kind in _EXPECTED:
+        return Problem(path, f"expected {_EXPECTED[kind]}, got {e.get('input')!r}", fix=about)
     return Problem(path, f"{e['msg'].replace('Input should', 'should')}, got {e.get('input')!r}", fix=about)
 
 

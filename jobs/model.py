@@ -243,6 +243,21 @@ def _forward_problem(stack: list[tuple[str, tuple]], error: Exception, spec: Mod
                        "or check data.features")
 
 
+def check_scheme(value: str | dict, path: tuple) -> list[Problem]:
+    schemes = names.init_schemes()
+    if isinstance(value, str):
+        value = {"name": value}
+    name, kwargs = value.get("name"), {k: v for k, v in value.items() if k != "name"}
+    if not isinstance(name, str):
+        return [Problem(path, "an init table needs a 'name'", fix="write {name = 'normal', std = 0.01}")]
+    if name not in schemes:
+        return [Problem(path, f"unknown init scheme '{name}'{names.suggest(name, schemes)}",
+                        fix=f"use one of torch.nn.init's: {', '.join(sorted(schemes))}")]
+    why = names.check_call(schemes[name], ("tensor",), kwargs)
+    return [Problem(path, f"init '{name}': {why}",
+                    fix=f"give the arguments of {names.signature_text(schemes[name])}")] if why else []
+
+
 def _scheme(value) -> tuple:
     if value is None:
         return None, {}

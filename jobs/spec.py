@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from traind.jobs import names
 from traind.jobs.errors import Problem, field_name
+from traind.jobs.model import check_layers, check_scheme
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 FILE_SOURCES = ("csv", "npz", "pt")
@@ -87,21 +88,6 @@ class InitSpec(Section):
         return value
 
 
-def check_scheme(value: Scheme, path: tuple) -> list[Problem]:
-    schemes = names.init_schemes()
-    if isinstance(value, str):
-        value = {"name": value}
-    name, kwargs = value.get("name"), {k: v for k, v in value.items() if k != "name"}
-    if not isinstance(name, str):
-        return [Problem(path, "an init table needs a 'name'", fix="write {name = 'normal', std = 0.01}")]
-    if name not in schemes:
-        return [Problem(path, f"unknown init scheme '{name}'{names.suggest(name, schemes)}",
-                        fix=f"use one of torch.nn.init's: {', '.join(sorted(schemes))}")]
-    why = names.check_call(schemes[name], ("tensor",), kwargs)
-    return [Problem(path, f"init '{name}': {why}",
-                    fix=f"give the arguments of {names.signature_text(schemes[name])}")] if why else []
-
-
 class ModelSpec(Section):
     layers: list[Any] | None = None
     """The network as nn.Sequential: entries [nn class name, positional args..., {keyword args}], nested lists for blocks, '@NAME' for a shared block."""
@@ -116,8 +102,6 @@ class ModelSpec(Section):
 
     @model_validator(mode="after")
     def _one_way_to_build(self, info: ValidationInfo) -> ModelSpec:
-        from traind.jobs.model import check_layers  # the layer grammar lives with the builder
-
         problems = []
         if (self.layers is None) == (self.target is None):
             problems.append(Problem(("model",), "give exactly one of 'layers' and 'target'",
@@ -339,8 +323,8 @@ def check_device(value: str) -> str:
 class JobSpec(Section):
     name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
     """The job's name; default the file's stem. Letters, digits, '.', '_' and '-', at most 64."""
-    seed: int = 0
-    """Seeds the model's init, the data, its split and order, and every RNG."""
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0
+    """Seeds the model's init, the data, its split and order, and every RNG (0 to 2**32 - 1)."""
     priority: int = 0
     """Higher runs first; ties run in submission order."""
     device: str = "auto"

@@ -1,10 +1,17 @@
+import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from traind.jobs.jobfile import load_job
+
+# The suite's fuzzing is a smoke test; HYPOTHESIS_PROFILE=long hunts further.
+settings.register_profile("default", max_examples=300, deadline=None)
+settings.register_profile("long", max_examples=5000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"

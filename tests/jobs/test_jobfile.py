@@ -286,3 +286,9 @@ def test_without_validation_the_monitor_defaults_to_train_loss(spec_of, write_jo
     assert spec_of(GOOD + "val_fraction = 0.0\n").checkpoint.monitor == "train_loss"
     p = only(problems_of(write_job(GOOD + "val_fraction = 0.0\n[checkpoint]\nmonitor = 'val_loss'\n")))
     assert p.path == ("checkpoint", "monitor") and "needs a validation set" in p.message
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_seed_must_fit_every_rng(write_job, seed):
+    p = only(problems_of(write_job(f"seed = {seed}\n" + GOOD)))
+    assert p.path == ("seed",) and "should be" in p.message
