@@ -77,17 +77,29 @@ def build_job(spec: JobSpec, name: str) -> Job:
 
 
 def _check_loss(loss_fn: Callable, out: torch.Tensor, y: torch.Tensor, spec: JobSpec) -> None:
+    """The loss and the metrics of validation, tried on the dry run's batch."""
+    def problem(message: str, fix: str) -> JobSpecError:
+        return JobSpecError([Problem(("train", "loss"), message, fix=fix)])
+
+    shapes = f"the model's output of shape {tuple(out.shape)} with targets of shape {tuple(y.shape)} ({y.dtype})"
+    if spec.data.task == "regression" and out.shape != y.shape:  # MSELoss would broadcast, silently wrong
+        raise problem(f"regression compares {shapes}: they must be equal", _loss_fix(spec, out))
+    if spec.data.task == "classification" and not y.is_floating_point() and len(y) and int(y.max()) >= out.shape[-1]:
+        # checked here, not left to the loss: on a GPU that is a device-side assert, fatal to the process
+        raise problem(f"class label {int(y.max())} needs at least {int(y.max()) + 1} outputs; {shapes}",
+                      _loss_fix(spec, out))
     try:
         with torch.no_grad():
             loss = loss_fn(out, y)
+            if spec.data.task == "classification":
+                optim.correct_count(out, y)
     except Exception as e:  # torch or user code; the pairing of model, data and loss is the job's problem
-        raise JobSpecError([Problem(("train", "loss"), f"{spec.train.loss} cannot compare the model's output of "
-                                    f"shape {tuple(out.shape)} with targets of shape {tuple(y.shape)} "
-                                    f"({y.dtype}): {type(e).__name__}: {e}", fix=_loss_fix(spec, out))]) from e
+        raise problem(f"{spec.train.loss} cannot compare {shapes}: {type(e).__name__}: {e}",
+                      _loss_fix(spec, out)) from e
     if not torch.is_tensor(loss) or loss.numel() != 1:
-        raise JobSpecError([Problem(("train", "loss"), f"{spec.train.loss} returned {type(loss).__name__} "
-                                    f"of shape {tuple(getattr(loss, 'shape', ()))}, not a single number",
-                                    fix="use a loss with reduction 'mean' or 'sum'")])
+        raise problem(f"{spec.train.loss} returned {type(loss).__name__} of shape "
+                      f"{tuple(getattr(loss, 'shape', ()))}, not a single number",
+                      "use a loss with reduction 'mean' or 'sum'")
 
 
 def _loss_fix(spec: JobSpec, out: torch.Tensor) -> str:

@@ -200,7 +200,10 @@ def split(whole: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Data
 
 
 def _factory_splits(spec: DataSpec, seed: int, python_path: list[str]) -> Splits:
-    factory = names.import_object(spec.source, python_path)
+    try:
+        factory = names.import_object(spec.source, python_path)
+    except LookupError as e:
+        raise _problem("source", str(e), names.IMPORT_PATH_HELP) from e
     try:
         with names.search_path(python_path):
             made = factory(**spec.kwargs)

@@ -122,6 +122,9 @@ def parse_text(text: str, fmt: str, path: Path) -> dict:
         line, message = _syntax_error(e, text)
         raise JobSpecError([Problem((), f"not valid {fmt.upper()}: {message}", line=line,
                                     fix=f"fix the {fmt.upper()} syntax at that line")], path) from e
+    except RecursionError as e:
+        raise JobSpecError([Problem((), "lists or tables are nested too deeply to read", line=1,
+                                    fix="nest at most a few dozen levels")], path) from e
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -57,6 +57,8 @@ def parse_item(raw: Any, path: tuple) -> Item:
                          f"write ['{raw}'] for a layer or '@NAME' for a block")
     if not isinstance(raw, list) or not raw:
         raise ValueError(f"expected a layer entry such as ['Linear', 20, 10] or a nested list, got {raw!r}")
+    if len(path) > MAX_BLOCK_DEPTH:
+        raise ValueError(f"blocks are nested more than {MAX_BLOCK_DEPTH} deep")
     head = raw[0]
     if isinstance(head, str) and not head.startswith("@"):
         args, kwargs = list(raw[1:]), {}
@@ -202,8 +204,7 @@ def dry_forward(model: nn.Module, inputs: torch.Tensor, spec: ModelSpec) -> torc
     """One forward pass in eval mode without gradients: materializes lazy modules and
     proves the layers fit the data, with no effect on BatchNorm statistics or RNG use
     by Dropout. A failure becomes a JobSpecError naming the layer and its input shape."""
-    stack: list[tuple[str, tuple]] = []
-    failed: list[tuple[str, tuple]] = []
+    stack: list[tuple[str, tuple]] = []  # modules entered and not yet left: the innermost failed
     module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
 
     def enter(module, args):
@@ -220,8 +221,7 @@ def dry_forward(model: nn.Module, inputs: torch.Tensor, spec: ModelSpec) -> torc
         with torch.no_grad():
             return model(inputs)
     except Exception as e:  # user or torch code: becomes a located job-file problem
-        failed = list(stack)
-        raise JobSpecError([_forward_problem(failed, e, spec)]) from e
+        raise JobSpecError([_forward_problem(stack, e, spec)]) from e
     finally:
         for h in hooks:
             h.remove()

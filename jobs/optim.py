@@ -56,7 +56,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, spec: SchedulerSpec | None
 def build_loss(spec: TrainSpec, python_path: list[str]) -> Callable:
     """A torch.nn loss instance, or the user's callable (a Module class is instantiated)."""
     if names.is_import_path(spec.loss):
-        found = names.import_object(spec.loss, python_path)
+        try:
+            found = names.import_object(spec.loss, python_path)
+        except LookupError as e:
+            raise JobSpecError([Problem(("train", "loss"), str(e), fix=names.IMPORT_PATH_HELP)]) from e
     else:
         found = names.nn_losses()[spec.loss]
     if isinstance(found, type):
@@ -69,3 +72,8 @@ def build_loss(spec: TrainSpec, python_path: list[str]) -> Callable:
         raise JobSpecError([Problem(("train", "loss_kwargs"), f"{spec.loss} is a function, not a class",
                                     fix="remove loss_kwargs; a loss function is called as loss(output, target)")])
     return found
+
+
+def correct_count(out: torch.Tensor, y: torch.Tensor) -> int:
+    """Classification: how many rows of OUT have their largest score at the class in Y."""
+    return int((out.argmax(dim=-1) == y).sum())

@@ -21,6 +21,7 @@ from traind.jobs import data
 from traind.jobs.build import Job
 from traind.jobs.errors import NonFiniteLoss
 from traind.jobs.metrics import Recorder
+from traind.jobs.optim import correct_count
 
 
 @dataclass
@@ -110,7 +111,7 @@ class Trainer:
                 total += float(job.loss_fn(out, y)) * len(y)
                 count += len(y)
                 if job.classification:
-                    correct += int((out.argmax(dim=-1) == y).sum())
+                    correct += correct_count(out, y)
         job.model.train()
         found = {"val_loss": total / count}
         if job.classification:

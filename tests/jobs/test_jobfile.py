@@ -292,3 +292,10 @@ def test_without_validation_the_monitor_defaults_to_train_loss(spec_of, write_jo
 def test_seed_must_fit_every_rng(write_job, seed):
     p = only(problems_of(write_job(f"seed = {seed}\n" + GOOD)))
     assert p.path == ("seed",) and "should be" in p.message
+
+
+@pytest.mark.parametrize("depth, words", [(5000, "nested too deeply to read"), (100, "nested more than 32 deep")])
+def test_deep_nesting_is_refused_not_crashed(write_job, depth, words):
+    text = '{"model": {"layers": ' + "[" * depth + '"ReLU"' + "]" * depth + "}}"
+    error = problems_of(write_job(text, ".json"))
+    assert any(words in p.message for p in error.problems), error.render()

@@ -151,3 +151,20 @@ def test_same_seed_same_weights_other_seed_other_weights(spec_of):
     c = built(spec_of, TIED.replace("seed = 0", "seed = 1")).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_regression_outputs_must_match_the_targets(spec_of):
+    text = ('[model]\nlayers = [["Linear", 4, 1]]\n[data]\ntask = "regression"\nfeatures = 4\noutputs = 2\n'
+            '[train]\nloss = "MSELoss"\n')
+    with pytest.raises(JobSpecError) as caught:
+        built(spec_of, text)
+    p = caught.value.problems[0]
+    assert p.path == ("train", "loss") and "(64, 1) with targets of shape (64, 2)" in p.message
+
+
+def test_class_labels_beyond_the_outputs_are_caught_by_the_dry_run(spec_of):
+    text = '[model]\nlayers = [["Linear", 4, 3]]\n[data]\nfeatures = 4\nclasses = 10\n'
+    with pytest.raises(JobSpecError) as caught:
+        built(spec_of, text)
+    p = caught.value.problems[0]
+    assert p.path == ("train", "loss") and "needs at least" in p.message and "one per class" in p.fix
