@@ -7,6 +7,7 @@ job file; 3 no such job or save.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -97,7 +98,11 @@ def schema() -> None:
 
 
 def main() -> None:
-    cli(prog_name="traind")
+    try:
+        cli(prog_name="traind")
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without a traceback
+        click.echo("interrupted", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

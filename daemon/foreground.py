@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
+import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 from traind.jobs.build import build_job
-from traind.jobs.errors import JobSpecError, NonFiniteLoss
+from traind.jobs.errors import JobSpecError, NonFiniteLoss, TrainingError
 from traind.jobs.jobfile import JobFile
-from traind.jobs.metrics import METRICS_FILE, Recorder
+from traind.jobs.metrics import LOG_FILE, METRICS_FILE, Recorder
 from traind.jobs.train import Trainer
 
 SPEC_FILE = "spec.json"
@@ -69,8 +71,12 @@ def run_job(job_file: JobFile, folder: Path, echo: Callable[[str], None]) -> boo
             try:
                 done = trainer.fit(lambda t: stop.is_set())
             except NonFiniteLoss as e:
-                recorder.log(str(e))
+                recorder.log(str(e), logging.ERROR)
                 raise
+            except Exception as e:  # the job's code failed; say so in one line, keep the traceback in the log
+                recorder.log(traceback.format_exc(), logging.ERROR)
+                raise TrainingError(f"training failed at step {trainer.progress.step + 1}: {type(e).__name__}: {e} "
+                                    f"(traceback in {folder / LOG_FILE})") from e
         p = trainer.progress
         if done:
             recorder.say(f"done: step {p.step}/{job.total_steps}; folder {folder}")

@@ -63,31 +63,38 @@ def build_job(spec: JobSpec, name: str) -> Job:
     if len(splits.train) == 0:
         raise JobSpecError([Problem(("data",), "the training set is empty",
                                     fix="give more samples, or lower data.val_fraction")])
+    monitor = spec.checkpoint.monitor
+    if monitor.startswith("val_") and (splits.val is None or len(splits.val) == 0):
+        raise JobSpecError([Problem(("checkpoint", "monitor"), f"{monitor} needs a validation set, and there is none",
+                                    fix="set data.val_fraction > 0 (or return (train, val) from a factory), "
+                                        "or monitor = 'train_loss'")])
     net = model_mod.build_model(spec.model, spec.python_path).to(device)
     x, y = data.first_batch(splits.train, spec.data)
     x, y = x.to(device), y.to(device)
     out = model_mod.dry_forward(net, x, spec.model)
     model_mod.apply_init(net, spec.model.init)
     loss_fn = optim.build_loss(spec.train, spec.python_path)
-    _check_loss(loss_fn, out, y, spec)
+    _check_loss(loss_fn, out, y, spec, data.largest_label(splits))
     optimizer = optim.build_optimizer(net, spec.optimizer)
     scheduler = optim.build_scheduler(optimizer, spec.scheduler)
     return Job(name, spec, device, net, optimizer, scheduler, loss_fn, splits,
                (tuple(x.shape), tuple(out.shape)))
 
 
-def _check_loss(loss_fn: Callable, out: torch.Tensor, y: torch.Tensor, spec: JobSpec) -> None:
-    """The loss and the metrics of validation, tried on the dry run's batch."""
+def _check_loss(loss_fn: Callable, out: torch.Tensor, y: torch.Tensor, spec: JobSpec, largest: int | None) -> None:
+    """The loss and the metrics of validation, tried on the dry run's batch; class labels
+    against the outputs over all of the data where it is in memory (LARGEST)."""
     def problem(message: str, fix: str) -> JobSpecError:
         return JobSpecError([Problem(("train", "loss"), message, fix=fix)])
 
     shapes = f"the model's output of shape {tuple(out.shape)} with targets of shape {tuple(y.shape)} ({y.dtype})"
     if spec.data.task == "regression" and out.shape != y.shape:  # MSELoss would broadcast, silently wrong
         raise problem(f"regression compares {shapes}: they must be equal", _loss_fix(spec, out))
-    if spec.data.task == "classification" and not y.is_floating_point() and len(y) and int(y.max()) >= out.shape[-1]:
+    if largest is None and spec.data.task == "classification" and not y.is_floating_point() and len(y):
+        largest = int(y.max())
+    if spec.data.task == "classification" and largest is not None and largest >= out.shape[-1]:
         # checked here, not left to the loss: on a GPU that is a device-side assert, fatal to the process
-        raise problem(f"class label {int(y.max())} needs at least {int(y.max()) + 1} outputs; {shapes}",
-                      _loss_fix(spec, out))
+        raise problem(f"class label {largest} needs at least {largest + 1} outputs; {shapes}", _loss_fix(spec, out))
     try:
         with torch.no_grad():
             loss = loss_fn(out, y)

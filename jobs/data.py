@@ -82,6 +82,12 @@ def load_splits(spec: DataSpec, seed: int, python_path: list[str]) -> Splits:
     return Splits(train, val, what)
 
 
+def largest_label(splits: Splits) -> int | None:
+    """The largest class label of in-memory data; None for datasets only their batches reveal."""
+    ys = [ds.y for ds in (splits.train, splits.val) if isinstance(ds, TensorPairs) and len(ds)]
+    return max(int(y.max()) for y in ys) if ys else None
+
+
 def synthetic(spec: DataSpec, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Gaussian clusters (classification) or a noisy linear map (regression), fixed by seed."""
     g = seeded(seed, DATA)

@@ -59,7 +59,7 @@ class TrainingError(TraindError):
 
 
 class NonFiniteLoss(TrainingError):
-    """The loss became NaN or infinite."""
+    """The loss of STEP (counted from 1) was NaN or infinite."""
 
     def __init__(self, step: int, epoch: int, loss: float, detail: str = ""):
         self.step, self.epoch, self.loss = step, epoch, loss

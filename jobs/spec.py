@@ -372,9 +372,6 @@ class JobSpec(Section):
         if self.checkpoint.monitor == "val_acc" and self.data.task != "classification":
             problems.append(Problem(("checkpoint", "monitor"), "val_acc is measured for classification only",
                                     fix="monitor = 'val_loss'"))
-        if self.checkpoint.monitor.startswith("val_") and self.data.val_fraction == 0 and self.data.source in SOURCES:
-            problems.append(Problem(("checkpoint", "monitor"), f"{self.checkpoint.monitor} needs a validation set",
-                                    fix="set data.val_fraction > 0, or monitor = 'train_loss'"))
         for path, text in self._import_paths():
             try:
                 names.import_object(text, self.python_path)

@@ -85,7 +85,7 @@ class Trainer:
         loss = job.loss_fn(job.model(x), y)
         value = loss.item()
         if not math.isfinite(value):  # before backward: the weights stay as they were
-            raise NonFiniteLoss(p.step, p.epoch, value)
+            raise NonFiniteLoss(p.step + 1, p.epoch, value)
         job.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.spec.train.grad_clip > 0:

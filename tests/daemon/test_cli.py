@@ -120,3 +120,20 @@ def test_signal_stops_a_real_run_at_a_step_boundary(write_job, tmp_path, sig):
     assert proc.returncode == 0, out
     assert "stopped by signal at step" in out
     assert "Traceback" not in out
+
+
+def test_a_failing_module_is_one_line_on_screen_and_a_traceback_in_the_log(write_job, tmp_path):
+    (tmp_path / "flaky.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.lin = nn.Linear(20, 10)\n        self.calls = 0\n"
+        "    def forward(self, x):\n        self.calls += 1\n"
+        "        if self.training and self.calls > 5:\n            raise RuntimeError('the GPU caught fire')\n"
+        "        return self.lin(x)\n")
+    path = write_job('python_path = ["."]\n[model]\ntarget = "flaky:Net"\n')
+    result = CliRunner().invoke(cli, ["run", str(path), "--dir", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "error: training failed at step 5: RuntimeError: the GPU caught fire" in result.output
+    assert "Traceback" not in result.output
+    log = (tmp_path / "out" / "log").read_text()
+    assert "Traceback" in log and "the GPU caught fire" in log

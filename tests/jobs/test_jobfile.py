@@ -282,9 +282,13 @@ def test_device_values(write_job, device, ok):
         assert "use auto, cpu, cuda or cuda:N" in only(problems_of(path)).message
 
 
-def test_without_validation_the_monitor_defaults_to_train_loss(spec_of, write_job):
+def test_without_validation_the_monitor_defaults_to_train_loss(spec_of):
+    from traind.jobs.build import build_job
+
     assert spec_of(GOOD + "val_fraction = 0.0\n").checkpoint.monitor == "train_loss"
-    p = only(problems_of(write_job(GOOD + "val_fraction = 0.0\n[checkpoint]\nmonitor = 'val_loss'\n")))
+    with pytest.raises(JobSpecError) as caught:
+        build_job(spec_of(GOOD + "val_fraction = 0.0\n[checkpoint]\nmonitor = 'val_loss'\n"), "j")
+    p = only(caught.value)
     assert p.path == ("checkpoint", "monitor") and "needs a validation set" in p.message
 
 

@@ -168,3 +168,11 @@ def test_class_labels_beyond_the_outputs_are_caught_by_the_dry_run(spec_of):
         built(spec_of, text)
     p = caught.value.problems[0]
     assert p.path == ("train", "loss") and "needs at least" in p.message and "one per class" in p.fix
+
+
+def test_a_label_beyond_the_outputs_anywhere_in_the_data_is_caught(spec_of, tmp_path):
+    rows = "\n".join(f"{i},{i % 3}" for i in range(200)) + "\n999,7\n"
+    (tmp_path / "d.csv").write_text("x,label\n" + rows)
+    text = '[model]\nlayers = [["Linear", 1, 3]]\n[data]\nsource = "csv"\npath = "d.csv"\nshuffle = false\n'
+    with pytest.raises(JobSpecError, match="class label 7 needs at least 8 outputs"):
+        built(spec_of, text)
