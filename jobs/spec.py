@@ -54,21 +54,24 @@ class KwargsSection(Section):
     def kwargs(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
 
-    def check_kwargs(self, section: str, cls: type, placeholder: str, own: tuple[str, ...]) -> list[Problem]:
-        """Unknown or missing constructor arguments of CLS, as Problems under [SECTION]."""
+    def resolve(self, section: str, table: dict[str, type], module: str, placeholder: str,
+                own: tuple[str, ...]) -> tuple[type | None, list[Problem]]:
+        """The class `name` picks from TABLE (or None) and the problems with the section's
+        other keys as its constructor's arguments (the first one being PLACEHOLDER)."""
+        try:
+            cls = names.lookup(self.name, table, section)
+        except LookupError as e:
+            return None, [Problem((section, "name"), str(e), fix=f"use a {module} class: {', '.join(sorted(table))}")]
         accepted = names.parameter_names(cls)[1:]
         problems = [
-            Problem((section, key), f"unknown key '{key}' in [{section}]"
-                    f"{names.suggest(key, accepted + list(own))}",
-                    fix=f"[{section}] takes {', '.join(own)} and the arguments of "
-                        f"{names.signature_text(cls)}")
+            Problem((section, key), f"unknown key '{key}' in [{section}]{names.suggest(key, accepted + list(own))}",
+                    fix=f"[{section}] takes {', '.join(own)} and the arguments of {names.signature_text(cls)}")
             for key in self.kwargs if key not in accepted]
-        if not problems:
-            why = names.check_call(cls, (placeholder,), self.kwargs)
-            if why:
-                problems.append(Problem((section, "name"), f"{self.name}: {why}",
-                                        fix=f"give the arguments of {names.signature_text(cls)}"))
-        return problems
+        why = None if problems else names.check_call(cls, (placeholder,), self.kwargs)
+        if why:
+            problems.append(Problem((section, "name"), f"{self.name}: {why}",
+                                    fix=f"give the arguments of {names.signature_text(cls)}"))
+        return cls, problems
 
 
 Scheme = str | dict[str, Any]
@@ -206,14 +209,8 @@ class OptimizerSpec(KwargsSection):
 
     @model_validator(mode="after")
     def _known(self, info: ValidationInfo) -> OptimizerSpec:
-        try:
-            cls = names.lookup(self.name, names.optimizers(), "optimizer")
-        except LookupError as e:
-            report(info, [Problem(("optimizer", "name"), str(e),
-                                  fix=f"use a torch.optim class: {', '.join(sorted(names.optimizers()))}")])
-            return self
-        problems = self.check_kwargs("optimizer", cls, "params", ("name", "no_decay"))
-        if self.no_decay and "weight_decay" not in names.parameter_names(cls):
+        cls, problems = self.resolve("optimizer", names.optimizers(), "torch.optim", "params", ("name", "no_decay"))
+        if cls and self.no_decay and "weight_decay" not in names.parameter_names(cls):
             problems.append(Problem(("optimizer", "no_decay"), f"{self.name} has no weight_decay",
                                     fix="remove no_decay, or pick an optimizer with weight_decay"))
         report(info, problems)
@@ -228,14 +225,9 @@ class SchedulerSpec(KwargsSection):
 
     @model_validator(mode="after")
     def _known(self, info: ValidationInfo) -> SchedulerSpec:
-        try:
-            cls = names.lookup(self.name, names.schedulers(), "scheduler")
-        except LookupError as e:
-            report(info, [Problem(("scheduler", "name"), str(e),
-                                  fix=f"use a torch.optim.lr_scheduler class: {', '.join(sorted(names.schedulers()))}")])
-            return self
-        problems = self.check_kwargs("scheduler", cls, "optimizer", ("name", "interval"))
-        if self.name == "ReduceLROnPlateau" and self.interval == "step":
+        cls, problems = self.resolve("scheduler", names.schedulers(), "torch.optim.lr_scheduler", "optimizer",
+                                     ("name", "interval"))
+        if cls and self.name == "ReduceLROnPlateau" and self.interval == "step":
             problems.append(Problem(("scheduler", "interval"), "ReduceLROnPlateau follows a metric measured once per epoch",
                                     fix="set interval = 'epoch'"))
         report(info, problems)
