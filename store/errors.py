@@ -12,3 +12,17 @@ class TraindError(Exception):
 
 class StoreError(TraindError):
     """A save could not be written, read or verified."""
+
+
+class SaveFailed(StoreError):
+    """Writing a save failed; it was never reported, and earlier saves are untouched."""
+
+
+class CorruptSave(StoreError):
+    """A save does not match its manifest (or has none): it is never loaded."""
+
+
+class NoSuchSave(StoreError):
+    """No save with that id, or none that can be loaded."""
+
+    exit_code = 3

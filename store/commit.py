@@ -1,0 +1,101 @@
+"""The atomic commit of a save: the one place that decides when a save exists.
+
+    saves/.staging-ID/          made on the same filesystem as saves/
+        FILE...                 each written, hashed as written, fsynced, closed
+        manifest.json           last: every file's size and xxh3-128, then fsynced
+    fsync(.staging-ID/)         the folder's entries are durable
+    rename -> saves/ID/         atomic: the save appears whole or not at all
+    fsync(saves/)               the rename is durable; only now is the save reported
+
+A crash before the rename leaves a staging folder that the next start sweeps away; a
+crash after it leaves a complete save, or, if the rename was not yet durable, none.
+Any failed operation (EIO, ENOSPC, a failed fsync, which is never retried) removes the
+staging folder and raises SaveFailed: earlier saves are never touched.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from traind.store.errors import SaveFailed
+from traind.store.fs import FileSystem
+
+FORMAT = "traind-save/1"
+MANIFEST = "manifest.json"
+STAGING = ".staging-"
+HASH = "xxh3_128"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One file of a save: its name, its exact size, and how to stream its bytes."""
+
+    name: str
+    size: int
+    write: Callable[[Callable[[memoryview], None]], int]
+
+
+def json_part(name: str, value: dict) -> Part:
+    data = json.dumps(value, indent=1, sort_keys=True).encode()
+    return Part(name, len(data), lambda sink: sink(memoryview(data)) or len(data))
+
+
+def commit(fs: FileSystem, saves_dir: Path, save_id: str, parts: list[Part], meta: dict) -> dict:
+    """Write PARTS as the save SAVE_ID under SAVES_DIR; return its manifest once durable."""
+    needed = sum(p.size for p in parts) + (1 << 20)
+    free = fs.free_bytes(saves_dir)
+    if free < needed:
+        raise SaveFailed(f"not enough disk space for save {save_id} in {saves_dir}: it needs {needed:,} bytes, "
+                         f"{free:,} are free; free some space (or delete old saves) and run again")
+    stage, final = saves_dir / f"{STAGING}{save_id}", saves_dir / save_id
+    renamed = False
+    try:
+        fs.mkdir(stage)
+        files = {p.name: _write_part(fs, stage / p.name, p) for p in parts}
+        manifest = {**meta, "format": FORMAT, "id": save_id, "files": files,
+                    "bytes": sum(f["bytes"] for f in files.values()),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        _write_part(fs, stage / MANIFEST, json_part(MANIFEST, manifest))
+        fs.fsync_dir(stage)
+        fs.rename(stage, final)
+        renamed = True
+        fs.fsync_dir(saves_dir)
+    except OSError as e:
+        # The save never existed as far as anyone was told: remove every trace of it.
+        fs.remove_tree(final if renamed else stage)
+        why = "the disk is full" if e.errno == errno.ENOSPC else f"{e.strerror or e} (errno {e.errno})"
+        raise SaveFailed(f"save {save_id} failed in {saves_dir}: {why}; earlier saves are untouched") from e
+    return manifest
+
+
+def _write_part(fs: FileSystem, path: Path, part: Part) -> dict:
+    fd = fs.create(path)
+    try:
+        hasher = getattr(xxhash, HASH)()
+
+        def sink(view: memoryview) -> None:
+            hasher.update(view)
+            fs.write(fd, view)
+
+        size = part.write(sink)
+        fs.fsync(fd)
+    finally:
+        fs.close(fd)
+    if size != part.size:
+        raise SaveFailed(f"{path.name}: wrote {size} bytes, expected {part.size} (a bug in traind)")
+    return {"bytes": size, HASH: hasher.hexdigest()}
+
+
+def sweep_staging(fs: FileSystem, saves_dir: Path) -> list[str]:
+    """Remove staging folders a crash left behind (they were never saves)."""
+    swept = [p.name for p in saves_dir.glob(f"{STAGING}*")]
+    for name in swept:
+        fs.remove_tree(saves_dir / name)
+    return swept

@@ -1,0 +1,65 @@
+"""Every file operation the store's crash safety rests on, behind one small interface.
+
+The store never calls os.* for these directly, so that tests can record the operations
+(to build the states a crash could leave) or make any one of them fail (EIO, ENOSPC).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+class FileSystem:
+    """The real one. Subclasses in tests record or fail operations."""
+
+    def create(self, path: Path) -> int:
+        """A new file opened for writing; an existing one is an error."""
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def write(self, fd: int, data: memoryview) -> None:
+        while len(data):
+            data = data[os.write(fd, data):]
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def mkdir(self, path: Path) -> None:
+        os.mkdir(path)
+
+    def rename(self, src: Path, dst: Path) -> None:
+        """Atomic on POSIX: DST appears whole or not at all (durable once its folder is fsynced)."""
+        os.rename(src, dst)
+
+    def fsync_dir(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def remove_tree(self, path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+    def free_bytes(self, path: Path) -> int:
+        return shutil.disk_usage(path).free
+
+
+def write_durably(fs: FileSystem, path: Path, data: bytes) -> None:
+    """PATH holds DATA, whole, even after a crash: written beside it, fsynced, renamed
+    over it, and its folder fsynced."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        tmp.unlink()
+    fd = fs.create(tmp)
+    try:
+        fs.write(fd, memoryview(data))
+        fs.fsync(fd)
+    finally:
+        fs.close(fd)
+    fs.rename(tmp, path)
+    fs.fsync_dir(path.parent)

@@ -1,0 +1,130 @@
+"""Reading a job's saves: list them, verify them against their manifests, quarantine the
+ones that fail, and load the rest. Nothing here unpickles: tensors come from safetensors,
+everything else from JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+from safetensors.torch import load_file
+
+from traind.store.commit import FORMAT, HASH, MANIFEST, STAGING
+from traind.store.errors import CorruptSave
+from traind.store.fs import FileSystem
+
+QUARANTINE = "quarantine"
+CHUNK = 1 << 22
+
+
+@dataclass(frozen=True)
+class SaveInfo:
+    """A committed save, as its manifest describes it."""
+
+    id: str
+    seq: int
+    step: int
+    epoch: int
+    kinds: tuple[str, ...]
+    metrics: dict
+    created: str
+    bytes: int
+    note: str | None
+    path: Path
+
+    @classmethod
+    def from_manifest(cls, path: Path, m: dict) -> SaveInfo:
+        return cls(m["id"], int(m["seq"]), int(m["step"]), int(m["epoch"]), tuple(m.get("kinds", ())),
+                   dict(m.get("metrics", {})), str(m.get("created", "")), int(m.get("bytes", 0)),
+                   m.get("note"), path)
+
+    def as_json(self, verified: bool | None = None) -> dict:
+        return {"id": self.id, "step": self.step, "epoch": self.epoch, "kinds": list(self.kinds),
+                "metrics": self.metrics, "bytes": self.bytes, "created": self.created, "verified": verified,
+                "note": self.note}
+
+
+def read_manifest(save_dir: Path) -> dict:
+    path = save_dir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptSave(f"{save_dir}: no readable {MANIFEST} ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise CorruptSave(f"{save_dir}: {MANIFEST} is not a {FORMAT} manifest")
+    for name in manifest["files"]:
+        # a manifest names files inside its own folder, never a path elsewhere
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise CorruptSave(f"{save_dir}: {MANIFEST} names {name!r}, which is not a file of this save")
+    try:
+        SaveInfo.from_manifest(save_dir, manifest)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptSave(f"{save_dir}: {MANIFEST} lacks or garbles {e}") from e
+    return manifest
+
+
+def list_saves(saves_dir: Path) -> tuple[list[SaveInfo], list[tuple[Path, str]]]:
+    """Committed saves, oldest first, and the folders that look like saves but are not."""
+    good, bad = [], []
+    if not saves_dir.is_dir():
+        return good, bad
+    for entry in saves_dir.iterdir():
+        if not entry.is_dir() or entry.name.startswith(STAGING) or entry.name == QUARANTINE:
+            continue
+        try:
+            good.append(SaveInfo.from_manifest(entry, read_manifest(entry)))
+        except CorruptSave as e:
+            bad.append((entry, str(e)))
+    good.sort(key=lambda s: s.seq)
+    return good, bad
+
+
+def verify(save_dir: Path, full: bool = True) -> list[str]:
+    """Every way SAVE_DIR differs from its manifest: missing, resized or (FULL) re-hashed
+    files. An empty list means the save is whole."""
+    try:
+        manifest = read_manifest(save_dir)
+    except CorruptSave as e:
+        return [str(e)]
+    problems = []
+    for name, entry in manifest["files"].items():
+        path = save_dir / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif path.stat().st_size != entry.get("bytes"):
+            problems.append(f"{name}: {path.stat().st_size} bytes, the manifest says {entry.get('bytes')}")
+        elif full and _hash(path) != entry.get(HASH):
+            problems.append(f"{name}: contents changed ({HASH} does not match the manifest)")
+    return problems
+
+
+def _hash(path: Path) -> str:
+    hasher = getattr(xxhash, HASH)()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def quarantine(fs: FileSystem, saves_dir: Path, save_dir: Path) -> Path:
+    """Move a bad save aside (kept for inspection, never loaded again)."""
+    target_dir = saves_dir / QUARANTINE
+    if not target_dir.exists():
+        fs.mkdir(target_dir)
+    target = target_dir / save_dir.name
+    n = 1
+    while target.exists():
+        target, n = target_dir / f"{save_dir.name}.{n}", n + 1
+    fs.rename(save_dir, target)
+    fs.fsync_dir(saves_dir)
+    return target
+
+
+def load_tensors(save: SaveInfo, name: str) -> dict:
+    return load_file(save.path / name)
+
+
+def load_json(save: SaveInfo, name: str) -> dict:
+    return json.loads((save.path / name).read_text())

@@ -1,0 +1,241 @@
+"""The commit protocol under crashes and faults, in the manner of SQLite's crash tests
+and ALICE: record the I/O of a save, build every state a crash could leave, recover."""
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from traind.store import commit
+from traind.store.errors import SaveFailed
+from traind.store.fs import FileSystem
+from traind.store.saves import load_tensors, verify
+from traind.store.store import SaveStore
+
+DIR_OPS = ("mkdir", "create", "rename")
+
+
+class RecordingFS(FileSystem):
+    """Does every operation for real and keeps a log of it."""
+
+    def __init__(self):
+        self.log, self.paths = [], {}
+
+    def create(self, path):
+        fd = super().create(path)
+        self.paths[fd] = Path(path)
+        self.log.append(("create", Path(path)))
+        return fd
+
+    def write(self, fd, data):
+        self.log.append(("write", self.paths[fd], bytes(data)))
+        super().write(fd, data)
+
+    def fsync(self, fd):
+        self.log.append(("fsync", self.paths[fd]))
+        super().fsync(fd)
+
+    def mkdir(self, path):
+        self.log.append(("mkdir", Path(path)))
+        super().mkdir(path)
+
+    def rename(self, src, dst):
+        self.log.append(("rename", Path(src), Path(dst)))
+        super().rename(src, dst)
+
+    def fsync_dir(self, path):
+        self.log.append(("fsync_dir", Path(path)))
+        super().fsync_dir(path)
+
+    def remove_tree(self, path):
+        self.log.append(("remove_tree", Path(path)))
+        super().remove_tree(path)
+
+
+class FailingFS(FileSystem):
+    """Fails the N-th crash-relevant operation with errno CODE."""
+
+    def __init__(self, n, code):
+        self.n, self.code, self.count = n, code, 0
+
+    def _tick(self):
+        self.count += 1
+        if self.count - 1 == self.n:
+            raise OSError(self.code, os.strerror(self.code))
+
+    def create(self, path):
+        self._tick()
+        return super().create(path)
+
+    def write(self, fd, data):
+        self._tick()
+        super().write(fd, data)
+
+    def fsync(self, fd):
+        self._tick()
+        super().fsync(fd)
+
+    def mkdir(self, path):
+        self._tick()
+        super().mkdir(path)
+
+    def rename(self, src, dst):
+        self._tick()
+        super().rename(src, dst)
+
+    def fsync_dir(self, path):
+        self._tick()
+        super().fsync_dir(path)
+
+
+def tensors(seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"model.safetensors": ({"w": torch.randn(64, 32, generator=g), "b": torch.randn(32, generator=g)},
+                                  {"job": "t"}),
+            "optimizer.safetensors": ({"m": torch.randn(64, 32, generator=g)}, {})}
+
+
+def save(store, step, seed):
+    seq, save_id = store.reserve(step)
+    return store.write(seq, save_id, tensors(seed), {"state.json": {"step": step, "seed": seed}},
+                       {"step": step, "epoch": 0, "kinds": ["auto"], "metrics": {}})
+
+
+@pytest.fixture
+def recorded(tmp_path):
+    """A store with one acknowledged save, its folder as it was, and the I/O of a second save."""
+    base = tmp_path / "base"
+    first = save(SaveStore(base / "saves"), 10, seed=1)
+    before = tmp_path / "before"
+    shutil.copytree(base, before)
+    fs = RecordingFS()
+    second = save(SaveStore(base / "saves", fs=fs), 20, seed=2)
+    return base, before, fs.log, first, second
+
+
+def made_durable(ops):
+    """Indexes of the directory operations that a later fsync of their folder made durable."""
+    found = set()
+    for i, op in enumerate(ops):
+        if op[0] in DIR_OPS:
+            parent = (op[2] if op[0] == "rename" else op[1]).parent
+            if ("fsync_dir", parent) in ops[i + 1:]:
+                found.add(i)
+    return found
+
+
+def crash_state(base: Path, before: Path, ops: list, mode: str, target: Path) -> None:
+    """The folder a crash after OPS could leave: `all` every operation happened; `drop`
+    file data not fsynced is lost; `torn` that data is garbage; `lost-dirs` directory
+    changes not fsynced are lost too, and unsynced data with them."""
+    shutil.copytree(before, target)
+    durable = made_durable(ops) if mode == "lost-dirs" else None
+    synced, pending, lost = {}, {}, set()
+
+    def where(p: Path) -> Path:
+        return target / p.relative_to(base)
+
+    for i, op in enumerate(ops):
+        kind, path = op[0], op[1]
+        if any(d == path or d in path.parents for d in lost):
+            continue
+        if durable is not None and kind in DIR_OPS and i not in durable:
+            lost.add(path)  # it never reached the disk; neither did anything beneath it
+            continue
+        if kind == "mkdir":
+            where(path).mkdir()
+        elif kind == "create":
+            where(path).touch()
+            synced[path], pending[path] = b"", b""
+        elif kind == "write":
+            pending[path] += op[2]
+        elif kind == "fsync":
+            synced[path], pending[path] = synced[path] + pending[path], b""
+        elif kind == "rename":
+            for p in [p for p in synced if p == path or path in p.parents]:
+                moved = op[2] / p.relative_to(path)
+                synced[moved], pending[moved] = synced.pop(p), pending.pop(p)
+            os.rename(where(path), where(op[2]))
+        elif kind == "remove_tree":
+            shutil.rmtree(where(path), ignore_errors=True)
+    for p, data in synced.items():
+        if where(p).exists():
+            tail = pending[p]
+            if mode == "torn" and tail:
+                tail = tail[:len(tail) // 2] + os.urandom(len(tail) - len(tail) // 2)
+            elif mode != "all":
+                tail = b""
+            where(p).write_bytes(data + tail)
+
+
+@pytest.mark.parametrize("mode", ["all", "drop", "torn", "lost-dirs"])
+def test_every_crash_state_recovers_the_new_save_whole_or_the_one_before(recorded, tmp_path, mode):
+    base, before, ops, first, second = recorded
+    outcomes = set()
+    for k in range(len(ops) + 1):
+        state = tmp_path / f"state-{k}"
+        crash_state(base, before, ops[:k], mode, state)
+        store = SaveStore(state / "saves")
+        found = store.newest_good()
+        where = f"crash after {k} of {len(ops)} operations ({mode})"
+        assert found is not None and found.id in (first.id, second.id), where
+        assert not verify(store.dir / first.id), f"{where}: the acknowledged save was damaged"
+        expected = tensors(2 if found.id == second.id else 1)["model.safetensors"][0]
+        loaded = load_tensors(found, "model.safetensors")
+        assert all(torch.equal(loaded[n], t) for n, t in expected.items()), f"{where}: loaded torn data"
+        assert not list(store.dir.glob(".staging-*")), f"{where}: staging left behind"
+        if k == len(ops):
+            assert found.id == second.id, f"{where}: a save reported as committed did not survive"
+        outcomes.add(found.id)
+    assert outcomes == {first.id, second.id}  # the crash points reach both outcomes
+
+
+def test_states_are_built_from_the_whole_protocol(recorded):
+    _, _, ops, _, second = recorded
+    kinds = [op[0] for op in ops]
+    created = [op[1].name for op in ops if op[0] == "create"]
+    assert created[-1] == commit.MANIFEST  # the manifest is written last
+    rename = kinds.index("rename")
+    assert kinds.count("fsync") == len(created)
+    assert max(i for i, k in enumerate(kinds) if k == "fsync") < rename  # every file durable before the rename
+    assert ops[rename - 1] == ("fsync_dir", ops[rename][1])  # and the staging folder's entries too
+    assert ops[rename + 1] == ("fsync_dir", second.path.parent)  # the rename made durable before reporting
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.ENOSPC])
+def test_a_fault_at_any_operation_fails_the_save_and_loses_nothing(tmp_path, code):
+    first = save(SaveStore(tmp_path / "saves"), 10, seed=1)
+    counting = RecordingFS()
+    save(SaveStore(tmp_path / "count" / "saves", fs=counting), 10, seed=2)
+    operations = sum(1 for op in counting.log if op[0] != "remove_tree")
+    for n in range(operations):
+        store = SaveStore(tmp_path / "saves", fs=FailingFS(n, code))
+        with pytest.raises(SaveFailed) as caught:
+            save(store, 20, seed=2)
+        assert ("the disk is full" in str(caught.value)) == (code == errno.ENOSPC)
+        assert "earlier saves are untouched" in str(caught.value)
+        reopened = SaveStore(tmp_path / "saves")
+        assert [s.id for s in reopened.saves()] == [first.id], f"fault at operation {n}"
+        assert not verify(first.path)
+        assert not list(reopened.dir.glob(".staging-*")), f"fault at operation {n} left its staging"
+
+
+def test_too_little_free_space_fails_before_writing(tmp_path):
+    class Full(FileSystem):
+        def free_bytes(self, path):
+            return 1000
+
+    with pytest.raises(SaveFailed, match="not enough disk space .* free some space"):
+        save(SaveStore(tmp_path / "saves", fs=Full()), 1, seed=1)
+    assert list((tmp_path / "saves").iterdir()) == []
+
+
+def test_leftover_staging_is_swept_at_start(tmp_path):
+    stage = tmp_path / "saves" / ".staging-000007-s3"
+    stage.mkdir(parents=True)
+    (stage / "model.safetensors").write_bytes(b"half")
+    assert SaveStore(tmp_path / "saves").swept == [stage.name]
+    assert list((tmp_path / "saves").iterdir()) == []
