@@ -12,10 +12,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from traind.jobs.build import build_job
+from traind.jobs.checkpoint import Checkpointer
 from traind.jobs.errors import JobSpecError, NonFiniteLoss, TrainingError
 from traind.jobs.jobfile import JobFile
-from traind.jobs.metrics import LOG_FILE, METRICS_FILE, Recorder
+from traind.jobs.metrics import LOG_FILE, Recorder
 from traind.jobs.train import Trainer
+from traind.store.errors import StoreError, TraindError
 
 SPEC_FILE = "spec.json"
 
@@ -32,7 +34,6 @@ def prepare_folder(job_file: JobFile, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / f"job{job_file.path.suffix.lower()}", job_file.text.encode())
     write_atomic(folder / SPEC_FILE, job_file.spec.model_dump_json(indent=2).encode())
-    (folder / METRICS_FILE).unlink(missing_ok=True)  # a fresh start; resume arrives with the store
 
 
 @contextmanager
@@ -56,7 +57,8 @@ def stop_on_signals():
 
 
 def run_job(job_file: JobFile, folder: Path, echo: Callable[[str], None]) -> bool:
-    """Train JOB_FILE to the end (True) or until a signal stops it (False)."""
+    """Train JOB_FILE to the end (True) or until a signal stops it (False), continuing from
+    FOLDER's newest good save if it has one."""
     prepare_folder(job_file, folder)
     recorder = Recorder(folder, echo, job_file.name)
     try:
@@ -64,24 +66,44 @@ def run_job(job_file: JobFile, folder: Path, echo: Callable[[str], None]) -> boo
             job = build_job(job_file.spec, job_file.name)
         except JobSpecError as e:
             raise job_file.locate(e) from e
-        recorder.say(f"training '{job.name}' on {job.device}: {job.total_steps} steps "
-                     f"({job.steps_per_epoch} per epoch); {job.splits.description}")
         trainer = Trainer(job, recorder)
         with stop_on_signals() as stop:
-            try:
-                done = trainer.fit(lambda t: stop.is_set())
-            except NonFiniteLoss as e:
-                recorder.log(str(e), logging.ERROR)
-                raise
-            except Exception as e:  # the job's code failed; say so in one line, keep the traceback in the log
-                recorder.log(traceback.format_exc(), logging.ERROR)
-                raise TrainingError(f"training failed at step {trainer.progress.step + 1}: {type(e).__name__}: {e} "
-                                    f"(traceback in {folder / LOG_FILE})") from e
+            checkpoints = Checkpointer(trainer, folder, recorder, stop)
+            if checkpoints.resume() is None:
+                recorder.keep_until(0, 0)  # a fresh start: no records yet
+            recorder.say(f"training '{job.name}' on {job.device}: step {trainer.progress.step} of "
+                         f"{job.total_steps} ({job.steps_per_epoch} per epoch); {job.splits.description}")
+            done = _train(trainer, checkpoints, recorder, folder)
         p = trainer.progress
         if done:
             recorder.say(f"done: step {p.step}/{job.total_steps}; folder {folder}")
         else:
-            recorder.say(f"stopped by signal at step {p.step}/{job.total_steps}")
+            recorder.say(f"stopped by signal at step {p.step}/{job.total_steps}, saved; run again to continue")
         return done
     finally:
         recorder.close()
+
+
+def _train(trainer: Trainer, checkpoints: Checkpointer, recorder: Recorder, folder: Path) -> bool:
+    try:
+        while True:
+            try:
+                done = trainer.fit(checkpoints.boundary)
+                break
+            except NonFiniteLoss as e:
+                checkpoints.rollback(e)
+    except BaseException as e:
+        try:
+            checkpoints.close()
+        except StoreError as late:  # the error in hand matters more; keep this one in the log
+            recorder.log(f"the save in flight failed too: {late}", logging.ERROR)
+        if isinstance(e, TraindError):
+            recorder.log(str(e), logging.ERROR)
+            raise
+        if not isinstance(e, Exception):
+            raise
+        recorder.log(traceback.format_exc(), logging.ERROR)  # the job's code failed; one line on screen
+        raise TrainingError(f"training failed at step {trainer.progress.step + 1}: {type(e).__name__}: {e} "
+                            f"(traceback in {folder / LOG_FILE})") from e
+    checkpoints.close()
+    return done

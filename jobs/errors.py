@@ -59,10 +59,10 @@ class TrainingError(TraindError):
 
 
 class NonFiniteLoss(TrainingError):
-    """The loss of STEP (counted from 1) was NaN or infinite."""
+    """The loss of STEP (counted from 1), on batch BATCH of EPOCH (both from 0), was NaN or infinite."""
 
-    def __init__(self, step: int, epoch: int, loss: float, detail: str = ""):
-        self.step, self.epoch, self.loss = step, epoch, loss
-        msg = (f"non-finite loss {loss} at step {step} (epoch {epoch + 1}); "
+    def __init__(self, step: int, epoch: int, batch: int, loss: float, detail: str = ""):
+        self.step, self.epoch, self.batch, self.loss = step, epoch, batch, loss
+        msg = (f"non-finite loss {loss} at step {step} (epoch {epoch + 1}, batch {batch + 1}); "
                "lower the learning rate, set train.grad_clip, or check the data for NaN")
         super().__init__(msg + (f"; {detail}" if detail else ""))

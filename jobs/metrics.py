@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,11 +19,12 @@ class Recorder:
 
     def __init__(self, folder: Path | None = None, echo: Callable[[str], None] | None = None,
                  name: str = "job"):
-        self.echo = echo
+        self.echo, self.folder = echo, folder
         self.logger = logging.getLogger(f"traind.job.{name}.{id(self)}")
         self.logger.propagate = False
         self.logger.setLevel(logging.INFO)
         self._metrics = None
+        self._lock = threading.Lock()  # the save writer's thread records too
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
             handler = logging.FileHandler(folder / LOG_FILE, encoding="utf-8")
@@ -31,8 +33,25 @@ class Recorder:
             self._metrics = open(folder / METRICS_FILE, "a", encoding="utf-8", buffering=1)
 
     def metric(self, record: dict) -> None:
-        if self._metrics is not None:
-            self._metrics.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+        line = json.dumps({**record, "time": round(time.time(), 3)}) + "\n"
+        with self._lock:
+            if self._metrics is not None:
+                self._metrics.write(line)
+
+    def keep_until(self, step: int, epochs_done: int) -> None:
+        """Forget the records written after the save a job resumes from (they will be
+        written again); with (0, 0), all of them (a fresh start)."""
+        if self.folder is None:
+            return
+        path = self.folder / METRICS_FILE
+        kept = [r for r in read_metrics(self.folder)
+                if (r.get("epoch", 0) <= epochs_done if r.get("kind") == "epoch" else r.get("step", 0) <= step)]
+        with self._lock:
+            self._metrics.close()
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            tmp.replace(path)
+            self._metrics = open(path, "a", encoding="utf-8", buffering=1)
 
     def log(self, message: str, level: int = logging.INFO) -> None:
         self.logger.log(level, message)
@@ -54,9 +73,10 @@ class Recorder:
         for handler in list(self.logger.handlers):
             handler.close()
             self.logger.removeHandler(handler)
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
+        with self._lock:
+            if self._metrics is not None:
+                self._metrics.close()
+                self._metrics = None
 
 
 def read_metrics(folder: Path) -> list[dict]:
@@ -70,3 +90,4 @@ def read_metrics(folder: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue  # a line torn by a crash mid-write; the rest still counts
     return records
+

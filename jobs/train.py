@@ -40,6 +40,10 @@ class Progress:
     """Best value of the monitored metric so far."""
     last: dict = dataclasses.field(default_factory=dict)
     """Metrics of the last finished epoch."""
+    skip: list = dataclasses.field(default_factory=list)
+    """[epoch, batch] pairs never trained on: where a loss was not finite (see rollback)."""
+    rollbacks: int = 0
+    """Rollbacks after a non-finite loss so far."""
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -65,6 +69,9 @@ class Trainer:
                 loader = data.train_loader(job.splits.train, self.spec.data, self.spec.seed, p.epoch, p.batch,
                                            self.pin)
                 for x, y in loader:
+                    if p.skip and [p.epoch, p.batch] in p.skip:
+                        p.batch += 1
+                        continue
                     self.train_step(x, y)
                     if self.at_step_limit():
                         break
@@ -85,7 +92,7 @@ class Trainer:
         loss = job.loss_fn(job.model(x), y)
         value = loss.item()
         if not math.isfinite(value):  # before backward: the weights stay as they were
-            raise NonFiniteLoss(p.step + 1, p.epoch, value)
+            raise NonFiniteLoss(p.step + 1, p.epoch, p.batch, value)
         job.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.spec.train.grad_clip > 0:

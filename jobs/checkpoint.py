@@ -1,0 +1,165 @@
+"""RPG saves for a Trainer: saves as the policy asks at step boundaries, resume from the
+newest good save, roll back after a non-finite loss, and a "load game" request.
+
+Training waits only for the copy of its state (the stall, recorded per save); the write
+runs behind it, one at a time. A save is acknowledged (logged as "saved ID") only once
+committed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+from traind.jobs import state
+from traind.jobs.errors import NonFiniteLoss
+from traind.jobs.metrics import Recorder
+from traind.jobs.spec import CheckpointSpec
+from traind.jobs.train import Trainer
+from traind.store import retention
+from traind.store.errors import NoSuchSave
+from traind.store.fs import write_durably
+from traind.store.saves import SaveInfo
+from traind.store.snapshot import Snapshot, Writer
+from traind.store.store import SAVES, SaveStore
+
+LOAD_REQUEST = "load.json"
+MAX_ROLLBACKS = 3
+
+
+def policy_of(spec: CheckpointSpec) -> retention.Policy:
+    return retention.Policy(spec.every_steps, spec.every_epochs, spec.every_minutes, spec.keep_last, spec.keep_best,
+                            spec.monitor, spec.direction, spec.best_after_epoch, spec.keep_every_epochs)
+
+
+def request_load(folder: Path, save_id: str) -> None:
+    """Make the next run of the job in FOLDER continue from SAVE_ID ("load game")."""
+    store = SaveStore(folder / SAVES)
+    store.checked(store.get(save_id))
+    newest = max(s.seq for s in store.saves())
+    write_durably(store.fs, folder / LOAD_REQUEST, json.dumps({"save": save_id, "after_seq": newest}).encode())
+
+
+class Checkpointer:
+    def __init__(self, trainer: Trainer, folder: Path, recorder: Recorder, stop: threading.Event | None = None):
+        self.trainer, self.folder, self.recorder, self.stop = trainer, folder, recorder, stop
+        self.store = SaveStore(folder / SAVES, policy_of(trainer.spec.checkpoint))
+        self.snapshot, self.writer = Snapshot(), Writer()
+        self.resumed_from: str | None = None
+        self.last_save = time.monotonic()
+
+    # -- saving ---------------------------------------------------------------------
+
+    def boundary(self, trainer: Trainer) -> bool:
+        """The loop's callback between steps: save what is due; True stops the loop."""
+        p, policy = trainer.progress, self.store.policy
+        elapsed = time.monotonic() - self.last_save
+        if p.batch == 0:  # an epoch just ended and was measured
+            kinds = retention.due_at_epoch_end(policy, p.epoch, p.step, elapsed, p.last.get(policy.monitor),
+                                               self.store.saves())
+            if trainer.finished():
+                kinds.add("final")
+        elif p.batch < trainer.job.steps_per_epoch:  # (after the last batch, the epoch's end comes next)
+            kinds = retention.due_at_step(policy, p.step, elapsed)
+        else:
+            kinds = set()
+        stopping = self.stop is not None and self.stop.is_set()
+        if stopping and not kinds:
+            kinds = {"auto"}
+        if kinds:
+            self.save(kinds)
+        if stopping or "final" in kinds:
+            self.writer.wait()
+        return stopping
+
+    def save(self, kinds: set[str], note: str | None = None) -> str:
+        """Snapshot now, persist in the background; return the save's id."""
+        started = time.perf_counter()
+        self.writer.wait()  # the previous save's buffers are about to be reused
+        waited = time.perf_counter() - started
+        files, doc = state.capture(self.trainer, self.snapshot.capture)
+        p = self.trainer.progress
+        seq, save_id = self.store.reserve(p.step)
+        meta = {"step": p.step, "epoch": p.epoch, "batch": p.batch, "kinds": sorted(kinds, key=retention.KINDS.index),
+                "metrics": dict(p.last), "note": note, "job": self.trainer.job.name}
+        protect = {self.resumed_from} if self.resumed_from else set()
+        self.writer.submit(lambda: self._persist(seq, save_id, files, doc, meta, protect))
+        stall = time.perf_counter() - started
+        self.last_save = time.monotonic()
+        self.recorder.metric({"kind": "save", "id": save_id, "step": p.step, "kinds": meta["kinds"],
+                              "stall_s": round(stall, 6), "waited_s": round(waited, 6)})
+        return save_id
+
+    def _persist(self, seq: int, save_id: str, files: dict, doc: dict, meta: dict, protect: set[str]) -> SaveInfo:
+        info = self.store.write(seq, save_id, files, {state.STATE: doc}, meta, protect)
+        self.recorder.log(f"saved {info.id} ({', '.join(info.kinds)}) at step {info.step}, {info.bytes:,} bytes")
+        return info
+
+    def close(self) -> None:
+        """Wait for the save in flight; its failure is raised here."""
+        self.writer.wait()
+
+    # -- resuming ---------------------------------------------------------------------
+
+    def resume(self) -> SaveInfo | None:
+        """Continue from the requested save ("load game"), else from the newest that
+        verifies; None when there is no save to continue from."""
+        info = self._requested() or self.store.newest_good(report=self.recorder.say)
+        if info is None:
+            for path, why in self.store.broken:
+                self.recorder.say(f"ignored {path.name}: {why}")
+            return None
+        self._restore(info)
+        p = self.trainer.progress
+        where = f"epoch {p.epoch + 1}, batch {p.batch}" if p.batch else f"after epoch {p.epoch}"
+        self.recorder.say(f"resumed from save {info.id} at step {p.step} ({where})")
+        return info
+
+    def _requested(self) -> SaveInfo | None:
+        path = self.folder / LOAD_REQUEST
+        if not path.exists():
+            return None
+        request = json.loads(path.read_text())
+        if any(s.seq > request["after_seq"] for s in self.store.saves()):
+            os.unlink(path)  # the loaded game has saves of its own now: continue from those
+            return None
+        try:
+            return self.store.checked(self.store.get(request["save"]))
+        except NoSuchSave as e:
+            raise NoSuchSave(f"{e} (asked for by {path}; delete that file to resume from the newest save)") from e
+
+    def _restore(self, info: SaveInfo) -> None:
+        state.restore(self.trainer, info)
+        self.resumed_from = info.id
+        p = self.trainer.progress
+        self.recorder.keep_until(p.step, p.epoch)
+        if state.spec_hash(self.trainer) != state.load_json(info, state.STATE)["spec_sha256"]:
+            self.recorder.say(f"note: the job file changed since save {info.id}; continuing with the new one")
+
+    def rollback(self, error: NonFiniteLoss) -> None:
+        """After a non-finite loss: reload the newest healthy save and never train on the
+        batch that produced it; re-raise when not allowed or out of tries."""
+        p = self.trainer.progress
+        if self.trainer.spec.train.on_nonfinite == "stop":
+            raise error
+        if p.rollbacks >= MAX_ROLLBACKS:
+            raise NonFiniteLoss(error.step, error.epoch, error.batch, error.loss,
+                                f"gave up after {MAX_ROLLBACKS} rollbacks") from error
+        self.writer.wait()
+        healthy = self.store.newest_good(lambda s: all(_finite(v) for v in s.metrics.values()), self.recorder.say)
+        if healthy is None:
+            raise NonFiniteLoss(error.step, error.epoch, error.batch, error.loss,
+                                "no healthy save to roll back to") from error
+        skip, tries = [*p.skip, [error.epoch, error.batch]], p.rollbacks + 1
+        self._restore(healthy)
+        self.trainer.progress.skip, self.trainer.progress.rollbacks = skip, tries
+        self.recorder.say(f"{error}; rolled back to save {healthy.id} (try {tries} of {MAX_ROLLBACKS}), "
+                          f"and will skip batch {error.batch + 1} of epoch {error.epoch + 1}")
+
+
+def _finite(value) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
