@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -132,10 +134,14 @@ class Trainer:
         monitored = metrics.get(self.spec.checkpoint.monitor)
         scheduler = self.job.scheduler
         if scheduler is not None and self.spec.scheduler.interval == "epoch":
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(monitored)
-            else:
-                scheduler.step()
+            with warnings.catch_warnings():
+                # Resumed at an epoch's end, the restored scheduler steps before this process's
+                # first optimizer step; torch warns, but the restored schedule is exact.
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    scheduler.step(monitored)
+                else:
+                    scheduler.step()
         if monitored is not None and p.epoch + 1 >= self.spec.checkpoint.best_after_epoch and self._better(monitored):
             p.best = monitored
         record = {"kind": "epoch", "epoch": p.epoch + 1, "step": p.step, **metrics, "lr": self.lr(),

@@ -1,0 +1,232 @@
+"""Saves taken by the loop, and resuming from them: in one process, with fresh objects
+built for each run as a new process would (the real-process kills are in tests/daemon)."""
+
+import json
+import threading
+
+import pytest
+import torch
+
+from tests.conftest import EXAMPLES
+from traind.jobs.build import build_job
+from traind.jobs.checkpoint import MAX_ROLLBACKS, Checkpointer, request_load
+from traind.jobs.errors import NonFiniteLoss
+from traind.jobs.jobfile import load_job
+from traind.jobs.metrics import Recorder, read_metrics
+from traind.jobs.state import MODEL, model_tensors
+from traind.jobs.train import Trainer
+from traind.store.saves import list_saves, load_tensors
+
+SMALL = {"mlp.toml": "samples = 2048", "tied.yaml": "samples: 1024"}
+
+
+def job_file(name, tmp_path, every_steps=7):
+    """An example, shrunk for speed, with frequent autosaves kept."""
+    text = (EXAMPLES / name).read_text().replace(SMALL[name], SMALL[name].replace("2048", "640").replace("1024", "512"))
+    if name.endswith(".toml"):
+        text = text.replace("[checkpoint]\nevery_steps = 50\nkeep_last = 3", f"[checkpoint]\nevery_steps = {every_steps}\nkeep_last = 100")
+    else:
+        text = text.replace("checkpoint:\n  every_steps: 20", f"checkpoint:\n  every_steps: {every_steps}\n  keep_last: 100")
+    path = tmp_path / name
+    path.write_text(text)
+    return load_job(path)
+
+
+class Run:
+    """One 'process': build the job, resume from FOLDER, train until STOP_AT (or the end)."""
+
+    def __init__(self, jf, folder, stop_at=None):
+        self.trainer = Trainer(build_job(jf.spec, jf.name), Recorder(folder))
+        self.stop = threading.Event()
+        self.ckpt = Checkpointer(self.trainer, folder, self.trainer.recorder, self.stop)
+        self.resumed = self.ckpt.resume()
+        self.stop_at = stop_at
+
+    def boundary(self, trainer):
+        if self.stop_at is not None and trainer.progress.step >= self.stop_at:
+            self.stop.set()
+        return self.ckpt.boundary(trainer)
+
+    def go(self):
+        try:
+            while True:
+                try:
+                    return self.trainer.fit(self.boundary)
+                except NonFiniteLoss as e:
+                    self.ckpt.rollback(e)
+        finally:
+            self.ckpt.close()
+            self.trainer.recorder.close()
+
+    def weights(self):
+        return {k: v.clone() for k, v in self.trainer.job.model.state_dict().items()}
+
+
+def equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    found = {}
+    for name in SMALL:
+        tmp = tmp_path_factory.mktemp(name.replace(".", "-"))
+        run = Run(job_file(name, tmp), tmp / "run")
+        assert run.go()
+        found[name] = run.weights()
+    return found
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+@pytest.mark.parametrize("stops", [[3], [8, 21], [16, 17, 33, 60]])
+def test_stopped_and_resumed_runs_end_bitwise_equal(tmp_path, uninterrupted, name, stops):
+    """A scheduler (mlp) and Dropout with a tied layer (tied): stopped at steps mid-epoch
+    and at epoch ends, each time resumed by a fresh build of the job."""
+    jf, folder = job_file(name, tmp_path), tmp_path / "run"
+    for stop_at in stops:
+        run = Run(jf, folder, stop_at)
+        assert not run.go()
+    last = Run(jf, folder)
+    assert last.resumed is not None and last.resumed.step == stops[-1]
+    assert last.go()
+    assert equal(last.weights(), uninterrupted[name])
+
+
+def test_resume_from_an_older_save_when_the_newest_is_corrupt(tmp_path, uninterrupted):
+    jf, folder = job_file("mlp.toml", tmp_path), tmp_path / "run"
+    assert not Run(jf, folder, 30).go()
+    newest = list_saves(folder / "saves")[0][-1]
+    (newest.path / MODEL).write_bytes(b"garbage")
+    last = Run(jf, folder)
+    assert last.resumed.step < newest.step
+    assert last.go()
+    assert equal(last.weights(), uninterrupted["mlp.toml"])
+    assert (folder / "saves" / "quarantine" / newest.id).exists()
+
+
+def test_tied_parameters_are_stored_once_and_tied_again(tmp_path):
+    jf, folder = job_file("tied.yaml", tmp_path), tmp_path / "run"
+    Run(jf, folder, 10).go()
+    save = list_saves(folder / "saves")[0][-1]
+    stored = load_tensors(save, MODEL)
+    assert "2.weight" in stored and "5.weight" not in stored  # "@shared" is layers 2 and 5
+    run = Run(jf, folder)
+    net = run.trainer.job.model
+    assert net[2].weight is net[5].weight
+    assert torch.equal(net[2].weight, stored["2.weight"])
+    run.go()
+
+
+def test_model_file_loads_with_plain_safetensors_into_the_module(tmp_path):
+    from safetensors.torch import load_file
+
+    jf, folder = job_file("tied.yaml", tmp_path), tmp_path / "run"
+    run = Run(jf, folder)
+    run.go()
+    final = list_saves(folder / "saves")[0][-1]
+    fresh = build_job(jf.spec, "fresh").model
+    missing, unexpected = fresh.load_state_dict(load_file(final.path / MODEL), strict=False)
+    assert unexpected == [] and missing == ["5.weight", "5.bias"]  # the tied aliases, filled by the tie itself
+    assert equal(fresh.state_dict(), run.weights())
+
+
+def test_saves_follow_the_policy(tmp_path):
+    jf, folder = job_file("mlp.toml", tmp_path, every_steps=50), tmp_path / "run"
+    Run(jf, folder).go()
+    saves = list_saves(folder / "saves")[0]
+    kinds = {s.step: set(s.kinds) for s in saves}
+    assert {"final"} <= kinds[max(kinds)]
+    assert all(s.step % 50 == 0 or s.batch == 0 if hasattr(s, "batch") else True for s in saves)
+    bests = [s for s in saves if "best" in s.kinds]
+    assert bests and all(0 < s.metrics["val_loss"] for s in bests)
+    records = [r for r in read_metrics(folder) if r["kind"] == "save"]
+    assert records and all(r["stall_s"] >= 0 for r in records)
+
+
+def test_load_game_continues_from_the_chosen_save_and_keeps_newer_ones(tmp_path, uninterrupted):
+    jf, folder = job_file("mlp.toml", tmp_path), tmp_path / "run"
+    Run(jf, folder).go()
+    saves = list_saves(folder / "saves")[0]
+    chosen = next(s for s in saves if s.step == 21)
+    request_load(folder, chosen.id)
+    run = Run(jf, folder)
+    assert run.resumed.id == chosen.id
+    assert run.go()
+    assert equal(run.weights(), uninterrupted["mlp.toml"])  # deterministic replay from there
+    after = {s.id for s in list_saves(folder / "saves")[0]}
+    assert {s.id for s in saves} <= after  # newer saves stay
+    later = Run(jf, folder)  # a continuation exists now: the request is done with
+    assert later.resumed.id != chosen.id and not (folder / "load.json").exists()
+    later.go()
+
+
+def with_train(jf, **changes):
+    spec = jf.spec.model_copy(update={"train": jf.spec.train.model_copy(update=changes)})
+    return type(jf)(jf.path, jf.fmt, jf.text, spec)
+
+
+def test_nonfinite_loss_rolls_back_and_skips_the_batch(tmp_path):
+    from traind.jobs.data import EpochBatches
+
+    jf, folder = with_train(job_file("mlp.toml", tmp_path), epochs=2), tmp_path / "run"
+    assert not Run(jf, folder, 10).go()  # saved at step 10: epoch 2, batch 2
+    run = Run(jf, folder)
+    train = run.trainer.job.splits.train
+    poisoned = int(list(EpochBatches(len(train), 64, jf.spec.seed, 1, True))[5][0])
+    train.x[poisoned] = float("nan")  # in batch 6 of epoch 2 (step 14), and nowhere else still to come
+    assert run.go()
+    p = run.trainer.progress
+    assert p.skip == [[1, 5]] and p.rollbacks == 1
+    assert p.step == 15  # 16 batches, one never trained on
+    log = (folder / "log").read_text()
+    assert "non-finite loss nan at step 14 (epoch 2, batch 6)" in log
+    assert "rolled back to save 000003-s10 (try 1 of 3), and will skip batch 6 of epoch 2" in log
+    assert all(torch.isfinite(v).all() for v in run.weights().values())
+
+
+def test_a_rollback_survives_a_restart(tmp_path):
+    from traind.jobs.data import EpochBatches
+
+    jf, folder = with_train(job_file("mlp.toml", tmp_path, every_steps=1), epochs=2), tmp_path / "run"
+    run = Run(jf, folder, 12)
+    train = run.trainer.job.splits.train
+    # one poisoned sample: batch 6 of epoch 1 (step 6) and batch 6 of epoch 2
+    poisoned = int(list(EpochBatches(len(train), 64, jf.spec.seed, 1, True))[5][0])
+    train.x[poisoned] = float("nan")
+    assert not run.go()
+    assert run.trainer.progress.skip == [[0, 5]]
+    again = Run(jf, folder)
+    again.trainer.job.splits.train.x[poisoned] = float("nan")  # the same data in the new "process"
+    assert again.resumed.step == 12 and again.trainer.progress.skip == [[0, 5]]
+    assert again.trainer.progress.rollbacks == 1
+    assert again.go() and again.trainer.progress.skip == [[0, 5], [1, 5]]
+
+
+def test_nonfinite_loss_gives_up_after_bounded_tries_or_stops(tmp_path):
+    jf = job_file("mlp.toml", tmp_path)
+    run = Run(jf, tmp_path / "a")
+    run.trainer.job.splits.train.x[:] = float("nan")
+    with pytest.raises(NonFiniteLoss, match="no healthy save to roll back to"):
+        run.go()
+    assert not Run(jf, tmp_path / "b", 10).go()
+    run = Run(jf, tmp_path / "b")
+    run.trainer.job.splits.train.x[:] = float("nan")  # every batch: each rollback meets another
+    with pytest.raises(NonFiniteLoss, match=f"gave up after {MAX_ROLLBACKS} rollbacks"):
+        run.go()
+    assert not Run(with_train(jf, on_nonfinite="stop"), tmp_path / "c", 10).go()
+    run = Run(with_train(jf, on_nonfinite="stop"), tmp_path / "c")
+    run.trainer.job.splits.train.x[:] = float("nan")
+    with pytest.raises(NonFiniteLoss, match="at step 11") as caught:
+        run.go()
+    assert "rollback" not in str(caught.value)
+
+
+def test_metrics_after_the_resumed_save_are_forgotten(tmp_path):
+    jf, folder = job_file("mlp.toml", tmp_path), tmp_path / "run"
+    Run(jf, folder, 25).go()
+    Run(jf, folder).go()
+    records = read_metrics(folder)
+    steps = [r["step"] for r in records if r["kind"] == "step"]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == list(range(1, 9))
+    assert json.loads((folder / "spec.json").read_text()) if (folder / "spec.json").exists() else True
