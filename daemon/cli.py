@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from traind.daemon import saves_cli
 from traind.daemon.foreground import run_job
 from traind.daemon.home import Home, default_home
 from traind.jobs import devices
@@ -88,6 +89,64 @@ def run(file: Path, folder: Path | None) -> None:
     the next step boundary."""
     job_file = load_job(file)
     run_job(job_file, folder or Path(job_file.name), click.echo)
+
+
+dir_option = click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path),
+                          help="Act on this job folder (as `traind run --dir` made) instead of a job NAME.")
+name_argument = click.argument("name", required=False)
+
+
+@cli.command()
+@name_argument
+@dir_option
+@click.option("--json", "as_json", is_flag=True, help="Machine output: a list of saves, oldest first.")
+@home_option
+@pass_home
+def saves(home: Home, name: str | None, folder: Path | None, as_json: bool) -> None:
+    """Every save of a job: id, step, epoch, kinds, bytes, created, verified, metrics."""
+    saves_cli.show_saves(home, name, folder, as_json)
+
+
+@cli.command()
+@name_argument
+@dir_option
+@home_option
+@pass_home
+def verify(home: Home, name: str | None, folder: Path | None) -> None:
+    """Re-hash saves (of NAME, or of every job) and list each corrupt one; exit 1 if any."""
+    saves_cli.verify_saves(home, name, folder)
+
+
+@cli.command()
+@name_argument
+@dir_option
+@click.option("--save", "save_id", help="The save to export (default: the newest).")
+@click.option("--best", is_flag=True, help="The best save by the job's monitored metric.")
+@click.option("--last", is_flag=True, help="The newest save (the default).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the .safetensors file.")
+@home_option
+@pass_home
+def export(home: Home, name: str | None, folder: Path | None, save_id: str | None, best: bool, last: bool,
+           out: Path) -> None:
+    """Write a save's model state_dict as one safetensors file (job, step, metrics in its metadata)."""
+    if sum(map(bool, (save_id, best, last))) > 1:
+        raise click.UsageError("give at most one of --save, --best and --last")
+    save = saves_cli.export(home, name, folder, save_id, best, out)
+    click.echo(f"exported save {save.id} (step {save.step}) to {out}")
+
+
+@cli.command()
+@click.argument("args", nargs=-1, required=True, metavar="[NAME] SAVE")
+@dir_option
+@home_option
+@pass_home
+def load(home: Home, args: tuple[str, ...], folder: Path | None) -> None:
+    """Roll back ("load game"): the job continues from SAVE when it runs next. Newer saves stay."""
+    if len(args) != (1 if folder else 2):
+        raise click.UsageError("give NAME SAVE, or --dir JOBDIR SAVE")
+    folder = saves_cli.load_game(home, None if folder else args[0], folder, args[-1])
+    click.echo(f"{folder.name} continues from save {args[-1]} when it runs next")
 
 
 @cli.command()

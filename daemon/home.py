@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from traind.store.errors import TraindError
+
 
 def default_home() -> Path:
     """$TRAIND_HOME, else $XDG_STATE_HOME/traind, else ~/.local/state/traind."""
@@ -33,3 +35,19 @@ class Home:
 
     def job_dir(self, name: str) -> Path:
         return self.jobs / name
+
+
+class NoSuchJob(TraindError):
+    exit_code = 3
+
+
+def job_folder(home: Home, name: str | None, folder: Path | None) -> Path:
+    """The folder of job NAME in HOME, or FOLDER itself; NoSuchJob when it is not a job's."""
+    path = folder if folder is not None else home.job_dir(name) if name else None
+    if path is None:
+        raise NoSuchJob("name a job, or give its folder with --dir JOBDIR")
+    if not (path / "saves").is_dir() and not (path / "spec.json").is_file():
+        where = f"in {home.jobs}" if folder is None else "there"
+        raise NoSuchJob(f"no job folder at {path} (no saves/ and no spec.json {where}); "
+                        "check the name with `traind ls`, or the path")
+    return path

@@ -187,7 +187,8 @@ class DataSpec(Section):
         problems = []
         for key in sorted(self.model_fields_set):
             allowed = DATA_KEYS_FOR.get(key)
-            if allowed and kind not in allowed:
+            # a default written out (as the job folder's spec.json does) is no mistake
+            if allowed and kind not in allowed and getattr(self, key) != type(self).model_fields[key].default:
                 problems.append(Problem(("data", key), f"'{key}' does not apply to source '{self.source}'",
                                         fix=f"remove it; it is read only for source {' / '.join(allowed)}"))
         if kind in FILE_SOURCES:

@@ -137,3 +137,12 @@ def test_a_failing_module_is_one_line_on_screen_and_a_traceback_in_the_log(write
     assert "Traceback" not in result.output
     log = (tmp_path / "out" / "log").read_text()
     assert "Traceback" in log and "the GPU caught fire" in log
+
+
+@pytest.mark.parametrize("path", EXAMPLE_FILES, ids=lambda p: p.name)
+def test_the_resolved_spec_of_every_example_reads_back_equal(path):
+    from traind.jobs.jobfile import load_job
+    from traind.jobs.spec import JobSpec
+
+    spec = load_job(path).spec
+    assert JobSpec.model_validate_json(spec.model_dump_json()) == spec

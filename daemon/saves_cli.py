@@ -1,0 +1,104 @@
+"""The commands on a job's saves: list, verify, export, load ("load game")."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+from safetensors.torch import save_file
+
+from traind.daemon.home import Home, job_folder
+from traind.jobs.checkpoint import request_load
+from traind.jobs.spec import JobSpec
+from traind.jobs.state import MODEL, TIED_KEY
+from traind.store.errors import NoSuchSave, TraindError
+from traind.store.saves import QUARANTINE, SaveInfo, list_saves, load_json, load_tensors, read_manifest, verify
+from traind.store.store import SAVES
+
+
+class CorruptFound(TraindError):
+    exit_code = 1
+
+
+def saves_of(folder: Path) -> list[SaveInfo]:
+    return list_saves(folder / SAVES)[0]
+
+
+def show_saves(home: Home, name: str | None, folder: Path | None, as_json: bool) -> None:
+    folder = job_folder(home, name, folder)
+    found, broken = list_saves(folder / SAVES)
+    rows = [s.as_json(verified=not verify(s.path, full=False)) for s in found]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'id':<14} {'step':>7} {'epoch':>5}  {'kinds':<24} {'bytes':>12}  {'created':<24} ok  metrics")
+    for r in rows:
+        metrics = "  ".join(f"{k} {v:.4g}" for k, v in r["metrics"].items() if isinstance(v, (int, float)))
+        note = f"  ({r['note']})" if r["note"] else ""
+        click.echo(f"{r['id']:<14} {r['step']:>7} {r['epoch']:>5}  {','.join(r['kinds']):<24} {r['bytes']:>12,}  "
+                   f"{r['created']:<24} {'yes' if r['verified'] else 'NO':<3} {metrics}{note}")
+    for path, why in broken:
+        click.echo(f"not a save: {path.name}: {why}")
+    quarantined = folder / SAVES / QUARANTINE
+    if quarantined.is_dir() and any(quarantined.iterdir()):
+        click.echo(f"quarantined (never loaded): {', '.join(sorted(p.name for p in quarantined.iterdir()))}")
+
+
+def verify_saves(home: Home, name: str | None, folder: Path | None) -> None:
+    """Re-hash every save of one job (or of every job in HOME); CorruptFound if any fails."""
+    folders = [job_folder(home, name, folder)] if name or folder else sorted(p for p in home.jobs.glob("*") if p.is_dir())
+    corrupt = 0
+    for job in folders:
+        found, broken = list_saves(job / SAVES)
+        for s in found:
+            problems = verify(s.path)
+            corrupt += bool(problems)
+            click.echo(f"{job.name}/{s.id}: " + ("ok" if not problems else "CORRUPT: " + "; ".join(problems)))
+        for path, why in broken:
+            corrupt += 1
+            click.echo(f"{job.name}/{path.name}: CORRUPT: {why}")
+    if corrupt:
+        raise CorruptFound(f"{corrupt} corrupt save{'s' if corrupt != 1 else ''}; resume skips them "
+                           "(and quarantines them when it meets them)")
+
+
+def pick_save(folder: Path, save_id: str | None, best: bool) -> SaveInfo:
+    found = saves_of(folder)
+    if not found:
+        raise NoSuchSave(f"{folder} has no saves yet")
+    if save_id:
+        match = [s for s in found if s.id == save_id]
+        if not match:
+            raise NoSuchSave(f"no save '{save_id}' in {folder / SAVES}; `traind saves` lists them")
+        return match[0]
+    if not best:
+        return found[-1]
+    spec = JobSpec.model_validate_json((folder / "spec.json").read_text())
+    monitor, sign = spec.checkpoint.monitor, 1 if spec.checkpoint.direction == "min" else -1
+    ranked = [s for s in found if "best" in s.kinds and isinstance(s.metrics.get(monitor), (int, float))]
+    if not ranked:
+        raise NoSuchSave(f"no best save in {folder / SAVES} yet (best saves rank by {monitor})")
+    return min(ranked, key=lambda s: (sign * s.metrics[monitor], -s.seq))
+
+
+def export(home: Home, name: str | None, folder: Path | None, save_id: str | None, best: bool, out: Path) -> SaveInfo:
+    folder = job_folder(home, name, folder)
+    save = pick_save(folder, save_id, best)
+    problems = verify(save.path)
+    if problems:
+        raise CorruptFound(f"save {save.id} is corrupt ({'; '.join(problems)}); export another with --save ID")
+    tied = load_json(save, "state.json")["model"]["tied"]
+    meta = {"job": read_manifest(save.path).get("job", folder.name), "save": save.id, "step": str(save.step), "epoch": str(save.epoch),
+            "metrics": json.dumps(save.metrics), TIED_KEY: json.dumps(tied)}
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(load_tensors(save, MODEL), tmp, metadata=meta)
+    os.replace(tmp, out)
+    return save
+
+
+def load_game(home: Home, name: str | None, folder: Path | None, save_id: str) -> Path:
+    folder = job_folder(home, name, folder)
+    request_load(folder, save_id)
+    return folder
