@@ -118,8 +118,16 @@ def test_signal_stops_a_real_run_at_a_step_boundary(write_job, tmp_path, sig):
     finally:
         proc.kill()
     assert proc.returncode == 0, out
-    assert "stopped by signal at step" in out
+    assert "stopped by signal at step" in out and "saved; run again to continue" in out
     assert "Traceback" not in out
+    stopped_at = int(out.split("stopped by signal at step ")[1].split("/")[0])
+    from traind.store.saves import list_saves
+
+    newest = list_saves(folder / "saves")[0][-1]
+    assert newest.step == stopped_at  # the stop saved exactly where it stopped
+    again = CliRunner().invoke(cli, ["run", str(write_job(LONG.replace("epochs = 100000", "epochs = 1"))),
+                                     "--dir", str(folder)])
+    assert f"resumed from save {newest.id} at step {stopped_at}" in again.output
 
 
 def test_a_failing_module_is_one_line_on_screen_and_a_traceback_in_the_log(write_job, tmp_path):

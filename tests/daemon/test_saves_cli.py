@@ -1,0 +1,102 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from tests.conftest import MLP
+from traind.daemon.cli import cli
+from traind.store.saves import list_saves
+
+JOB = MLP + "[checkpoint]\nevery_steps = 5\nkeep_last = 100\n"
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("saves-cli")
+    path = tmp / "small.toml"
+    path.write_text(JOB)
+    result = invoke("run", path, "--dir", tmp / "small")
+    assert result.exit_code == 0, result.output
+    return tmp / "small"
+
+
+def test_saves_json_has_the_contract_keys_oldest_first(folder):
+    rows = json.loads(invoke("saves", "--dir", folder, "--json").output)
+    assert rows and all({"id", "step", "epoch", "kinds", "metrics", "bytes", "created", "verified"} <= r.keys()
+                        for r in rows)
+    assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
+    assert all(r["verified"] is True for r in rows)
+    assert "final" in rows[-1]["kinds"] and set(rows[-1]["kinds"]) <= {"auto", "best", "manual", "milestone", "final"}
+
+
+def test_saves_table_for_people(folder):
+    out = invoke("saves", "--dir", folder).output
+    assert out.splitlines()[0].split()[:4] == ["id", "step", "epoch", "kinds"]
+    assert "auto,best,final" in out
+
+
+def test_saves_by_name_in_a_home(folder):
+    result = invoke("--home", folder.parent.parent, "saves", "nope")
+    assert result.exit_code == 3 and "no job folder" in result.output
+
+
+def test_verify_ok_then_corrupt_exits_1(folder, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    ok = invoke("verify", "--dir", copy)
+    assert ok.exit_code == 0 and ok.output.count(": ok") == len(list_saves(copy / "saves")[0])
+    victim = list_saves(copy / "saves")[0][1]
+    data = bytearray((victim.path / "optimizer.safetensors").read_bytes())
+    data[-1] ^= 1
+    (victim.path / "optimizer.safetensors").write_bytes(bytes(data))
+    bad = invoke("verify", "--dir", copy)
+    assert bad.exit_code == 1
+    assert f"copy/{victim.id}: CORRUPT: optimizer.safetensors: contents changed" in bad.output
+    assert "1 corrupt save" in bad.output
+
+
+def test_export_last_best_and_by_id(folder, tmp_path):
+    saves = list_saves(folder / "saves")[0]
+    for args, expected in ((["--last"], saves[-1]), (["--save", saves[2].id], saves[2]), ([], saves[-1])):
+        out = tmp_path / "model.safetensors"
+        result = invoke("export", "--dir", folder, *args, "-o", out)
+        assert result.exit_code == 0, result.output
+        with safe_open(out, "pt") as f:
+            meta = f.metadata()
+        assert meta["save"] == expected.id and meta["step"] == str(expected.step) and meta["job"] == "small"
+        assert json.loads(meta["metrics"]) == expected.metrics
+        assert load_file(out).keys() == load_file(expected.path / "model.safetensors").keys()
+    best = invoke("export", "--dir", folder, "--best", "-o", tmp_path / "b.safetensors")
+    assert best.exit_code == 0
+    bests = [s for s in saves if "best" in s.kinds]
+    chosen = min(bests, key=lambda s: s.metrics["val_loss"])
+    assert f"exported save {chosen.id}" in best.output
+    assert invoke("export", "--dir", folder, "--save", "nope", "-o", tmp_path / "x").exit_code == 3
+    assert invoke("export", "--dir", folder, "--best", "--last", "-o", tmp_path / "x").exit_code == 2
+
+
+def test_load_then_run_continues_from_that_save(folder, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    chosen = list_saves(copy / "saves")[0][3]
+    result = invoke("load", "--dir", copy, chosen.id)
+    assert result.exit_code == 0 and f"continues from save {chosen.id}" in result.output
+    assert invoke("load", "--dir", copy, "nope").exit_code == 3
+    path = tmp_path / "small.toml"
+    path.write_text(JOB)
+    rerun = invoke("run", path, "--dir", copy)
+    assert rerun.exit_code == 0
+    assert f"resumed from save {chosen.id} at step {chosen.step}" in rerun.output
+    final_a = load_file(list_saves(folder / "saves")[0][-1].path / "model.safetensors")
+    final_b = load_file(list_saves(copy / "saves")[0][-1].path / "model.safetensors")
+    assert all((final_a[k] == final_b[k]).all() for k in final_a)
