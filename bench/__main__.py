@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from bench import loop
+from bench import loop, save
 
-CASES = {"loop": loop.measure}
+CASES = {"loop": loop.measure, "save": save.measure}
 COLUMNS = ("case", "traind", "baseline", "ratio", "goal", "verdict")
 
 

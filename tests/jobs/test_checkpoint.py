@@ -230,3 +230,38 @@ def test_metrics_after_the_resumed_save_are_forgotten(tmp_path):
     assert steps == sorted(steps) and len(steps) == len(set(steps))
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == list(range(1, 9))
     assert json.loads((folder / "spec.json").read_text()) if (folder / "spec.json").exists() else True
+
+
+def test_a_full_disk_stops_the_job_clearly_and_it_continues_once_space_returns(tmp_path, uninterrupted):
+    import errno
+
+    from tests.store.test_commit import FailingFS
+    from traind.store.errors import SaveFailed
+
+    jf, folder = job_file("mlp.toml", tmp_path), tmp_path / "run"
+    run = Run(jf, folder)
+    run.ckpt.store.fs = FailingFS(60, errno.ENOSPC)  # some saves in, the disk fills up
+    with pytest.raises(SaveFailed, match="the disk is full; earlier saves are untouched"):
+        run.go()
+    kept = list_saves(folder / "saves")[0]
+    assert kept and not list((folder / "saves").glob(".staging-*"))
+    again = Run(jf, folder)  # space is back
+    assert again.resumed.id == kept[-1].id
+    assert again.go()
+    assert equal(again.weights(), uninterrupted["mlp.toml"])
+
+
+def test_too_little_space_for_the_next_save_stops_before_writing(tmp_path):
+    from traind.store.errors import SaveFailed
+    from traind.store.fs import FileSystem
+
+    class AlmostFull(FileSystem):
+        def free_bytes(self, path):
+            return 4096
+
+    jf, folder = job_file("mlp.toml", tmp_path), tmp_path / "run"
+    run = Run(jf, folder)
+    run.ckpt.store.fs = AlmostFull()
+    with pytest.raises(SaveFailed, match="not enough disk space .* it needs .* bytes, 4,096 are free"):
+        run.go()
+    assert list((folder / "saves").iterdir()) == []
