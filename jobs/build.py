@@ -6,6 +6,7 @@ is one that builds: same seed, same order of RNG use, same device.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,15 @@ from torch import nn
 from traind.jobs import data, devices, model as model_mod, optim
 from traind.jobs.errors import JobSpecError, Problem
 from traind.jobs.spec import JobSpec
+
+
+def use_deterministic_algorithms(on: bool) -> None:
+    """Deterministic kernels (cuBLAS needs its workspace fixed before its first use), or torch's defaults."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = on
 
 
 def seed_everything(seed: int) -> None:
@@ -57,6 +67,7 @@ class Job:
 
 def build_job(spec: JobSpec, name: str) -> Job:
     """Seed, load the data, build and check the model, then its optimizer, scheduler and loss."""
+    use_deterministic_algorithms(spec.deterministic)
     seed_everything(spec.seed)
     device = devices.resolve_device(spec.device)
     splits = data.load_splits(spec.data, spec.seed, spec.python_path)

@@ -322,6 +322,8 @@ class JobSpec(Section):
     """Higher runs first; ties run in submission order."""
     device: str = "auto"
     """auto = try_gpu(); or cpu, cuda, cuda:N."""
+    deterministic: bool = False
+    """Deterministic algorithms only (torch.use_deterministic_algorithms): exact resume on a GPU, at some speed."""
     python_path: list[str] = []
     """Folders put first on sys.path for `target` imports; relative ones start at the job file's folder."""
     model: ModelSpec

@@ -176,3 +176,18 @@ def test_a_label_beyond_the_outputs_anywhere_in_the_data_is_caught(spec_of, tmp_
     text = '[model]\nlayers = [["Linear", 1, 3]]\n[data]\nsource = "csv"\npath = "d.csv"\nshuffle = false\n'
     with pytest.raises(JobSpecError, match="class label 7 needs at least 8 outputs"):
         built(spec_of, text)
+
+
+def test_deterministic_turns_on_deterministic_algorithms_and_off_again(spec_of, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # restored afterwards
+    try:
+        built(spec_of, "deterministic = true\n" + TIED)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        import os
+
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        built(spec_of, TIED)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
