@@ -110,7 +110,7 @@ def measure(quick: bool = False) -> list[dict]:
     """Rotate (and every other cycle reverse) the order of the runs, and compare medians. A second series
     of `hand-gather` runs, interleaved with the first, is an A/A control: the ratio of the
     two identical loops shows how much this machine's noise alone moves a ratio."""
-    samples, epochs, reps = (4096, 3, 4) if quick else (16384, 6, 12)
+    samples, epochs, reps = (4096, 3, 4) if quick else (16384, 3, 24)
     who = ["traind", "hand", "hand-gather", "hand-gather-again"]
     runs: dict[str, list[float]] = {w: [] for w in who}
     steps = {}

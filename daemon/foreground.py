@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ from traind.jobs.train import Trainer
 from traind.store.errors import StoreError, TraindError
 
 SPEC_FILE = "spec.json"
+LOCK_FILE = "lock"
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -56,9 +58,38 @@ def stop_on_signals():
             signal.signal(s, h)
 
 
+class JobBusy(TraindError):
+    """Another process is training this job folder."""
+
+
+@contextmanager
+def holding(folder: Path):
+    """An exclusive lock on FOLDER for as long as this process trains in it; the kernel
+    drops it when the process ends, however it ends."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            raise JobBusy(f"{folder} is being trained by pid {holder}; stop that run first, "
+                          "or use another --dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def run_job(job_file: JobFile, folder: Path, echo: Callable[[str], None]) -> bool:
     """Train JOB_FILE to the end (True) or until a signal stops it (False), continuing from
     FOLDER's newest good save if it has one."""
+    with holding(folder):
+        return _run_locked(job_file, folder, echo)
+
+
+def _run_locked(job_file: JobFile, folder: Path, echo: Callable[[str], None]) -> bool:
     prepare_folder(job_file, folder)
     recorder = Recorder(folder, echo, job_file.name)
     try:

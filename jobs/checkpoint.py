@@ -21,9 +21,9 @@ from traind.jobs.metrics import Recorder
 from traind.jobs.spec import CheckpointSpec
 from traind.jobs.train import Trainer
 from traind.store import retention
-from traind.store.errors import NoSuchSave
-from traind.store.fs import write_durably
-from traind.store.saves import SaveInfo
+from traind.store.errors import CorruptSave, NoSuchSave
+from traind.store.fs import FileSystem, write_durably
+from traind.store.saves import SaveInfo, list_saves, verify
 from traind.store.snapshot import Snapshot, Writer
 from traind.store.store import SAVES, SaveStore
 
@@ -37,11 +37,18 @@ def policy_of(spec: CheckpointSpec) -> retention.Policy:
 
 
 def request_load(folder: Path, save_id: str) -> None:
-    """Make the next run of the job in FOLDER continue from SAVE_ID ("load game")."""
-    store = SaveStore(folder / SAVES)
-    store.checked(store.get(save_id))
-    newest = max(s.seq for s in store.saves())
-    write_durably(store.fs, folder / LOAD_REQUEST, json.dumps({"save": save_id, "after_seq": newest}).encode())
+    """Make the next run of the job in FOLDER continue from SAVE_ID ("load game").
+    Reads only: a run may be writing in FOLDER right now."""
+    found = list_saves(folder / SAVES)[0]
+    chosen = [s for s in found if s.id == save_id]
+    if not chosen:
+        known = ", ".join(s.id for s in found[-5:]) or "none"
+        raise NoSuchSave(f"no save '{save_id}' in {folder / SAVES}; the newest are: {known}")
+    problems = verify(chosen[0].path)
+    if problems:
+        raise CorruptSave(f"save {save_id} is corrupt ({'; '.join(problems)}); load another")
+    request = {"save": save_id, "after_seq": found[-1].seq}
+    write_durably(FileSystem(), folder / LOAD_REQUEST, json.dumps(request).encode())
 
 
 class Checkpointer:

@@ -154,3 +154,22 @@ def test_the_resolved_spec_of_every_example_reads_back_equal(path):
 
     spec = load_job(path).spec
     assert JobSpec.model_validate_json(spec.model_dump_json()) == spec
+
+
+def test_one_process_at_a_time_trains_a_job_folder(write_job, tmp_path):
+    folder = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "traind.daemon.cli", "run", str(write_job(LONG)),
+                              "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(r["kind"] == "epoch" for r in read_metrics(folder)):
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        second = CliRunner().invoke(cli, ["run", str(write_job(LONG)), "--dir", str(folder)])
+        assert second.exit_code == 1
+        assert f"is being trained by pid {first.pid}" in second.output
+    finally:
+        first.kill()
+        first.wait()
+    after = CliRunner().invoke(cli, ["run", str(write_job(MLP)), "--dir", str(folder)])  # the lock died with it
+    assert after.exit_code == 0 and "resumed from save" in after.output
