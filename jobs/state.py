@@ -116,14 +116,18 @@ def _refuse(value):
 
 def restore(trainer: Trainer, save: SaveInfo) -> None:
     """Put TRAINER back exactly as it was when SAVE was taken."""
-    doc = load_json(save, STATE)
-    model = load_tensors(save, MODEL)
-    for alias, key in doc["model"]["tied"].items():
+    try:
+        doc = load_json(save, STATE)
+        model, tied = load_tensors(save, MODEL), doc["model"]["tied"]
+        optimizer, progress = load_tensors(save, OPTIMIZER), Progress(**doc["progress"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorruptSave(f"save {save.id} cannot be read back ({type(e).__name__}: {e})") from e
+    for alias, key in tied.items():
         model[alias] = model[key]
     job = trainer.job
     try:
         job.model.load_state_dict(model)
-        restore_optimizer(job.optimizer, load_tensors(save, OPTIMIZER), doc["optimizer"])
+        restore_optimizer(job.optimizer, optimizer, doc["optimizer"])
         if job.scheduler is not None and doc["scheduler"] is not None:
             job.scheduler.load_state_dict(doc["scheduler"])
     except (RuntimeError, ValueError, KeyError) as e:
@@ -131,6 +135,6 @@ def restore(trainer: Trainer, save: SaveInfo) -> None:
                                     fix="run the job file the save was made with, or start in a new folder")]) from e
     try:
         set_rng_state(doc["rng"])
-        trainer.progress = Progress(**doc["progress"])
     except (TypeError, ValueError, KeyError) as e:
-        raise CorruptSave(f"save {save.id}: state.json is not one traind can resume from ({e})") from e
+        raise CorruptSave(f"save {save.id}: its RNG state cannot be restored ({e})") from e
+    trainer.progress = progress

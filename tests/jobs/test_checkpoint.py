@@ -1,7 +1,6 @@
 """Saves taken by the loop, and resuming from them: in one process, with fresh objects
 built for each run as a new process would (the real-process kills are in tests/daemon)."""
 
-import json
 import threading
 
 import pytest
@@ -136,7 +135,8 @@ def test_saves_follow_the_policy(tmp_path):
     saves = list_saves(folder / "saves")[0]
     kinds = {s.step: set(s.kinds) for s in saves}
     assert {"final"} <= kinds[max(kinds)]
-    assert all(s.step % 50 == 0 or s.batch == 0 if hasattr(s, "batch") else True for s in saves)
+    # autosaves every 50 steps, and every epoch (8 steps); rotation keeps the newest 100
+    assert {s.step for s in saves} == {*range(8, 65, 8), 50}
     bests = [s for s in saves if "best" in s.kinds]
     assert bests and all(0 < s.metrics["val_loss"] for s in bests)
     records = [r for r in read_metrics(folder) if r["kind"] == "save"]
@@ -229,7 +229,6 @@ def test_metrics_after_the_resumed_save_are_forgotten(tmp_path):
     steps = [r["step"] for r in records if r["kind"] == "step"]
     assert steps == sorted(steps) and len(steps) == len(set(steps))
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == list(range(1, 9))
-    assert json.loads((folder / "spec.json").read_text()) if (folder / "spec.json").exists() else True
 
 
 def test_a_full_disk_stops_the_job_clearly_and_it_continues_once_space_returns(tmp_path, uninterrupted):
@@ -265,3 +264,18 @@ def test_too_little_space_for_the_next_save_stops_before_writing(tmp_path):
     with pytest.raises(SaveFailed, match="not enough disk space .* it needs .* bytes, 4,096 are free"):
         run.go()
     assert list((folder / "saves").iterdir()) == []
+
+
+def test_a_save_that_no_longer_fits_the_job_is_a_clear_error(tmp_path):
+    from traind.jobs.errors import JobSpecError
+
+    jf, folder = job_file("mlp.toml", tmp_path), tmp_path / "run"
+    Run(jf, folder, 5).go()
+    wider = load_job(jf.path)
+    path = tmp_path / "wider.toml"
+    path.write_text(jf.text.replace('["Linear", 20, 256], ["ReLU"], ["Linear", 256, 10]',
+                                    '["Linear", 20, 128], ["ReLU"], ["Linear", 128, 10]'))
+    wider = load_job(path)
+    with pytest.raises(JobSpecError, match="does not fit this job's model") as caught:
+        Run(wider, folder)
+    assert "start in a new folder" in caught.value.problems[0].fix
