@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from traind.daemon import saves_cli
+from traind.daemon import intake, saves_cli
 from traind.daemon.foreground import run_job
 from traind.daemon.home import Home, default_home
 from traind.jobs import devices
@@ -89,6 +89,33 @@ def run(file: Path, folder: Path | None) -> None:
     the next step boundary."""
     job_file = load_job(file)
     run_job(job_file, folder or Path(job_file.name), click.echo)
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@home_option
+@pass_home
+def submit(home: Home, files: tuple[Path, ...]) -> None:
+    """Validate FILES in full (a dry build each), then deliver them atomically into the
+    home's inbox/ and print each job's name. If any is invalid, none is delivered."""
+    valid, problems = [], []
+    for path in files:
+        try:
+            valid.append(intake.validate(load_job(path)))
+        except JobSpecError as e:
+            problems.append(e)
+    names = [j.name for j in valid]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if problems or twice:
+        for e in problems:
+            click.echo(str(e), err=True)
+        if twice:
+            click.echo(f"job names given twice: {', '.join(twice)}; name each job once (name = \"...\")", err=True)
+        click.echo(f"nothing delivered: {len(problems) + len(twice)} of {len(files)} files cannot be accepted", err=True)
+        raise click.exceptions.Exit(2)
+    for job_file in valid:
+        intake.deliver(home, job_file)
+        click.echo(job_file.name)
 
 
 dir_option = click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path),

@@ -44,7 +44,8 @@ class JobFile:
         return locate(error.problems, self.path, self.text, self.fmt)
 
 
-def load_job(path: str | Path) -> JobFile:
+def load_job(path: str | Path, base_dir: str | Path | None = None) -> JobFile:
+    """PATH as a validated job file; its relative paths start at BASE_DIR (default its folder)."""
     path = Path(path)
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
@@ -60,15 +61,16 @@ def load_job(path: str | Path) -> JobFile:
     except UnicodeDecodeError as e:
         raise JobSpecError([Problem((), f"not UTF-8 text: byte {raw[e.start]:#04x} at offset {e.start}",
                                     line=raw[:e.start].count(b"\n") + 1, fix="save the file as UTF-8")], path) from e
-    return JobFile(path, fmt, text, parse_spec(text, fmt, path))
+    return JobFile(path, fmt, text, parse_spec(text, fmt, path, base_dir))
 
 
-def parse_spec(text: str, fmt: str, path: Path) -> JobSpec:
+def parse_spec(text: str, fmt: str, path: Path, base_dir: str | Path | None = None) -> JobSpec:
     raw = parse_text(text, fmt, path)
     problems: list[Problem] = []
     spec = None
+    base = Path(base_dir) if base_dir is not None else path.parent
     try:
-        spec = JobSpec.model_validate(raw, context={"problems": problems, "base_dir": str(path.parent.resolve())})
+        spec = JobSpec.model_validate(raw, context={"problems": problems, "base_dir": str(base.resolve())})
     except ValidationError as e:
         problems[:0] = pydantic_problems(e, raw)
     if problems:

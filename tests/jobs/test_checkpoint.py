@@ -271,7 +271,6 @@ def test_a_save_that_no_longer_fits_the_job_is_a_clear_error(tmp_path):
 
     jf, folder = job_file("mlp.toml", tmp_path), tmp_path / "run"
     Run(jf, folder, 5).go()
-    wider = load_job(jf.path)
     path = tmp_path / "wider.toml"
     path.write_text(jf.text.replace('["Linear", 20, 256], ["ReLU"], ["Linear", 256, 10]',
                                     '["Linear", 20, 128], ["ReLU"], ["Linear", 128, 10]'))

@@ -1,0 +1,163 @@
+"""Intake, maildir-style: job files arrive in inbox/; each is taken exactly once.
+
+- `deliver` (what `traind submit` does): a hidden temp file in inbox/, fsynced, renamed
+  into place, inbox/ fsynced. A file appears there whole or not at all.
+- `Intake.scan` (the daemon's rescan, the truth; watchdog events only wake it up early):
+  a file is complete once known closed after writing (`closed`), or once its size and
+  mtime have not changed for `settle` seconds; then it is claimed by renaming it into
+  inbox/.claimed/, so that no other scan takes it, and accepted as jobs/NAME/ or moved
+  to rejected/ with NAME.error beside it. A claim a crash left behind is finished at
+  the next scan.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from traind.daemon.home import Home
+from traind.daemon.jobstate import JobRecord, JobState, write_state
+from traind.jobs.build import build_job
+from traind.jobs.errors import JobSpecError
+from traind.jobs.jobfile import FORMATS, JobFile, load_job
+from traind.store.errors import TraindError
+from traind.store.fs import FileSystem, write_durably
+
+CLAIMED = ".claimed"
+IGNORED_ENDINGS = (".tmp", ".part", "~")
+SPEC_FILE = "spec.json"
+
+
+def ignored(name: str) -> bool:
+    """Names that are not (yet) job files: hidden, temporary or partial ones, and other types."""
+    return name.startswith(".") or name.endswith(IGNORED_ENDINGS) or Path(name).suffix.lower() not in FORMATS
+
+
+def validate(job_file: JobFile) -> JobFile:
+    """In full, as acceptance demands: the file, then a dry build on a real batch."""
+    try:
+        build_job(job_file.spec, job_file.name)
+    except JobSpecError as e:
+        raise job_file.locate(e) from e
+    return job_file
+
+
+def deliver(home: Home, job_file: JobFile, fs: FileSystem | None = None) -> Path:
+    """Put a validated job into HOME's inbox atomically, as the resolved spec (absolute
+    paths: the inbox is not where its relative paths started)."""
+    fs = fs or FileSystem()
+    home.inbox.mkdir(parents=True, exist_ok=True)
+    target = home.inbox / f"{job_file.name}.json"
+    n = 1
+    while target.exists() or (home.inbox / CLAIMED / target.name).exists():
+        target, n = home.inbox / f"{job_file.name}.{n}.json", n + 1
+    spec = job_file.spec.model_copy(update={"name": job_file.name})
+    write_durably(fs, target, spec.model_dump_json(indent=2, exclude_defaults=True).encode())
+    return target
+
+
+@dataclass(frozen=True)
+class Outcome:
+    file: str
+    """The name the file had in inbox/."""
+    job: str | None
+    """The job it became, if accepted."""
+    error: str | None
+    """Why it was rejected, if it was."""
+
+
+@dataclass
+class Intake:
+    home: Home
+    settle: float = 1.0
+    """Seconds a file's size and mtime must stay put before it counts as complete."""
+    fs: FileSystem = field(default_factory=FileSystem)
+    _seen: dict[str, tuple[tuple[int, int], float]] = field(default_factory=dict)
+
+    def scan(self, now: float | None = None, closed: set[str] | frozenset = frozenset()) -> list[Outcome]:
+        """One pass over inbox/: take every complete file. CLOSED names files known to be
+        complete (closed after writing, or renamed in)."""
+        now = time.monotonic() if now is None else now
+        for d in (self.home.inbox / CLAIMED, self.home.rejected, self.home.jobs):
+            d.mkdir(parents=True, exist_ok=True)
+        outcomes = [self._finish(p) for p in sorted((self.home.inbox / CLAIMED).iterdir()) if p.is_file()]
+        present = set()
+        for entry in sorted(self.home.inbox.iterdir()):
+            if ignored(entry.name) or not entry.is_file():
+                continue
+            present.add(entry.name)
+            if entry.name in closed or self._settled(entry, now):
+                outcome = self._claim(entry)
+                if outcome is not None:
+                    outcomes.append(outcome)
+                    self._seen.pop(entry.name, None)
+        for name in set(self._seen) - present:
+            del self._seen[name]
+        return outcomes
+
+    def _settled(self, entry: Path, now: float) -> bool:
+        try:
+            st = entry.stat()
+        except FileNotFoundError:
+            return False
+        key = (st.st_size, st.st_mtime_ns)
+        previous = self._seen.get(entry.name)
+        if previous is None or previous[0] != key:
+            self._seen[entry.name] = (key, now)
+            # unchanged for `settle` seconds already when first seen (say, at start): complete
+            return time.time() - st.st_mtime >= self.settle and previous is None
+        return now - previous[1] >= self.settle
+
+    def _claim(self, entry: Path) -> Outcome | None:
+        claimed = self.home.inbox / CLAIMED / entry.name
+        try:
+            self.fs.rename(entry, claimed)
+        except FileNotFoundError:
+            return None  # taken in the meantime
+        self.fs.fsync_dir(self.home.inbox)
+        return self._finish(claimed)
+
+    def _finish(self, claimed: Path) -> Outcome:
+        """Accept or reject a claimed file; safe to run again after a crash at any point."""
+        try:
+            job_file = validate(load_job(claimed, base_dir=self.home.inbox))
+            self._accept(job_file)
+            outcome = Outcome(claimed.name, job_file.name, None)
+        except TraindError as e:
+            self._reject(claimed, str(e))
+            outcome = Outcome(claimed.name, None, str(e))
+        claimed.unlink(missing_ok=True)
+        self.fs.fsync_dir(claimed.parent)
+        return outcome
+
+    def _accept(self, job_file: JobFile) -> None:
+        folder = self.home.job_dir(job_file.name)
+        copy = f"job{job_file.path.suffix.lower()}"
+        if folder.exists():
+            if (folder / copy).is_file() and (folder / copy).read_text() == job_file.text:
+                return  # accepted before a crash; the claim is all that was left
+            raise NameInUse(f"{job_file.path.name}: a job named '{job_file.name}' exists already "
+                            f"({folder}); give this one another name (name = \"...\") or `traind rm` the old one")
+        stage = self.home.jobs / f".new-{job_file.name}"
+        self.fs.remove_tree(stage)
+        self.fs.mkdir(stage)
+        write_durably(self.fs, stage / copy, job_file.text.encode())
+        write_durably(self.fs, stage / SPEC_FILE, job_file.spec.model_dump_json(indent=2).encode())
+        write_state(stage, JobRecord(job_file.name, JobState.QUEUED, job_file.spec.priority, time.time(),
+                                     changed=time.time()), self.fs)
+        self.fs.rename(stage, folder)
+        self.fs.fsync_dir(self.home.jobs)
+
+    def _reject(self, claimed: Path, why: str) -> None:
+        target = self.home.rejected / claimed.name
+        n = 1
+        while target.exists():
+            target, n = self.home.rejected / f"{claimed.stem}.{n}{claimed.suffix}", n + 1
+        error = why.replace(str(claimed), target.name) + "\n"
+        write_durably(self.fs, target.with_name(target.name + ".error"), error.encode())
+        write_durably(self.fs, target, claimed.read_bytes())
+
+
+class NameInUse(TraindError):
+    exit_code = 2

@@ -1,0 +1,131 @@
+"""Intake, driven directly (the daemon's loop calls the same scan): every complete file
+in inbox/ is taken exactly once, and nothing else is."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import MLP
+from traind.daemon.cli import cli
+from traind.daemon.home import Home
+from traind.daemon.intake import CLAIMED, Intake
+from traind.daemon.jobstate import JobState, read_state
+
+GOOD = '[model]\nlayers = [["Linear", 20, 10]]\n[data]\nsamples = 100\n'
+
+
+@pytest.fixture
+def home(tmp_path):
+    h = Home(tmp_path / "home")
+    h.inbox.mkdir(parents=True)
+    return h
+
+
+def drop(home, name, text):
+    path = home.inbox / name
+    path.write_text(text)
+    return path
+
+
+def test_submit_validates_delivers_and_one_scan_accepts_it_once(home, write_job):
+    result = CliRunner().invoke(cli, ["--home", str(home.root), "submit", str(write_job(MLP, name="small"))])
+    assert result.exit_code == 0 and result.output == "small\n"
+    assert [p.name for p in home.inbox.iterdir() if not p.name.startswith(".")] == ["small.json"]
+    intake = Intake(home)
+    outcomes = intake.scan(closed={"small.json"})
+    assert [(o.job, o.error) for o in outcomes] == [("small", None)]
+    folder = home.job_dir("small")
+    record = read_state(folder)
+    assert record.state == JobState.QUEUED and record.name == "small"
+    assert json.loads((folder / "spec.json").read_text())["train"]["epochs"] == 3
+    assert (folder / "job.json").exists()
+    assert intake.scan(closed={"small.json"}) == []
+    assert [p.name for p in home.inbox.iterdir() if not p.name.startswith(".")] == []
+    assert list((home.inbox / CLAIMED).iterdir()) == []
+
+
+def test_submit_of_an_invalid_file_delivers_nothing(home, write_job):
+    good, bad = write_job(MLP, name="good"), write_job(MLP.replace('"Linear", 32, 10', '"Linaer", 32, 10'), name="bad")
+    result = CliRunner().invoke(cli, ["--home", str(home.root), "submit", str(good), str(bad)])
+    assert result.exit_code == 2
+    assert "unknown layer 'Linaer'" in result.output and "nothing delivered: 1 of 2 files" in result.output
+    assert list(home.inbox.iterdir()) == []
+
+
+def test_a_slow_hand_copy_is_taken_only_once_complete(home):
+    intake = Intake(home, settle=1.0)
+    path = drop(home, "slow.toml", GOOD[:20])  # half a file, being copied
+    assert intake.scan(now=0.0) == []
+    path.write_text(GOOD[:40])
+    assert intake.scan(now=0.5) == []  # it changed: not settled
+    path.write_text(GOOD)
+    assert intake.scan(now=1.2) == []  # changed again
+    assert intake.scan(now=1.7) == []  # unchanged for 0.5 s only
+    outcomes = intake.scan(now=2.3)
+    assert [(o.job, o.error) for o in outcomes] == [("slow", None)]
+    assert intake.scan(now=9.0) == []
+
+
+def test_a_file_closed_after_writing_is_taken_at_once(home):
+    drop(home, "quick.toml", GOOD)
+    assert [o.job for o in Intake(home, settle=60).scan(now=0.0, closed={"quick.toml"})] == ["quick"]
+
+
+def test_two_hundred_files_dropped_at_once_are_each_accepted_exactly_once(home):
+    names = {f"job{i:03d}.toml" for i in range(200)}
+    for name in names:
+        drop(home, name, GOOD)
+    intake = Intake(home)
+    outcomes = intake.scan(closed=names) + intake.scan(closed=names)
+    assert sorted(o.job for o in outcomes) == sorted(n[:-5] for n in names)
+    assert all(o.error is None for o in outcomes)
+    assert len(list(home.jobs.iterdir())) == 200
+
+
+def test_a_bad_file_is_rejected_with_its_error_beside_it(home):
+    drop(home, "bad.toml", GOOD + "[optimizer]\nlrr = 1\n")
+    outcomes = Intake(home).scan(closed={"bad.toml"})
+    assert outcomes[0].job is None and "did you mean 'lr'" in outcomes[0].error
+    assert (home.rejected / "bad.toml").read_text() == GOOD + "[optimizer]\nlrr = 1\n"
+    error = (home.rejected / "bad.toml.error").read_text()
+    assert error.startswith("bad.toml: invalid job file (1 problem)")
+    assert "line 6, optimizer.lrr: unknown key 'lrr' in [optimizer]; did you mean 'lr'?" in error
+    assert "fix:" in error
+    assert not (home.inbox / "bad.toml").exists() and list(home.jobs.iterdir()) == []
+
+
+def test_a_name_in_use_is_rejected(home):
+    drop(home, "twin.toml", GOOD)
+    Intake(home).scan(closed={"twin.toml"})
+    drop(home, "twin.toml", GOOD.replace("samples = 100", "samples = 200"))
+    outcome = Intake(home).scan(closed={"twin.toml"})[0]
+    assert outcome.job is None and "a job named 'twin' exists already" in outcome.error
+    assert (home.rejected / "twin.toml.error").exists()
+
+
+@pytest.mark.parametrize("name", [".hidden.toml", "job.toml.tmp", "job.part", "job.toml~", "notes.txt"])
+def test_hidden_temporary_and_partial_names_are_left_alone(home, name):
+    drop(home, name, GOOD)
+    assert Intake(home, settle=0).scan(now=100.0, closed={name}) == []
+    assert (home.inbox / name).exists() and list(home.jobs.iterdir()) == []
+
+
+def test_a_claim_left_by_a_crash_is_finished_once(home):
+    (home.inbox / CLAIMED).mkdir()
+    (home.inbox / CLAIMED / "orphan.toml").write_text(GOOD)
+    intake = Intake(home)
+    assert [o.job for o in intake.scan()] == ["orphan"]
+    # crashed after accepting, before dropping the claim: finishing again adds nothing
+    (home.inbox / CLAIMED / "orphan.toml").write_text(GOOD)
+    assert [(o.job, o.error) for o in intake.scan()] == [("orphan", None)]
+    assert list(home.jobs.iterdir()) == [home.job_dir("orphan")] and list(home.rejected.iterdir()) == []
+
+
+def test_relative_paths_in_a_dropped_file_start_at_the_inbox(home):
+    (home.inbox / "d.csv").write_text("a,b\n" + "".join(f"{i},{i % 2}\n" for i in range(40)))
+    drop(home, "csv.toml", '[model]\nlayers = [["Linear", 1, 2]]\n[data]\nsource = "csv"\npath = "d.csv"\n')
+    outcome = Intake(home).scan(closed={"csv.toml"})[0]
+    assert outcome.error is None
+    spec = json.loads((home.job_dir("csv") / "spec.json").read_text())
+    assert spec["data"]["path"] == str((home.inbox / "d.csv").resolve())
