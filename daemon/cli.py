@@ -7,12 +7,16 @@ job file; 3 no such job or save.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
 
-from traind.daemon import intake, saves_cli
+from traind.daemon import intake, jobs_cli, saves_cli
+from traind.daemon.supervisor import Daemon
 from traind.daemon.foreground import run_job
 from traind.daemon.home import Home, default_home
 from traind.jobs import devices
@@ -172,8 +176,77 @@ def load(home: Home, args: tuple[str, ...], folder: Path | None) -> None:
     """Roll back ("load game"): the job continues from SAVE when it runs next. Newer saves stay."""
     if len(args) != (1 if folder else 2):
         raise click.UsageError("give NAME SAVE, or --dir JOBDIR SAVE")
+    if folder is None and (home.job_dir(args[0]) / "state.json").exists():
+        click.echo(jobs_cli.load(home, args[0], args[1]))
+        return
     folder = saves_cli.load_game(home, None if folder else args[0], folder, args[-1])
     click.echo(f"{folder.name} continues from save {args[-1]} when it runs next")
+
+
+@cli.command()
+@click.option("--workers", default=1, show_default=True, help="Jobs at once without a GPU (with GPUs: one per GPU).")
+@home_option
+@pass_home
+def daemon(home: Home, workers: int) -> None:
+    """Run the service in the foreground. The first SIGTERM or SIGINT: every running job
+    saves at its next step boundary and stops (queued, to resume at the next start), then
+    exit 0; a second one: stop at once."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set():
+            os._exit(128 + signum)  # at once; the workers save on their own (they get SIGTERM)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    click.echo(f"traind daemon serving {home.root}", err=True)
+    Daemon(home, workers=workers).serve(stop)
+
+
+@cli.command(name="ls")
+@click.option("--json", "as_json", is_flag=True, help="Machine output.")
+@home_option
+@pass_home
+def ls_command(home: Home, as_json: bool) -> None:
+    """A row per job: name, state, epoch, step of total, last loss, best metric, device, restarts."""
+    jobs_cli.show_ls(home, as_json)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Machine output.")
+@home_option
+@pass_home
+def status(home: Home, name: str, as_json: bool) -> None:
+    """One job in detail, with a progress bar."""
+    jobs_cli.show_status(home, name, as_json)
+
+
+def _steering(action: str, doc: str):
+    @click.argument("name")
+    @home_option
+    @pass_home
+    def command(home: Home, name: str) -> None:
+        click.echo(jobs_cli.steer(home, name, action))
+
+    command.__doc__ = doc
+    return cli.command(name=action)(command)
+
+
+_steering("pause", "Save at the next step boundary and stop, freeing the device.")
+_steering("resume", "Queue a paused (or failed, or cancelled) job again, continuing from its newest save.")
+_steering("cancel", "Stop the job; its saves stay.")
+
+
+@cli.command(name="save")
+@click.argument("name")
+@click.option("--note", help="Kept with the save.")
+@home_option
+@pass_home
+def save_command(home: Home, name: str, note: str | None) -> None:
+    """Quicksave: a manual save at the next step boundary, never rotated out."""
+    click.echo(jobs_cli.steer(home, name, "save", note))
 
 
 @cli.command()

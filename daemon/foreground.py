@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from traind.jobs.build import build_job
 from traind.jobs.checkpoint import Checkpointer
 from traind.jobs.errors import JobSpecError, NonFiniteLoss, TrainingError
 from traind.jobs.jobfile import JobFile
+from traind.jobs.spec import JobSpec
 from traind.jobs.metrics import LOG_FILE, Recorder
 from traind.jobs.train import Trainer
 from traind.store.errors import StoreError, TraindError
@@ -63,18 +65,24 @@ class JobBusy(TraindError):
 
 
 @contextmanager
-def holding(folder: Path):
-    """An exclusive lock on FOLDER for as long as this process trains in it; the kernel
-    drops it when the process ends, however it ends."""
+def holding(folder: Path, wait: float = 0.0):
+    """An exclusive lock on FOLDER for as long as this process trains in it, waiting up to
+    WAIT seconds for a holder to let go; the kernel drops it when the process ends,
+    however it ends."""
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
-            raise JobBusy(f"{folder} is being trained by pid {holder}; stop that run first, "
-                          "or use another --dir") from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+                    raise JobBusy(f"{folder} is being trained by pid {holder}; stop that run first, "
+                                  "or use another --dir") from None
+                time.sleep(0.1)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
@@ -82,44 +90,63 @@ def holding(folder: Path):
         os.close(fd)
 
 
+# A check at each step boundary, before the checkpointer's: True stops at once (no save);
+# setting the stop event stops after a save.
+Hook = Callable[[Trainer, Checkpointer, threading.Event], bool]
+
+
 def run_job(job_file: JobFile, folder: Path, echo: Callable[[str], None]) -> bool:
     """Train JOB_FILE to the end (True) or until a signal stops it (False), continuing from
     FOLDER's newest good save if it has one."""
     with holding(folder):
-        return _run_locked(job_file, folder, echo)
+        prepare_folder(job_file, folder)
+        done, trainer = train_in_folder(job_file.spec, job_file.name, folder, echo, job_file.locate)
+    p, total = trainer.progress, trainer.job.total_steps
+    if done:
+        echo(f"done: step {p.step}/{total}; folder {folder}")
+    else:
+        echo(f"stopped by signal at step {p.step}/{total}, saved; run again to continue")
+    return done
 
 
-def _run_locked(job_file: JobFile, folder: Path, echo: Callable[[str], None]) -> bool:
-    prepare_folder(job_file, folder)
-    recorder = Recorder(folder, echo, job_file.name)
+def train_in_folder(spec: JobSpec, name: str, folder: Path, echo: Callable[[str], None] | None,
+                    locate: Callable[[JobSpecError], JobSpecError] = lambda e: e,
+                    hook: Hook | None = None) -> tuple[bool, Trainer]:
+    """Build the job, continue from FOLDER's newest good save, train until done (True) or
+    stopped; the caller holds FOLDER's lock."""
+    recorder = Recorder(folder, echo, name)
     try:
         try:
-            job = build_job(job_file.spec, job_file.name)
+            job = build_job(spec, name)
         except JobSpecError as e:
-            raise job_file.locate(e) from e
+            raise locate(e) from e
         trainer = Trainer(job, recorder)
         with stop_on_signals() as stop:
             checkpoints = Checkpointer(trainer, folder, recorder, stop)
             if checkpoints.resume() is None:
                 recorder.keep_until(0, 0)  # a fresh start: no records yet
+            recorder.metric({"kind": "start", "step": trainer.progress.step, "total_steps": job.total_steps,
+                             "device": str(job.device)})
             recorder.say(f"training '{job.name}' on {job.device}: step {trainer.progress.step} of "
                          f"{job.total_steps} ({job.steps_per_epoch} per epoch); {job.splits.description}")
-            done = _train(trainer, checkpoints, recorder, folder)
+
+            def boundary(t: Trainer) -> bool:
+                return (hook is not None and hook(t, checkpoints, stop)) or checkpoints.boundary(t)
+
+            done = _train(trainer, checkpoints, boundary, recorder, folder)
         p = trainer.progress
-        if done:
-            recorder.say(f"done: step {p.step}/{job.total_steps}; folder {folder}")
-        else:
-            recorder.say(f"stopped by signal at step {p.step}/{job.total_steps}, saved; run again to continue")
-        return done
+        recorder.log(f"{'done' if done else 'stopped'} at step {p.step}/{job.total_steps}")
+        return done, trainer
     finally:
         recorder.close()
 
 
-def _train(trainer: Trainer, checkpoints: Checkpointer, recorder: Recorder, folder: Path) -> bool:
+def _train(trainer: Trainer, checkpoints: Checkpointer, boundary: Callable[[Trainer], bool], recorder: Recorder,
+           folder: Path) -> bool:
     try:
         while True:
             try:
-                done = trainer.fit(checkpoints.boundary)
+                done = trainer.fit(boundary)
                 break
             except NonFiniteLoss as e:
                 checkpoints.rollback(e)

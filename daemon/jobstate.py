@@ -5,8 +5,11 @@ folders stay the source of truth that any index is rebuilt from (CONTRACT §2).
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from pathlib import Path
@@ -15,6 +18,7 @@ from traind.store.errors import TraindError
 from traind.store.fs import FileSystem, write_durably
 
 STATE_FILE = "state.json"
+STATE_LOCK = "state.lock"
 
 
 class JobState(str, Enum):
@@ -80,11 +84,26 @@ def write_state(folder: Path, record: JobRecord, fs: FileSystem | None = None) -
     return record
 
 
-def transition(folder: Path, to: JobState, fs: FileSystem | None = None, **changes) -> JobRecord:
-    """Move the job in FOLDER to state TO (with CHANGES to its record), if that is allowed."""
-    record = read_state(folder)
-    if record is None:
-        raise BadTransition(f"{folder} has no readable {STATE_FILE}; it is not a job of this home")
-    if to != record.state and to not in ALLOWED[record.state]:
-        raise BadTransition(f"job '{record.name}' is {record.state.value}; it cannot become {to.value}")
-    return write_state(folder, replace(record, state=to, changed=time.time(), **changes), fs)
+@contextmanager
+def _locked(folder: Path):
+    """Serialize read-modify-write of the record: the daemon and the CLI both change it."""
+    fd = os.open(folder / STATE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def transition(folder: Path, to: JobState, fs: FileSystem | None = None, allow_from: set | None = None,
+               **changes) -> JobRecord:
+    """Move the job in FOLDER to state TO (with CHANGES to its record), if that is allowed
+    (and, given ALLOW_FROM, only from one of those states)."""
+    with _locked(folder):
+        record = read_state(folder)
+        if record is None:
+            raise BadTransition(f"{folder} has no readable {STATE_FILE}; it is not a job of this home")
+        allowed = to == record.state or to in ALLOWED[record.state]
+        if not allowed or (allow_from is not None and record.state not in allow_from):
+            raise BadTransition(f"job '{record.name}' is {record.state.value}; it cannot become {to.value}")
+        return write_state(folder, replace(record, state=to, changed=time.time(), **changes), fs)

@@ -1,0 +1,115 @@
+"""The commands on a home's jobs: list them, show one, and steer it (pause, resume,
+cancel, quicksave, load). Running jobs are steered by request files their worker takes
+at the next step boundary; the others by a state change."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from traind.daemon import requests
+from traind.daemon.home import Home, NoSuchJob
+from traind.daemon.jobstate import JobState, read_state, transition
+from traind.jobs.checkpoint import request_load
+from traind.jobs.metrics import read_metrics
+from traind.jobs.spec import JobSpec
+from traind.store.errors import TraindError
+from traind.store.saves import list_saves
+from traind.store.store import SAVES
+
+ENDED = {JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.PAUSED}
+
+
+class NotRunning(TraindError):
+    exit_code = 1
+
+
+def folder_of(home: Home, name: str) -> Path:
+    folder = home.job_dir(name)
+    if read_state(folder) is None:
+        known = ", ".join(sorted(p.name for p in home.jobs.glob("*") if (p / "state.json").exists())[:8]) or "none"
+        raise NoSuchJob(f"no job '{name}' in {home.jobs}; jobs there: {known}")
+    return folder
+
+
+def row(folder: Path) -> dict:
+    """The `ls` keys of CONTRACT §4, read from the job's folder."""
+    record = read_state(folder)
+    records = read_metrics(folder)
+    start = next((r for r in reversed(records) if r.get("kind") == "start"), {})
+    last = next((r for r in reversed(records) if r.get("kind") in ("step", "epoch")), {})
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    best = None
+    try:
+        checkpoint = JobSpec.model_validate_json((folder / "spec.json").read_text()).checkpoint
+        values = [r[checkpoint.monitor] for r in epochs if isinstance(r.get(checkpoint.monitor), (int, float))]
+        best = (min if checkpoint.direction == "min" else max)(values) if values else None
+    except (OSError, ValueError):
+        pass
+    return {"name": record.name, "state": record.state.value, "epoch": epochs[-1]["epoch"] if epochs else 0,
+            "step": last.get("step", start.get("step", 0)), "total_steps": start.get("total_steps"),
+            "loss": last.get("loss", last.get("train_loss")), "best": best, "device": start.get("device"),
+            "restarts": record.restarts}
+
+
+def show_ls(home: Home, as_json: bool) -> None:
+    folders = sorted(p for p in home.jobs.glob("*") if read_state(p) is not None)
+    rows = [row(f) for f in folders]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'name':<24} {'state':<10} {'epoch':>5} {'step':>14} {'loss':>9} {'best':>9} {'device':<8} restarts")
+    for r in rows:
+        step = f"{r['step']}/{r['total_steps'] or '?'}"
+        num = lambda v: f"{v:.4g}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+        click.echo(f"{r['name']:<24} {r['state']:<10} {r['epoch']:>5} {step:>14} {num(r['loss']):>9} "
+                   f"{num(r['best']):>9} {r['device'] or '-':<8} {r['restarts']}")
+
+
+def show_status(home: Home, name: str, as_json: bool) -> None:
+    folder = folder_of(home, name)
+    info = {**row(folder), "saves": len(list_saves(folder / SAVES)[0]), "last_error": read_state(folder).last_error}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    total, step = info["total_steps"], info["step"]
+    bar = ""
+    if total:
+        done = int(30 * min(step / total, 1))
+        bar = f"  [{'#' * done}{'.' * (30 - done)}] {100 * step / total:.0f}%"
+    click.echo(f"{info['name']}: {info['state']}, step {step}/{total or '?'}{bar}")
+    for key in ("epoch", "loss", "best", "device", "restarts", "saves", "last_error"):
+        if info[key] is not None:
+            click.echo(f"  {key}: {info[key]}")
+
+
+def steer(home: Home, name: str, action: str, note: str | None = None) -> str:
+    """pause, resume, cancel or save job NAME; what happened, in words."""
+    folder = folder_of(home, name)
+    state = read_state(folder).state
+    if action == "resume":
+        if state not in ENDED - {JobState.DONE}:
+            raise NotRunning(f"job '{name}' is {state.value}; only a paused, failed or cancelled job resumes")
+        transition(folder, JobState.QUEUED, restarts=0, last_error=None)
+        return f"{name}: queued; it continues from its newest good save"
+    if state == JobState.RUNNING:
+        requests.send(folder, action, note)
+        return f"{name}: {action} requested; the job acts on it at its next step boundary"
+    if action == "save":
+        raise NotRunning(f"job '{name}' is {state.value}, not running; its newest save is already its state")
+    target = {"pause": JobState.PAUSED, "cancel": JobState.CANCELLED}[action]
+    transition(folder, target, allow_from={JobState.QUEUED} | ({JobState.PAUSED} if action == "cancel" else set()))
+    return f"{name}: {target.value}"
+
+
+def load(home: Home, name: str, save_id: str) -> str:
+    folder = folder_of(home, name)
+    state = read_state(folder).state
+    if state == JobState.RUNNING:
+        raise NotRunning(f"job '{name}' is running; `traind pause {name}` first, then load")
+    request_load(folder, save_id)
+    if state in ENDED:
+        transition(folder, JobState.QUEUED, restarts=0, last_error=None)
+    return f"{name}: continues from save {save_id}" + (" (queued again)" if state in ENDED else "")

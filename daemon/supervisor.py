@@ -1,0 +1,187 @@
+"""The daemon: takes job files from inbox/, runs queued jobs in worker processes, one per
+device slot, and acts on how each ended. Its body is one `loop(now)` call (tests drive it
+directly); `serve` repeats it until a signal, which only sets a flag.
+
+Restarts: a worker that dies (a signal, an OOM kill, a crash) is started again from the
+job's newest good save after a capped exponential backoff; one that dies within
+FAST_FAIL seconds of each of MAX_FAST starts, or more than MAX_RESTARTS times, is failed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from traind.daemon.home import Home
+from traind.daemon.intake import Intake
+from traind.daemon.jobstate import JobState, read_state, transition
+from traind.daemon.worker import ERROR_FILE, Exit
+from traind.jobs.devices import try_all_gpus
+from traind.store.errors import TraindError
+
+MAX_RESTARTS = 5
+FAST_FAIL = 5.0
+MAX_FAST = 3
+BACKOFF = (1.0, 60.0)  # first delay, cap
+TICK = 0.25
+LOCK_FILE = "daemon.lock"
+WORKER_LOG = "worker.out"
+
+
+class DaemonBusy(TraindError):
+    pass
+
+
+def _die_with_parent() -> None:
+    """In the worker, before exec: SIGTERM when the daemon dies, so that a worker never
+    trains on unsupervised (it saves and exits on SIGTERM)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Worker:
+    name: str
+    proc: subprocess.Popen
+    started: float
+    slot: str
+
+
+@dataclass
+class Daemon:
+    home: Home
+    workers: int = 1
+    settle: float = 1.0
+    running: dict[str, Worker] = field(default_factory=dict)
+    fast_fails: dict[str, int] = field(default_factory=dict)
+    retry_at: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        gpus = [str(d) for d in try_all_gpus() if d.type == "cuda"]
+        # one job per GPU; without one, --workers CPU slots
+        self.slots = gpus or [f"cpu{i}" for i in range(self.workers)]
+        self.intake = Intake(self.home, settle=self.settle)
+        self._lock_fd: int | None = None
+
+    def start(self) -> None:
+        """Take the home (one daemon each), and queue again the jobs a crash left running."""
+        for d in (self.home.inbox, self.home.jobs, self.home.rejected):
+            d.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.home.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DaemonBusy(f"another traind daemon serves {self.home.root}") from None
+        for folder in self._job_folders():
+            record = read_state(folder)
+            if record is not None and record.state == JobState.RUNNING:
+                transition(folder, JobState.QUEUED, last_error="the daemon stopped while it ran")
+
+    def loop(self, now: float, closed: frozenset = frozenset()) -> None:
+        self.intake.scan(now, closed)
+        for name, worker in list(self.running.items()):
+            code = worker.proc.poll()
+            if code is not None:
+                del self.running[name]
+                self._ended(worker, code, now)
+        self._schedule(now)
+
+    def _job_folders(self) -> list[Path]:
+        return sorted(p for p in self.home.jobs.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def _schedule(self, now: float) -> None:
+        free = [s for s in self.slots if s not in {w.slot for w in self.running.values()}]
+        if not free:
+            return
+        queued = []
+        for folder in self._job_folders():
+            record = read_state(folder)
+            if record and record.state == JobState.QUEUED and record.name not in self.running \
+                    and self.retry_at.get(record.name, 0.0) <= now:
+                queued.append(record)
+        queued.sort(key=lambda r: (-r.priority, r.submitted))
+        for record, slot in zip(queued, free):
+            self._launch(record.name, slot, now)
+
+    def _launch(self, name: str, slot: str, now: float) -> None:
+        folder = self.home.job_dir(name)
+        transition(folder, JobState.RUNNING, allow_from={JobState.QUEUED})
+        (folder / ERROR_FILE).unlink(missing_ok=True)
+        env = dict(os.environ, CUDA_DEVICE_ORDER="PCI_BUS_ID")
+        if slot.startswith("cuda:"):
+            env["CUDA_VISIBLE_DEVICES"] = slot.split(":")[1]
+        with open(folder / WORKER_LOG, "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "traind.daemon.worker", "--home", str(self.home.root), name],
+                                    stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+        self.running[name] = Worker(name, proc, now, slot)
+
+    def _ended(self, worker: Worker, code: int, now: float) -> None:
+        folder = self.home.job_dir(worker.name)
+        error_file = folder / ERROR_FILE
+        why = error_file.read_text().strip() if error_file.exists() else None
+        if code == Exit.DONE:
+            transition(folder, JobState.DONE)  # last_error stays: why it had to restart, if it did
+        elif code == Exit.PAUSED:
+            transition(folder, JobState.PAUSED)
+        elif code == Exit.CANCELLED:
+            transition(folder, JobState.CANCELLED)
+        elif code == Exit.STOPPED:
+            transition(folder, JobState.QUEUED)
+        elif code in (Exit.BAD_JOB, Exit.FAILED):
+            transition(folder, JobState.FAILED, last_error=why or f"the worker failed (exit {code})")
+        else:
+            self._crashed(worker, code, now, folder)
+            return
+        self.fast_fails.pop(worker.name, None)
+
+    def _crashed(self, worker: Worker, code: int, now: float, folder: Path) -> None:
+        """Killed or crashed: try again from the newest good save, after a backoff."""
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"crashed (exit {code})"
+        if code == -signal.SIGKILL:
+            how += " (out of memory? see `dmesg`)"
+        record = read_state(folder)
+        restarts = (record.restarts if record else 0) + 1
+        fast = self.fast_fails.get(worker.name, 0) + (now - worker.started < FAST_FAIL)
+        self.fast_fails[worker.name] = fast
+        if restarts > MAX_RESTARTS or fast >= MAX_FAST:
+            reason = "it died within seconds of each start" if fast >= MAX_FAST else f"{restarts - 1} restarts"
+            transition(folder, JobState.FAILED, restarts=restarts - 1,
+                       last_error=f"the worker was {how}; given up after {reason}")
+            return
+        self.retry_at[worker.name] = now + min(BACKOFF[0] * 2 ** (restarts - 1), BACKOFF[1])
+        transition(folder, JobState.QUEUED, restarts=restarts, last_error=f"the worker was {how}; restarting")
+
+    def stop(self, timeout: float = 600.0) -> None:
+        """Every worker saves at its next step boundary and stops; their jobs stay queued."""
+        for worker in self.running.values():
+            worker.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for name, worker in list(self.running.items()):
+            try:
+                code = worker.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.proc.kill()
+                code = worker.proc.wait()
+            del self.running[name]
+            self._ended(worker, code, time.monotonic())
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def serve(self, stop: threading.Event) -> None:
+        """Loop until STOP is set (a signal handler sets it); then stop the workers."""
+        self.start()
+        try:
+            while not stop.is_set():
+                self.loop(time.monotonic())
+                stop.wait(TICK)
+        finally:
+            self.stop()

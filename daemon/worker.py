@@ -1,0 +1,108 @@
+"""A job's worker: one process per running job, so that a crash, a segfault or an OOM
+kill of one job never takes down the daemon or another job.
+
+    python -m traind.daemon.worker --home HOME NAME
+
+It trains the job folder as `traind run` does, takes the job's requests (pause, cancel,
+quicksave) at step boundaries, and tells the daemon how it ended by its exit status;
+why it failed, in words, goes to `worker.error` in the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from enum import IntEnum
+from pathlib import Path
+
+from traind.daemon import requests
+from traind.daemon.foreground import JobBusy, holding, train_in_folder
+from traind.daemon.home import Home
+from traind.jobs.checkpoint import Checkpointer
+from traind.jobs.errors import JobSpecError
+from traind.jobs.spec import JobSpec
+from traind.jobs.train import Trainer
+from traind.store.errors import TraindError
+from traind.store.fs import FileSystem, write_durably
+
+ERROR_FILE = "worker.error"
+LOCK_WAIT = 120.0
+REQUEST_EVERY = 0.2  # seconds between looks at the requests folder (one listing each)
+
+
+class Exit(IntEnum):
+    DONE = 0
+    FAILED = 1
+    """The job failed (a non-finite loss, a failed save...); see worker.error."""
+    BAD_JOB = 2
+    """Its job file or saves do not fit; retrying cannot help."""
+    STOPPED = 75
+    """Stopped by SIGTERM (the daemon is stopping): queued again."""
+    PAUSED = 76
+    CANCELLED = 77
+
+
+class RequestHook:
+    """Acts on the job's requests at step boundaries; remembers which ended the run."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.ending, self.taken = folder, None, []
+        self._next_look = 0.0
+
+    def __call__(self, trainer: Trainer, checkpoints: Checkpointer, stop: threading.Event) -> bool:
+        now = time.monotonic()
+        if now < self._next_look:
+            return False
+        self._next_look = now + REQUEST_EVERY
+        for request in requests.pending(self.folder):
+            self.taken.append(request)
+            if request.kind == "save":
+                save_id = checkpoints.save({"manual"}, request.note)
+                checkpoints.recorder.say(f"quicksave {save_id} at step {trainer.progress.step}"
+                                         + (f": {request.note}" if request.note else ""))
+            elif request.kind == "pause":
+                self.ending = Exit.PAUSED
+                stop.set()  # the checkpointer saves, then the loop stops
+            elif request.kind == "cancel":
+                self.ending = Exit.CANCELLED
+                return True  # stop now; the saves stay as they are
+        return False
+
+
+def run(home: Home, name: str) -> Exit:
+    folder = home.job_dir(name)
+    hook = RequestHook(folder)
+    try:
+        spec = JobSpec.model_validate_json((folder / "spec.json").read_text())
+        with holding(folder, wait=LOCK_WAIT):  # a worker of a dead daemon may still be saving
+            done, _ = train_in_folder(spec, name, folder, None, hook=hook)
+    except JobSpecError as e:
+        return _failed(folder, Exit.BAD_JOB, str(e))
+    except (JobBusy, TraindError) as e:
+        return _failed(folder, Exit.FAILED, str(e))
+    except (OSError, ValueError) as e:  # spec.json missing or unreadable
+        return _failed(folder, Exit.BAD_JOB, f"{folder / 'spec.json'}: {e}")
+    for request in hook.taken:
+        requests.done(request)  # acted on, and the saves they asked for are committed
+    if done:
+        return Exit.DONE
+    return hook.ending or Exit.STOPPED
+
+
+def _failed(folder: Path, code: Exit, why: str) -> Exit:
+    write_durably(FileSystem(), folder / ERROR_FILE, why.encode())
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m traind.daemon.worker", description=__doc__)
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("name")
+    args = parser.parse_args(argv)
+    return int(run(Home(args.home), args.name))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Real daemons, real workers, real signals (polling with deadlines, never bare sleeps)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from tests.conftest import EXAMPLES
+from traind.daemon.cli import cli
+from traind.store.saves import list_saves
+
+JOB = (EXAMPLES / "tied.yaml").read_text().replace("samples: 1024", "samples: 6144").replace(
+    "epochs: 5", "epochs: 8").replace("name: tied", "name: soak")
+
+
+def traind(home, *args):
+    return CliRunner().invoke(cli, ["--home", str(home), *map(str, args)])
+
+
+def rows(home):
+    result = traind(home, "ls", "--json")
+    assert result.exit_code == 0, result.output
+    return {r["name"]: r for r in json.loads(result.output)}
+
+
+def wait_for(predicate, what, timeout=120):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+class Daemons:
+    """Starts daemons on one home; kills whatever is left at the end."""
+
+    def __init__(self, home):
+        self.home, self.procs = home, []
+
+    def start(self):
+        proc = subprocess.Popen([sys.executable, "-m", "traind.daemon.cli", "--home", str(self.home), "daemon"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.procs.append(proc)
+        return proc
+
+    def close(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            proc.stderr.close()
+
+
+@pytest.fixture
+def daemons(tmp_path):
+    d = Daemons(tmp_path / "home")
+    yield d
+    d.close()
+    wait_for(lambda: not any(p.name for p in (tmp_path / "home" / "jobs").glob("*/lock")
+                             if _locked(p)), "workers to exit", 60)
+
+
+def _locked(path):
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same job trained by `traind run`, never interrupted."""
+    tmp = tmp_path_factory.mktemp("reference")
+    (tmp / "soak.yaml").write_text(JOB)
+    result = CliRunner().invoke(cli, ["run", str(tmp / "soak.yaml"), "--dir", str(tmp / "run")])
+    assert result.exit_code == 0, result.output
+    return final_weights(tmp / "run")
+
+
+def final_weights(folder):
+    saves = list_saves(folder / "saves")[0]
+    assert "final" in saves[-1].kinds
+    return load_file(saves[-1].path / "model.safetensors")
+
+
+def assert_equal(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def submit(home, tmp_path, text=JOB, name="soak.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    result = traind(home, "submit", path)
+    assert result.exit_code == 0, result.output
+
+
+def test_a_submitted_job_trains_to_the_same_weights_as_traind_run(daemons, tmp_path, reference):
+    daemons.start()
+    submit(daemons.home, tmp_path)
+    wait_for(lambda: rows(daemons.home).get("soak", {}).get("state") == "done", "the job to finish")
+    assert_equal(final_weights(daemons.home / "jobs" / "soak"), reference)
+    row = rows(daemons.home)["soak"]
+    assert row["step"] == row["total_steps"] and row["restarts"] == 0 and row["device"] == "cpu"
+
+
+def test_the_daemon_sigkilled_mid_run_again_and_again_loses_nothing(daemons, tmp_path, reference):
+    submit(daemons.home, tmp_path)
+    folder = daemons.home / "jobs" / "soak"
+    for kill in range(3):
+        proc = daemons.start()
+        before = rows(daemons.home).get("soak", {}).get("step", 0)
+        wait_for(lambda: rows(daemons.home).get("soak", {}).get("step", 0) > before + 40, f"progress ({kill})")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        wait_for(lambda: not _locked(folder / "lock"), "the orphaned worker to save and exit", 60)
+    daemons.start()
+    wait_for(lambda: rows(daemons.home)["soak"]["state"] == "done", "the job to finish")
+    assert_equal(final_weights(folder), reference)
+    assert (folder / "log").read_text().count("resumed from save") == 3
+
+
+def test_a_worker_sigkilled_is_restarted_and_finishes_the_same(daemons, tmp_path, reference):
+    daemons.start()
+    submit(daemons.home, tmp_path)
+    folder = daemons.home / "jobs" / "soak"
+    wait_for(lambda: rows(daemons.home).get("soak", {}).get("step", 0) > 40, "progress")
+    pid = int((folder / "lock").read_text())
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: rows(daemons.home)["soak"]["state"] == "done", "the job to finish")
+    assert_equal(final_weights(folder), reference)
+    assert rows(daemons.home)["soak"]["restarts"] == 1
+    status = json.loads(traind(daemons.home, "status", "soak", "--json").output)
+    assert "killed by SIGKILL" in status["last_error"]
+
+
+def test_pause_save_resume_and_cancel(daemons, tmp_path, reference):
+    daemons.start()
+    submit(daemons.home, tmp_path)
+    folder = daemons.home / "jobs" / "soak"
+    wait_for(lambda: rows(daemons.home).get("soak", {}).get("state") == "running", "the job to start")
+    assert "save requested" in traind(daemons.home, "save", "soak", "--note", "before lunch").output
+    wait_for(lambda: any("manual" in s.kinds for s in list_saves(folder / "saves")[0]), "the quicksave")
+    manual = next(s for s in list_saves(folder / "saves")[0] if "manual" in s.kinds)
+    assert manual.note == "before lunch"
+    traind(daemons.home, "pause", "soak")
+    wait_for(lambda: rows(daemons.home)["soak"]["state"] == "paused", "the pause")
+    paused_at = list_saves(folder / "saves")[0][-1].step
+    assert traind(daemons.home, "save", "soak").exit_code == 1  # not running
+    traind(daemons.home, "resume", "soak")
+    wait_for(lambda: rows(daemons.home)["soak"]["state"] == "done", "the job to finish")
+    assert f"at step {paused_at}" in (folder / "log").read_text()
+    assert_equal(final_weights(folder), reference)  # a manual save and a pause change nothing
+    assert traind(daemons.home, "resume", "soak").exit_code == 1  # done: nothing to resume
+    submit(daemons.home, tmp_path, JOB.replace("name: soak", "name: other"), "other.yaml")
+    wait_for(lambda: rows(daemons.home).get("other", {}).get("state") == "running", "the second job to start")
+    traind(daemons.home, "cancel", "other")
+    wait_for(lambda: rows(daemons.home)["other"]["state"] == "cancelled", "the cancel")
+
+
+def test_sigterm_stops_with_jobs_queued_and_they_resume_at_the_next_start(daemons, tmp_path, reference):
+    proc = daemons.start()
+    submit(daemons.home, tmp_path)
+    wait_for(lambda: rows(daemons.home).get("soak", {}).get("step", 0) > 40, "progress")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    assert rows(daemons.home)["soak"]["state"] == "queued"
+    daemons.start()
+    wait_for(lambda: rows(daemons.home)["soak"]["state"] == "done", "the job to finish")
+    assert_equal(final_weights(daemons.home / "jobs" / "soak"), reference)
+
+
+def test_a_bad_file_is_rejected_while_the_daemon_serves_on(daemons, tmp_path):
+    proc = daemons.start()
+    inbox = daemons.home / "inbox"
+    wait_for(lambda: inbox.is_dir(), "the inbox")
+    (inbox / "broken.toml").write_text("[model\n")
+    wait_for(lambda: (daemons.home / "rejected" / "broken.toml.error").exists(), "the rejection")
+    assert "not valid TOML" in (daemons.home / "rejected" / "broken.toml.error").read_text()
+    (inbox / "fine.toml").write_text('[model]\nlayers = [["Linear", 20, 10]]\n[data]\nsamples = 100\n'
+                                     '[train]\nepochs = 1\n')
+    wait_for(lambda: rows(daemons.home).get("fine", {}).get("state") == "done", "the good job")
+    assert proc.poll() is None
+
+
+def test_one_daemon_per_home(daemons):
+    first = daemons.start()
+    wait_for(lambda: (daemons.home / "daemon.lock").exists(), "the first daemon")
+    second = daemons.start()
+    assert second.wait(60) == 1
+    assert "another traind daemon serves" in second.stderr.read()
+    assert first.poll() is None
