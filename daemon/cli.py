@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from traind.daemon import intake, jobs_cli, saves_cli
+from traind.daemon import intake, jobs_cli, saves_cli, units
 from traind.daemon.supervisor import Daemon
 from traind.daemon.foreground import run_job
 from traind.daemon.home import Home, default_home
@@ -247,6 +247,16 @@ _steering("cancel", "Stop the job; its saves stay.")
 def save_command(home: Home, name: str, note: str | None) -> None:
     """Quicksave: a manual save at the next step boundary, never rotated out."""
     click.echo(jobs_cli.steer(home, name, "save", note))
+
+
+@cli.command(name="systemd-unit")
+@click.option("--user", is_flag=True, help="The unit for `systemctl --user` (the default home).")
+@home_option
+def systemd_unit(user: bool) -> None:
+    """Print a systemd unit whose ExecStart is this installation of traind."""
+    script = Path(sys.executable).parent / "traind"
+    exe = str(script) if script.exists() else f"{sys.executable} -m traind.daemon.cli"
+    click.echo(units.unit(user=user, exe=exe), nl=False)
 
 
 @cli.command()

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from traind.daemon import notify
 from traind.daemon.home import Home
 from traind.daemon.intake import Intake
 from traind.daemon.jobstate import JobState, read_state, transition
@@ -176,12 +177,31 @@ class Daemon:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def serve(self, stop: threading.Event) -> None:
-        """Loop until STOP is set (a signal handler sets it); then stop the workers."""
+    def status_line(self) -> str:
+        queued = sum(1 for f in self._job_folders() if (r := read_state(f)) and r.state == JobState.QUEUED)
+        return f"{len(self.running)} running, {queued} queued"
+
+    def serve(self, stop: threading.Event, stop_timeout: float = 600.0) -> None:
+        """Loop until STOP is set (a signal handler sets it); then stop the workers. Speaks
+        sd_notify: READY after the first rescan, STATUS, WATCHDOG from the loop itself,
+        and STOPPING with more time while the workers save."""
         self.start()
+        interval, last_ping, status = notify.watchdog_interval(), 0.0, None
         try:
+            self.loop(time.monotonic())
+            notify.notify(f"READY=1\nSTATUS={self.status_line()}")
             while not stop.is_set():
-                self.loop(time.monotonic())
+                now = time.monotonic()
+                self.loop(now)
+                if interval is not None and now - last_ping >= interval:
+                    notify.notify("WATCHDOG=1")
+                    last_ping = now
+                line = self.status_line()
+                if line != status:
+                    notify.notify(f"STATUS={line}")
+                    status = line
                 stop.wait(TICK)
         finally:
-            self.stop()
+            notify.notify(f"STOPPING=1\nEXTEND_TIMEOUT_USEC={int(stop_timeout * 1e6)}\n"
+                          f"STATUS=saving {len(self.running)} running jobs")
+            self.stop(stop_timeout)

@@ -208,3 +208,30 @@ def test_one_daemon_per_home(daemons):
     assert second.wait(60) == 1
     assert "another traind daemon serves" in second.stderr.read()
     assert first.poll() is None
+
+
+def test_sd_notify_says_ready_watchdog_and_stopping(tmp_path):
+    import socket
+
+    address = str(tmp_path / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(60)
+    env = dict(os.environ, NOTIFY_SOCKET=address, WATCHDOG_USEC="400000")
+    proc = subprocess.Popen([sys.executable, "-m", "traind.daemon.cli", "--home", str(tmp_path / "home"), "daemon"],
+                            env=env, stderr=subprocess.DEVNULL)
+    try:
+        seen = []
+
+        def until(word):
+            while not any(word in m for m in seen):
+                seen.append(sock.recv(4096).decode())
+            return True
+
+        assert until("READY=1") and until("STATUS=0 running, 0 queued") and until("WATCHDOG=1")
+        proc.send_signal(signal.SIGTERM)
+        assert until("STOPPING=1")
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+        sock.close()
