@@ -249,6 +249,26 @@ def save_command(home: Home, name: str, note: str | None) -> None:
     click.echo(jobs_cli.steer(home, name, "save", note))
 
 
+@cli.command()
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing while the job runs.")
+@home_option
+@pass_home
+def logs(home: Home, name: str, follow: bool) -> None:
+    """The job's log."""
+    jobs_cli.logs(home, name, follow)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--keep-saves", is_flag=True, help="Keep its saves (moved to HOME/kept/NAME).")
+@home_option
+@pass_home
+def rm(home: Home, name: str, keep_saves: bool) -> None:
+    """Forget a job that is not running."""
+    click.echo(jobs_cli.remove(home, name, keep_saves))
+
+
 @cli.command(name="systemd-unit")
 @click.option("--user", is_flag=True, help="The unit for `systemctl --user` (the default home).")
 @home_option

@@ -5,6 +5,7 @@ at the next step boundary; the others by a state change."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import click
@@ -16,6 +17,7 @@ from traind.jobs.checkpoint import request_load
 from traind.jobs.metrics import read_metrics
 from traind.jobs.spec import JobSpec
 from traind.store.errors import TraindError
+from traind.store.fs import FileSystem
 from traind.store.saves import list_saves
 from traind.store.store import SAVES
 
@@ -113,3 +115,41 @@ def load(home: Home, name: str, save_id: str) -> str:
     if state in ENDED:
         transition(folder, JobState.QUEUED, restarts=0, last_error=None)
     return f"{name}: continues from save {save_id}" + (" (queued again)" if state in ENDED else "")
+
+
+def logs(home: Home, name: str, follow: bool) -> None:
+    """The job's log; with FOLLOW, keep printing what is added until the job stops running."""
+    folder = folder_of(home, name)
+    path = folder / "log"
+    offset = 0
+    while True:
+        if path.exists():
+            with open(path, encoding="utf-8", errors="replace") as f:
+                f.seek(offset)
+                text = f.read()
+                offset = f.tell()
+            if text:
+                click.echo(text, nl=False)
+        if not follow or read_state(folder).state not in (JobState.RUNNING, JobState.QUEUED):
+            return
+        time.sleep(0.2)
+
+
+def remove(home: Home, name: str, keep_saves: bool) -> str:
+    """Forget job NAME: its folder goes (with KEEP_SAVES, its saves stay, in kept/NAME)."""
+    folder = folder_of(home, name)
+    state = read_state(folder).state
+    if state == JobState.RUNNING:
+        raise NotRunning(f"job '{name}' is running; `traind cancel {name}` first")
+    fs = FileSystem()
+    trash = home.jobs / f".removing-{name}"
+    fs.rename(folder, trash)  # the job is gone from the daemon's view at once, whole
+    fs.fsync_dir(home.jobs)
+    kept = None
+    if keep_saves and (trash / SAVES).is_dir():
+        kept = home.root / "kept" / name
+        kept.parent.mkdir(exist_ok=True)
+        fs.rename(trash / SAVES, kept)
+        fs.fsync_dir(kept.parent)
+    fs.remove_tree(trash)
+    return f"{name}: removed" + (f"; its saves are in {kept}" if kept else "")

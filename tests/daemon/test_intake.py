@@ -129,3 +129,19 @@ def test_relative_paths_in_a_dropped_file_start_at_the_inbox(home):
     assert outcome.error is None
     spec = json.loads((home.job_dir("csv") / "spec.json").read_text())
     assert spec["data"]["path"] == str((home.inbox / "d.csv").resolve())
+
+
+def test_logs_and_rm_of_a_job_that_is_not_running(home, tmp_path):
+    drop(home, "gone.toml", GOOD)
+    Intake(home).scan(closed={"gone.toml"})
+    folder = home.job_dir("gone")
+    (folder / "log").write_text("line one\nline two\n")
+    (folder / "saves" / "000001-s1").mkdir(parents=True)
+    run = lambda *a: CliRunner().invoke(cli, ["--home", str(home.root), *a])  # noqa: E731
+    assert run("logs", "gone").output == "line one\nline two\n"
+    assert run("logs", "nope").exit_code == 3
+    result = run("rm", "gone", "--keep-saves")
+    assert result.exit_code == 0 and "its saves are in" in result.output
+    assert not folder.exists() and (home.root / "kept" / "gone" / "000001-s1").is_dir()
+    assert run("ls", "--json").output.strip() == "[]"
+    assert run("rm", "gone").exit_code == 3
