@@ -24,6 +24,7 @@ from traind.daemon import notify
 from traind.daemon.home import Home
 from traind.daemon.intake import Intake
 from traind.daemon.jobstate import JobState, read_state, transition
+from traind.daemon.watch import InboxWatch
 from traind.daemon.worker import ERROR_FILE, Exit
 from traind.jobs.devices import try_all_gpus
 from traind.store.errors import TraindError
@@ -187,12 +188,16 @@ class Daemon:
         and STOPPING with more time while the workers save."""
         self.start()
         interval, last_ping, status = notify.watchdog_interval(), 0.0, None
+        wake = threading.Event()
+        watch = InboxWatch(self.home.inbox, wake)
         try:
+            watch.ensure_running()
             self.loop(time.monotonic())
             notify.notify(f"READY=1\nSTATUS={self.status_line()}")
             while not stop.is_set():
                 now = time.monotonic()
-                self.loop(now)
+                watch.ensure_running()
+                self.loop(now, watch.take_complete())
                 if interval is not None and now - last_ping >= interval:
                     notify.notify("WATCHDOG=1")
                     last_ping = now
@@ -200,8 +205,10 @@ class Daemon:
                 if line != status:
                     notify.notify(f"STATUS={line}")
                     status = line
-                stop.wait(TICK)
+                wake.wait(TICK)  # a new file in inbox/ wakes the loop early
+                wake.clear()
         finally:
+            watch.stop()
             notify.notify(f"STOPPING=1\nEXTEND_TIMEOUT_USEC={int(stop_timeout * 1e6)}\n"
                           f"STATUS=saving {len(self.running)} running jobs")
             self.stop(stop_timeout)
