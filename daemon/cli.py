@@ -18,7 +18,7 @@ import click
 from traind.daemon import intake, jobs_cli, saves_cli, units
 from traind.daemon.supervisor import Daemon
 from traind.daemon.foreground import run_job
-from traind.daemon.home import Home, default_home
+from traind.daemon.home import Home, default_home, job_folder
 from traind.jobs import devices
 from traind.jobs.build import build_job
 from traind.jobs.errors import JobSpecError
@@ -267,6 +267,21 @@ def logs(home: Home, name: str, follow: bool) -> None:
 def rm(home: Home, name: str, keep_saves: bool) -> None:
     """Forget a job that is not running."""
     click.echo(jobs_cli.remove(home, name, keep_saves))
+
+
+@cli.command()
+@name_argument
+@dir_option
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False, path_type=Path),
+              help="The PNG to write (default NAME.png).")
+@home_option
+@pass_home
+def plot(home: Home, name: str | None, folder: Path | None, out: Path | None) -> None:
+    """Loss and metric curves as a PNG."""
+    from traind.daemon.plot import plot as draw
+
+    folder = job_folder(home, name, folder)
+    click.echo(f"wrote {draw(folder, out or Path(f'{folder.name}.png'), folder.name)}")
 
 
 @cli.command(name="systemd-unit")

@@ -100,3 +100,15 @@ def test_load_then_run_continues_from_that_save(folder, tmp_path):
     final_a = load_file(list_saves(folder / "saves")[0][-1].path / "model.safetensors")
     final_b = load_file(list_saves(copy / "saves")[0][-1].path / "model.safetensors")
     assert all((final_a[k] == final_b[k]).all() for k in final_a)
+
+
+def test_plot_writes_a_png_of_the_curves(folder, tmp_path):
+    out = tmp_path / "curves.png"
+    result = invoke("plot", "--dir", folder, "-o", out)
+    assert result.exit_code == 0, result.output
+    data = out.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+    empty = tmp_path / "empty"
+    (empty / "saves").mkdir(parents=True)
+    result = invoke("plot", "--dir", empty, "-o", tmp_path / "x.png")
+    assert result.exit_code == 1 and "has no metrics yet" in result.output
