@@ -81,7 +81,8 @@ class Intake:
         now = time.monotonic() if now is None else now
         for d in (self.home.inbox / CLAIMED, self.home.rejected, self.home.jobs):
             d.mkdir(parents=True, exist_ok=True)
-        outcomes = [self._finish(p) for p in sorted((self.home.inbox / CLAIMED).iterdir()) if p.is_file()]
+        outcomes = [self._finish(p) for p in sorted((self.home.inbox / CLAIMED).iterdir())
+                    if p.is_file() and not p.name.startswith(".")]
         present = set()
         for entry in sorted(self.home.inbox.iterdir()):
             if ignored(entry.name) or not entry.is_file():
@@ -119,8 +120,16 @@ class Intake:
         return self._finish(claimed)
 
     def _finish(self, claimed: Path) -> Outcome:
-        """Accept or reject a claimed file; safe to run again after a crash at any point."""
+        """Accept or reject a claimed file; safe to run again after a crash at any point.
+        Validating runs the job's own code (imports, the dry build): a marker written
+        first tells the next daemon if that code took this one down, and then the file is
+        rejected instead of tried again (which would crash again, and again)."""
+        marker = claimed.with_name(f".{claimed.name}.attempt")
         try:
+            if marker.exists():
+                raise CrashedDaemon(f"{claimed.name}: validating this file took the daemon down (its code ended the "
+                                    "process: a segfault, an exit, an OOM kill?); try it with `traind validate`")
+            write_durably(self.fs, marker, b"")
             job_file = validate(load_job(claimed, base_dir=self.home.inbox))
             self._accept(job_file)
             outcome = Outcome(claimed.name, job_file.name, None)
@@ -128,6 +137,7 @@ class Intake:
             self._reject(claimed, str(e))
             outcome = Outcome(claimed.name, None, str(e))
         claimed.unlink(missing_ok=True)
+        marker.unlink(missing_ok=True)
         self.fs.fsync_dir(claimed.parent)
         return outcome
 
@@ -161,3 +171,7 @@ class Intake:
 
 class NameInUse(TraindError):
     exit_code = 2
+
+
+class CrashedDaemon(TraindError):
+    """Validating a job file ended the daemon's process."""

@@ -145,3 +145,13 @@ def test_logs_and_rm_of_a_job_that_is_not_running(home, tmp_path):
     assert not folder.exists() and (home.root / "kept" / "gone" / "000001-s1").is_dir()
     assert run("ls", "--json").output.strip() == "[]"
     assert run("rm", "gone").exit_code == 3
+
+
+def test_a_file_whose_validation_took_the_daemon_down_is_rejected_not_retried(home):
+    (home.inbox / CLAIMED).mkdir()
+    (home.inbox / CLAIMED / "poison.toml").write_text(GOOD)
+    (home.inbox / CLAIMED / ".poison.toml.attempt").write_text("")  # left by the daemon that died
+    outcome = Intake(home).scan()[0]
+    assert outcome.job is None and "validating this file took the daemon down" in outcome.error
+    assert (home.rejected / "poison.toml.error").exists()
+    assert list((home.inbox / CLAIMED).iterdir()) == []
