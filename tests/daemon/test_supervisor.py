@@ -235,3 +235,31 @@ def test_sd_notify_says_ready_watchdog_and_stopping(tmp_path):
     finally:
         proc.kill()
         sock.close()
+
+
+def test_load_game_queues_a_finished_job_again_and_it_replays_to_the_same_end(daemons, tmp_path, reference):
+    daemons.start()
+    submit(daemons.home, tmp_path)
+    folder = daemons.home / "jobs" / "soak"
+    wait_for(lambda: rows(daemons.home).get("soak", {}).get("state") == "done", "the job to finish")
+    early = list_saves(folder / "saves")[0][0]
+    result = traind(daemons.home, "load", "soak", early.id)
+    assert result.exit_code == 0 and "queued again" in result.output
+    wait_for(lambda: f"resumed from save {early.id}" in (folder / "log").read_text()
+             and rows(daemons.home)["soak"]["state"] == "done", "the replay to finish")
+    assert_equal(final_weights(folder), reference)
+    assert early.id in {s.id for s in list_saves(folder / "saves")[0]}
+
+
+def test_a_slow_hand_copy_into_a_live_daemon_is_taken_once_complete(daemons):
+    daemons.start()
+    inbox = daemons.home / "inbox"
+    wait_for(inbox.is_dir, "the inbox")
+    text = '[model]\nlayers = [["Linear", 20, 10]]\n[data]\nsamples = 100\n[train]\nepochs = 1\n'
+    with open(inbox / "slow.toml", "w") as f:  # a copy that pauses half-way, as cp over a slow disk does
+        f.write(text[:25])
+        f.flush()
+        time.sleep(0.4)
+        f.write(text[25:])
+    wait_for(lambda: rows(daemons.home).get("slow", {}).get("state") == "done", "the job")
+    assert list((daemons.home / "rejected").iterdir()) == []
