@@ -94,16 +94,18 @@ class Checkpointer:
         meta = {"step": p.step, "epoch": p.epoch, "batch": p.batch, "kinds": sorted(kinds, key=retention.KINDS.index),
                 "metrics": dict(p.last), "note": note, "job": self.trainer.job.name}
         protect = {self.resumed_from} if self.resumed_from else set()
-        self.writer.submit(lambda: self._persist(seq, save_id, files, doc, meta, protect))
         stall = time.perf_counter() - started
+        self.writer.submit(lambda: self._persist(seq, save_id, files, doc, meta, protect, stall))
         self.last_save = time.monotonic()
         self.recorder.metric({"kind": "save", "id": save_id, "step": p.step, "kinds": meta["kinds"],
                               "stall_s": round(stall, 6), "waited_s": round(waited, 6)})
         return save_id
 
-    def _persist(self, seq: int, save_id: str, files: dict, doc: dict, meta: dict, protect: set[str]) -> SaveInfo:
+    def _persist(self, seq: int, save_id: str, files: dict, doc: dict, meta: dict, protect: set[str],
+                 stall: float) -> SaveInfo:
         info = self.store.write(seq, save_id, files, {state.STATE: doc}, meta, protect)
-        self.recorder.log(f"saved {info.id} ({', '.join(info.kinds)}) at step {info.step}, {info.bytes:,} bytes")
+        self.recorder.log(f"saved {info.id} ({', '.join(info.kinds)}) at step {info.step}, {info.bytes:,} bytes; "
+                          f"training waited {stall * 1e3:.1f} ms")
         return info
 
     def close(self) -> None:

@@ -54,10 +54,10 @@ class KwargsSection(Section):
     def kwargs(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
 
-    def resolve(self, section: str, table: dict[str, type], module: str, placeholder: str,
+    def resolve(self, section: str, table: dict[str, type], module: str, first_arg: str,
                 own: tuple[str, ...]) -> tuple[type | None, list[Problem]]:
         """The class `name` picks from TABLE (or None) and the problems with the section's
-        other keys as its constructor's arguments (the first one being PLACEHOLDER)."""
+        other keys as its constructor's arguments (after FIRST_ARG, the params or optimizer they come with)."""
         try:
             cls = names.lookup(self.name, table, section)
         except LookupError as e:
@@ -67,7 +67,7 @@ class KwargsSection(Section):
             Problem((section, key), f"unknown key '{key}' in [{section}]{names.suggest(key, accepted + list(own))}",
                     fix=f"[{section}] takes {', '.join(own)} and the arguments of {names.signature_text(cls)}")
             for key in self.kwargs if key not in accepted]
-        why = None if problems else names.check_call(cls, (placeholder,), self.kwargs)
+        why = None if problems else names.check_call(cls, (first_arg,), self.kwargs)
         if why:
             problems.append(Problem((section, "name"), f"{self.name}: {why}",
                                     fix=f"give the arguments of {names.signature_text(cls)}"))
