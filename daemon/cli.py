@@ -216,11 +216,15 @@ def ls_command(home: Home, as_json: bool) -> None:
 @cli.command()
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Machine output.")
+@click.option("--watch", is_flag=True, help="Refresh every second, with an ETA, while the job runs.")
 @home_option
 @pass_home
-def status(home: Home, name: str, as_json: bool) -> None:
+def status(home: Home, name: str, as_json: bool, watch: bool) -> None:
     """One job in detail, with a progress bar."""
-    jobs_cli.show_status(home, name, as_json)
+    if watch:
+        jobs_cli.watch_status(home, name)
+    else:
+        jobs_cli.show_status(home, name, as_json)
 
 
 def _steering(action: str, doc: str):

@@ -70,6 +70,27 @@ def show_ls(home: Home, as_json: bool) -> None:
                    f"{num(r['best']):>9} {r['device'] or '-':<8} {r['restarts']}")
 
 
+def watch_status(home: Home, name: str) -> None:
+    """show_status again every second while the job is queued or running, with an ETA."""
+    folder = folder_of(home, name)
+    seen: list[tuple[float, int]] = []
+    while True:
+        info = row(folder)
+        seen = [*seen[-30:], (time.monotonic(), info["step"] or 0)]
+        eta = ""
+        (t0, s0), (t1, s1) = seen[0], seen[-1]
+        if info["total_steps"] and s1 > s0 and t1 > t0:
+            left = (info["total_steps"] - s1) / ((s1 - s0) / (t1 - t0))
+            eta = f"  ETA {int(left // 60)}m{int(left % 60):02d}s"
+        click.clear()
+        show_status(home, name, as_json=False)
+        if eta:
+            click.echo(eta.strip())
+        if read_state(folder).state not in (JobState.RUNNING, JobState.QUEUED):
+            return
+        time.sleep(1.0)
+
+
 def show_status(home: Home, name: str, as_json: bool) -> None:
     folder = folder_of(home, name)
     info = {**row(folder), "saves": len(list_saves(folder / SAVES)[0]), "last_error": read_state(folder).last_error}
@@ -109,9 +130,10 @@ def steer(home: Home, name: str, action: str, note: str | None = None) -> str:
 def load(home: Home, name: str, save_id: str) -> str:
     folder = folder_of(home, name)
     state = read_state(folder).state
-    if state == JobState.RUNNING:
-        raise NotRunning(f"job '{name}' is running; `traind pause {name}` first, then load")
     request_load(folder, save_id)
+    if state == JobState.RUNNING:
+        requests.send(folder, "reload")
+        return f"{name}: stops at its next step boundary and continues from save {save_id}"
     if state in ENDED:
         transition(folder, JobState.QUEUED, restarts=0, last_error=None)
     return f"{name}: continues from save {save_id}" + (" (queued again)" if state in ENDED else "")

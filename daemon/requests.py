@@ -1,4 +1,5 @@
-"""Requests to a job (pause, cancel, a quicksave with a note) as files in its folder,
+"""Requests to a job (pause, cancel, a quicksave with a note, reload: stop without saving so
+that a "load game" request takes effect) as files in its folder,
 so that they survive a crash of the daemon or of the CLI that made them: written
 durably, taken by the job's worker at its next step boundary, removed once acted on.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 from traind.store.fs import FileSystem, write_durably
 
 REQUESTS = "requests"
-KINDS = ("pause", "cancel", "save")
+KINDS = ("pause", "cancel", "save", "reload")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from traind.daemon.intake import Intake
 from traind.daemon.jobstate import JobState, read_state, transition
 from traind.daemon.watch import InboxWatch
 from traind.daemon.worker import ERROR_FILE, Exit
+from traind.jobs.checkpoint import load_pending
 from traind.jobs.devices import try_all_gpus
 from traind.store.errors import TraindError
 
@@ -129,7 +130,9 @@ class Daemon:
         folder = self.home.job_dir(worker.name)
         error_file = folder / ERROR_FILE
         why = error_file.read_text().strip() if error_file.exists() else None
-        if code == Exit.DONE:
+        if code in (Exit.DONE, Exit.STOPPED) and load_pending(folder):
+            transition(folder, JobState.QUEUED)  # a "load game" came in as it ended: play it
+        elif code == Exit.DONE:
             transition(folder, JobState.DONE)  # last_error stays: why it had to restart, if it did
         elif code == Exit.PAUSED:
             transition(folder, JobState.PAUSED)

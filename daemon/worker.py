@@ -68,6 +68,9 @@ class RequestHook:
             elif request.kind == "cancel":
                 self.ending = Exit.CANCELLED
                 return True  # stop now; the saves stay as they are
+            elif request.kind == "reload":
+                self.ending = Exit.STOPPED  # queued again: the next worker takes the requested save
+                return True  # no save: one would be newer than the requested one, and win
         return False
 
 

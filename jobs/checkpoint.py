@@ -47,8 +47,23 @@ def request_load(folder: Path, save_id: str) -> None:
     problems = verify(chosen[0].path)
     if problems:
         raise CorruptSave(f"save {save_id} is corrupt ({'; '.join(problems)}); load another")
-    request = {"save": save_id, "after_seq": found[-1].seq}
-    write_durably(FileSystem(), folder / LOAD_REQUEST, json.dumps(request).encode())
+    write_durably(FileSystem(), folder / LOAD_REQUEST, json.dumps({"save": save_id}).encode())
+
+
+def requested_save(folder: Path) -> str | None:
+    """The save a pending "load game" asks for, if any."""
+    try:
+        return json.loads((folder / LOAD_REQUEST).read_text())["save"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_pending(folder: Path) -> bool:
+    """Whether a "load game" request waits for a run to take it."""
+    try:
+        return "taken_from_seq" not in json.loads((folder / LOAD_REQUEST).read_text())
+    except (OSError, ValueError):
+        return False
 
 
 class Checkpointer:
@@ -93,7 +108,7 @@ class Checkpointer:
         seq, save_id = self.store.reserve(p.step)
         meta = {"step": p.step, "epoch": p.epoch, "batch": p.batch, "kinds": sorted(kinds, key=retention.KINDS.index),
                 "metrics": dict(p.last), "note": note, "job": self.trainer.job.name}
-        protect = {self.resumed_from} if self.resumed_from else set()
+        protect = {self.resumed_from, requested_save(self.folder)} - {None}  # never rotate these out
         stall = time.perf_counter() - started
         self.writer.submit(lambda: self._persist(seq, save_id, files, doc, meta, protect, stall))
         self.last_save = time.monotonic()
@@ -129,17 +144,25 @@ class Checkpointer:
         return info
 
     def _requested(self) -> SaveInfo | None:
+        """The save a "load game" asked for, until the run that took it has saved. The
+        request is stamped with the first save number of the run that takes it: saves
+        older than that (a run still going when the request came) do not count."""
         path = self.folder / LOAD_REQUEST
         if not path.exists():
             return None
         request = json.loads(path.read_text())
-        if any(s.seq > request["after_seq"] for s in self.store.saves()):
+        taken = request.get("taken_from_seq")
+        if taken is not None and any(s.seq >= taken for s in self.store.saves()):
             os.unlink(path)  # the loaded game has saves of its own now: continue from those
             return None
         try:
-            return self.store.checked(self.store.get(request["save"]))
+            info = self.store.checked(self.store.get(request["save"]))
         except NoSuchSave as e:
             raise NoSuchSave(f"{e} (asked for by {path}; delete that file to resume from the newest save)") from e
+        if taken is None:
+            request["taken_from_seq"] = self.store.next_seq
+            write_durably(self.store.fs, path, json.dumps(request).encode())
+        return info
 
     def _restore(self, info: SaveInfo) -> None:
         state.restore(self.trainer, info)

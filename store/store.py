@@ -46,6 +46,12 @@ class SaveStore:
         known = ", ".join(s.id for s in self.saves()[-5:]) or "none"
         raise NoSuchSave(f"no save '{save_id}' in {self.dir}; the newest are: {known}")
 
+    @property
+    def next_seq(self) -> int:
+        """The number the next save will get."""
+        with self._lock:
+            return self._next_seq
+
     def reserve(self, step: int) -> tuple[int, str]:
         """The seq and id of the next save (taken on the training thread, in order)."""
         with self._lock:

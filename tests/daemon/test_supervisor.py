@@ -263,3 +263,19 @@ def test_a_slow_hand_copy_into_a_live_daemon_is_taken_once_complete(daemons):
         f.write(text[25:])
     wait_for(lambda: rows(daemons.home).get("slow", {}).get("state") == "done", "the job")
     assert list((daemons.home / "rejected").iterdir()) == []
+
+
+def test_load_game_into_a_running_job(daemons, tmp_path, reference):
+    daemons.start()
+    submit(daemons.home, tmp_path)
+    folder = daemons.home / "jobs" / "soak"
+    wait_for(lambda: len(list_saves(folder / "saves")[0]) >= 3 and rows(daemons.home)["soak"]["state"] == "running",
+             "a few saves")
+    early = list_saves(folder / "saves")[0][0]
+    result = traind(daemons.home, "load", "soak", early.id)
+    assert result.exit_code == 0 and f"continues from save {early.id}" in result.output
+    wait_for(lambda: f"resumed from save {early.id}" in (folder / "log").read_text(), "the reload")
+    wait_for(lambda: rows(daemons.home)["soak"]["state"] == "done", "the job to finish")
+    assert_equal(final_weights(folder), reference)
+    watched = traind(daemons.home, "status", "soak", "--watch")
+    assert watched.exit_code == 0 and "soak: done" in watched.output

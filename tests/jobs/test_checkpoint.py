@@ -278,3 +278,32 @@ def test_a_save_that_no_longer_fits_the_job_is_a_clear_error(tmp_path):
     with pytest.raises(JobSpecError, match="does not fit this job's model") as caught:
         Run(wider, folder)
     assert "start in a new folder" in caught.value.problems[0].fix
+
+
+def test_saves_made_after_a_load_request_but_before_it_was_taken_do_not_cancel_it(tmp_path):
+    jf, folder = job_file("mlp.toml", tmp_path), tmp_path / "run"
+    Run(jf, folder, 30).go()
+    chosen = list_saves(folder / "saves")[0][1]
+    going = Run(jf, folder, 40)  # started before the request, still going when it comes
+    request_load(folder, chosen.id)
+    assert not going.go()  # it saves after the request
+    taker = Run(jf, folder, 50)
+    assert taker.resumed.id == chosen.id
+    taker.go()
+    assert Run(jf, folder).resumed.id != chosen.id  # once the taker saved, its saves win
+
+
+def test_rotation_never_removes_a_save_a_load_request_waits_for(tmp_path):
+    text = (EXAMPLES / "mlp.toml").read_text().replace("samples = 2048", "samples = 640").replace(
+        "every_steps = 50\nkeep_last = 3", "every_steps = 3\nkeep_last = 2")
+    path = tmp_path / "mlp.toml"
+    path.write_text(text)
+    jf, folder = load_job(path), tmp_path / "run"
+    going = Run(jf, folder, 9)
+    going.go()
+    oldest = list_saves(folder / "saves")[0][0]
+    going = Run(jf, folder, 40)  # still going when the request comes, saving every 3 steps
+    request_load(folder, oldest.id)
+    going.go()
+    assert oldest.id in {s.id for s in list_saves(folder / "saves")[0]}
+    assert Run(jf, folder).resumed.id == oldest.id
