@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from bench import loop, save
+from bench import daemon, loop, save
 
-CASES = {"loop": loop.measure, "save": save.measure}
+CASES = {"loop": loop.measure, "save": save.measure, "daemon": daemon.measure}
 COLUMNS = ("case", "traind", "baseline", "ratio", "goal", "verdict")
 
 
