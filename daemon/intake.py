@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from traind.daemon.jobstate import JobRecord, JobState, write_state
 from traind.jobs.build import build_job
 from traind.jobs.errors import JobSpecError
 from traind.jobs.jobfile import FORMATS, JobFile, load_job
+from traind.jobs.spec import JobSpec
 from traind.store.errors import TraindError
 from traind.store.fs import FileSystem, write_durably
 
@@ -73,6 +75,8 @@ class Intake:
     settle: float = 1.0
     """Seconds a file's size and mtime must stay put before it counts as complete."""
     fs: FileSystem = field(default_factory=FileSystem)
+    check: Callable[[Path, Path], object] | None = None
+    """Validates a file elsewhere (the daemon's validator process), returning a Verdict; default in-process."""
     _seen: dict[str, tuple[tuple[int, int], float]] = field(default_factory=dict)
 
     def scan(self, now: float | None = None, closed: set[str] | frozenset = frozenset()) -> list[Outcome]:
@@ -130,7 +134,7 @@ class Intake:
                 raise CrashedDaemon(f"{claimed.name}: validating this file took the daemon down (its code ended the "
                                     "process: a segfault, an exit, an OOM kill?); try it with `traind validate`")
             write_durably(self.fs, marker, b"")
-            job_file = validate(load_job(claimed, base_dir=self.home.inbox))
+            job_file = self._validated(claimed)
             self._accept(job_file)
             outcome = Outcome(claimed.name, job_file.name, None)
         except TraindError as e:
@@ -140,6 +144,15 @@ class Intake:
         marker.unlink(missing_ok=True)
         self.fs.fsync_dir(claimed.parent)
         return outcome
+
+    def _validated(self, claimed: Path) -> JobFile:
+        if self.check is None:
+            return validate(load_job(claimed, base_dir=self.home.inbox))
+        verdict = self.check(claimed, self.home.inbox)
+        if verdict.error:
+            raise Rejected(verdict.error)
+        spec = JobSpec.model_validate_json(verdict.spec_json, context={"imports": False})
+        return JobFile(claimed, FORMATS[claimed.suffix.lower()], claimed.read_text(), spec)
 
     def _accept(self, job_file: JobFile) -> None:
         folder = self.home.job_dir(job_file.name)
@@ -171,6 +184,10 @@ class Intake:
 
 class NameInUse(TraindError):
     exit_code = 2
+
+
+class Rejected(TraindError):
+    """The validator's verdict on a file: the message says why."""
 
 
 class CrashedDaemon(TraindError):

@@ -24,6 +24,7 @@ from traind.daemon import notify
 from traind.daemon.home import Home
 from traind.daemon.intake import Intake
 from traind.daemon.jobstate import JobState, read_state, transition
+from traind.daemon.validator import Validator
 from traind.daemon.watch import InboxWatch
 from traind.daemon.worker import ERROR_FILE, Exit
 from traind.jobs.checkpoint import load_pending
@@ -71,7 +72,8 @@ class Daemon:
         gpus = [str(d) for d in try_all_gpus() if d.type == "cuda"]
         # one job per GPU; without one, --workers CPU slots
         self.slots = gpus or [f"cpu{i}" for i in range(self.workers)]
-        self.intake = Intake(self.home, settle=self.settle)
+        self.validator = Validator()
+        self.intake = Intake(self.home, settle=self.settle, check=self.validator.check)
         self._lock_fd: int | None = None
 
     def start(self) -> None:
@@ -177,6 +179,7 @@ class Daemon:
                 code = worker.proc.wait()
             del self.running[name]
             self._ended(worker, code, time.monotonic())
+        self.validator.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

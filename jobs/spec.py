@@ -367,7 +367,8 @@ class JobSpec(Section):
         if self.checkpoint.monitor == "val_acc" and self.data.task != "classification":
             problems.append(Problem(("checkpoint", "monitor"), "val_acc is measured for classification only",
                                     fix="monitor = 'val_loss'"))
-        for path, text in self._import_paths():
+        # context {"imports": False}: checked elsewhere (the daemon never imports job code)
+        for path, text in self._import_paths() if (info.context or {}).get("imports", True) else ():
             try:
                 names.import_object(text, self.python_path)
             except LookupError as e:

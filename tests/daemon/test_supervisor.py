@@ -279,3 +279,14 @@ def test_load_game_into_a_running_job(daemons, tmp_path, reference):
     assert_equal(final_weights(folder), reference)
     watched = traind(daemons.home, "status", "soak", "--watch")
     assert watched.exit_code == 0 and "soak: done" in watched.output
+
+
+def test_a_file_whose_code_kills_its_process_is_rejected_and_the_daemon_serves_on(daemons):
+    proc = daemons.start()
+    inbox = daemons.home / "inbox"
+    wait_for(inbox.is_dir, "the inbox")
+    (inbox / "poison.py").write_text("import os\ndef net():\n    os._exit(9)\n")
+    (inbox / "poison.toml").write_text('python_path = ["."]\n[model]\ntarget = "poison:net"\n')
+    wait_for(lambda: (daemons.home / "rejected" / "poison.toml.error").exists(), "the rejection")
+    assert "ended the validating process" in (daemons.home / "rejected" / "poison.toml.error").read_text()
+    assert proc.poll() is None

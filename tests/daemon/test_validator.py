@@ -1,0 +1,46 @@
+import json
+
+import pytest
+
+from traind.daemon.validator import Validator
+
+GOOD = '[model]\nlayers = [["Linear", 20, 10]]\n[data]\nsamples = 100\n'
+
+
+@pytest.fixture
+def validator():
+    v = Validator(timeout=20)
+    yield v
+    v.close()
+
+
+def test_a_good_file_gets_its_resolved_spec(validator, tmp_path):
+    (tmp_path / "good.toml").write_text(GOOD)
+    verdict = validator.check(tmp_path / "good.toml", tmp_path)
+    assert verdict.error is None and verdict.name == "good"
+    assert json.loads(verdict.spec_json)["model"]["layers"] == [["Linear", 20, 10]]
+
+
+def test_an_invalid_file_gets_the_message(validator, tmp_path):
+    (tmp_path / "bad.toml").write_text(GOOD.replace("Linear", "Linaer"))
+    verdict = validator.check(tmp_path / "bad.toml", tmp_path)
+    assert verdict.name is None and "unknown layer 'Linaer'; did you mean 'Linear'?" in verdict.error
+
+
+def test_code_that_kills_the_process_takes_only_the_validator_down(validator, tmp_path):
+    (tmp_path / "poison.py").write_text("import os\ndef net():\n    os._exit(9)\n")
+    (tmp_path / "poison.toml").write_text('python_path = ["."]\n[model]\ntarget = "poison:net"\n')
+    verdict = validator.check(tmp_path / "poison.toml", tmp_path)
+    assert "its code ended the validating process (exit 9" in verdict.error
+    (tmp_path / "good.toml").write_text(GOOD)
+    assert validator.check(tmp_path / "good.toml", tmp_path).error is None  # a new child took over
+
+
+def test_code_that_hangs_is_cut_off(tmp_path):
+    (tmp_path / "hang.py").write_text("def net():\n    while True:\n        pass\n")
+    (tmp_path / "hang.toml").write_text('python_path = ["."]\n[model]\ntarget = "hang:net"\n')
+    v = Validator(timeout=8)
+    try:
+        assert "took longer than 8 s" in v.check(tmp_path / "hang.toml", tmp_path).error
+    finally:
+        v.close()
