@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from traind.daemon.home import SPEC_FILE
 from traind.jobs.build import build_job
 from traind.jobs.checkpoint import Checkpointer
 from traind.jobs.errors import JobSpecError, NonFiniteLoss, TrainingError
@@ -21,23 +22,18 @@ from traind.jobs.spec import JobSpec
 from traind.jobs.metrics import LOG_FILE, Recorder
 from traind.jobs.train import Trainer
 from traind.store.errors import StoreError, TraindError
+from traind.store.fs import FileSystem, write_durably
 
-SPEC_FILE = "spec.json"
 LOCK_FILE = "lock"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def prepare_folder(job_file: JobFile, folder: Path) -> None:
     """The job folder holds the file as written and the spec as resolved (paths absolute,
     defaults filled in): what ran can always be read back."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / f"job{job_file.path.suffix.lower()}", job_file.text.encode())
-    write_atomic(folder / SPEC_FILE, job_file.spec.model_dump_json(indent=2).encode())
+    fs = FileSystem()
+    write_durably(fs, folder / f"job{job_file.path.suffix.lower()}", job_file.text.encode())
+    write_durably(fs, folder / SPEC_FILE, job_file.spec.model_dump_json(indent=2).encode())
 
 
 @contextmanager

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from traind.store.errors import TraindError
+from traind.store.store import SAVES
+
+SPEC_FILE = "spec.json"  # in a job folder: the job's spec as resolved (defaults filled in, paths absolute)
 
 
 def default_home() -> Path:
@@ -46,8 +49,8 @@ def job_folder(home: Home, name: str | None, folder: Path | None) -> Path:
     path = folder if folder is not None else home.job_dir(name) if name else None
     if path is None:
         raise NoSuchJob("name a job, or give its folder with --dir JOBDIR")
-    if not (path / "saves").is_dir() and not (path / "spec.json").is_file():
+    if not (path / SAVES).is_dir() and not (path / SPEC_FILE).is_file():
         where = f"in {home.jobs}" if folder is None else "there"
-        raise NoSuchJob(f"no job folder at {path} (no saves/ and no spec.json {where}); "
+        raise NoSuchJob(f"no job folder at {path} (no {SAVES}/ and no {SPEC_FILE} {where}); "
                         "check the name with `traind ls`, or the path")
     return path

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from traind.daemon.home import Home
+from traind.daemon.home import SPEC_FILE, Home
 from traind.daemon.jobstate import JobRecord, JobState, write_state
 from traind.jobs.build import build_job
 from traind.jobs.errors import JobSpecError
@@ -28,7 +28,6 @@ from traind.store.fs import FileSystem, write_durably
 
 CLAIMED = ".claimed"
 IGNORED_ENDINGS = (".tmp", ".part", "~")
-SPEC_FILE = "spec.json"
 
 
 def ignored(name: str) -> bool:

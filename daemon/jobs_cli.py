@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from traind.daemon import requests
-from traind.daemon.home import Home, NoSuchJob
+from traind.daemon.home import SPEC_FILE, Home, NoSuchJob
 from traind.daemon.jobstate import JobState, read_state, transition
 from traind.jobs.checkpoint import request_load
 from traind.jobs.metrics import read_metrics
@@ -45,7 +45,7 @@ def row(folder: Path) -> dict:
     epochs = [r for r in records if r.get("kind") == "epoch"]
     best = None
     try:
-        checkpoint = JobSpec.model_validate_json((folder / "spec.json").read_text()).checkpoint
+        checkpoint = JobSpec.model_validate_json((folder / SPEC_FILE).read_text()).checkpoint
         values = [r[checkpoint.monitor] for r in epochs if isinstance(r.get(checkpoint.monitor), (int, float))]
         best = (min if checkpoint.direction == "min" else max)(values) if values else None
     except (OSError, ValueError):

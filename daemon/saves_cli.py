@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from safetensors.torch import save_file
 
-from traind.daemon.home import Home, job_folder
+from traind.daemon.home import SPEC_FILE, Home, job_folder
 from traind.jobs.checkpoint import request_load
 from traind.jobs.spec import JobSpec
 from traind.jobs.state import MODEL, TIED_KEY
@@ -75,7 +75,7 @@ def pick_save(folder: Path, save_id: str | None, best: bool) -> SaveInfo:
         return match[0]
     if not best:
         return found[-1]
-    spec = JobSpec.model_validate_json((folder / "spec.json").read_text())
+    spec = JobSpec.model_validate_json((folder / SPEC_FILE).read_text())
     monitor, sign = spec.checkpoint.monitor, 1 if spec.checkpoint.direction == "min" else -1
     ranked = [s for s in found if "best" in s.kinds and isinstance(s.metrics.get(monitor), (int, float))]
     if not ranked:

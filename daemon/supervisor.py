@@ -75,6 +75,7 @@ class Daemon:
         self.validator = Validator()
         self.intake = Intake(self.home, settle=self.settle, check=self.validator.check)
         self._lock_fd: int | None = None
+        self.waiting = 0
 
     def start(self) -> None:
         """Take the home (one daemon each), and queue again the jobs a crash left running."""
@@ -103,18 +104,14 @@ class Daemon:
         return sorted(p for p in self.home.jobs.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def _schedule(self, now: float) -> None:
+        """Start the queued jobs that are due on the free slots; count those left waiting."""
+        queued = [r for r in map(read_state, self._job_folders()) if r and r.state == JobState.QUEUED]
+        due = sorted((r for r in queued if r.name not in self.running and self.retry_at.get(r.name, 0.0) <= now),
+                     key=lambda r: (-r.priority, r.submitted))
         free = [s for s in self.slots if s not in {w.slot for w in self.running.values()}]
-        if not free:
-            return
-        queued = []
-        for folder in self._job_folders():
-            record = read_state(folder)
-            if record and record.state == JobState.QUEUED and record.name not in self.running \
-                    and self.retry_at.get(record.name, 0.0) <= now:
-                queued.append(record)
-        queued.sort(key=lambda r: (-r.priority, r.submitted))
-        for record, slot in zip(queued, free):
+        for record, slot in zip(due, free):
             self._launch(record.name, slot, now)
+        self.waiting = len(queued) - min(len(due), len(free))
 
     def _launch(self, name: str, slot: str, now: float) -> None:
         folder = self.home.job_dir(name)
@@ -185,8 +182,8 @@ class Daemon:
             self._lock_fd = None
 
     def status_line(self) -> str:
-        queued = sum(1 for f in self._job_folders() if (r := read_state(f)) and r.state == JobState.QUEUED)
-        return f"{len(self.running)} running, {queued} queued"
+        """Counts as of the last loop (which read every job's state once)."""
+        return f"{len(self.running)} running, {self.waiting} queued"
 
     def serve(self, stop: threading.Event, stop_timeout: float = 600.0) -> None:
         """Loop until STOP is set (a signal handler sets it); then stop the workers. Speaks

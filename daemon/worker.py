@@ -19,7 +19,7 @@ from pathlib import Path
 
 from traind.daemon import requests
 from traind.daemon.foreground import JobBusy, holding, train_in_folder
-from traind.daemon.home import Home
+from traind.daemon.home import SPEC_FILE, Home
 from traind.jobs.checkpoint import Checkpointer
 from traind.jobs.errors import JobSpecError
 from traind.jobs.spec import JobSpec
@@ -78,7 +78,7 @@ def run(home: Home, name: str) -> Exit:
     folder = home.job_dir(name)
     hook = RequestHook(folder)
     try:
-        spec = JobSpec.model_validate_json((folder / "spec.json").read_text())
+        spec = JobSpec.model_validate_json((folder / SPEC_FILE).read_text())
         with holding(folder, wait=LOCK_WAIT):  # a worker of a dead daemon may still be saving
             done, _ = train_in_folder(spec, name, folder, None, hook=hook)
     except JobSpecError as e:
@@ -86,7 +86,7 @@ def run(home: Home, name: str) -> Exit:
     except (JobBusy, TraindError) as e:
         return _failed(folder, Exit.FAILED, str(e))
     except (OSError, ValueError) as e:  # spec.json missing or unreadable
-        return _failed(folder, Exit.BAD_JOB, f"{folder / 'spec.json'}: {e}")
+        return _failed(folder, Exit.BAD_JOB, f"{folder / SPEC_FILE}: {e}")
     for request in hook.taken:
         requests.done(request)  # acted on, and the saves they asked for are committed
     if done:
