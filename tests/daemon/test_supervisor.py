@@ -269,9 +269,11 @@ def test_load_game_into_a_running_job(daemons, tmp_path, reference):
     daemons.start()
     submit(daemons.home, tmp_path)
     folder = daemons.home / "jobs" / "soak"
-    wait_for(lambda: len(list_saves(folder / "saves")[0]) >= 3 and rows(daemons.home)["soak"]["state"] == "running",
-             "a few saves")
-    early = list_saves(folder / "saves")[0][0]
+    wait_for(lambda: rows(daemons.home).get("soak", {}).get("state") == "running", "the job to start")
+    traind(daemons.home, "save", "soak")  # a quicksave: rotation never takes it away before the load
+    wait_for(lambda: any("manual" in s.kinds for s in list_saves(folder / "saves")[0]), "the quicksave")
+    wait_for(lambda: len(list_saves(folder / "saves")[0]) >= 3, "saves after it")
+    early = next(s for s in list_saves(folder / "saves")[0] if "manual" in s.kinds)
     result = traind(daemons.home, "load", "soak", early.id)
     assert result.exit_code == 0 and f"continues from save {early.id}" in result.output
     wait_for(lambda: f"resumed from save {early.id}" in (folder / "log").read_text(), "the reload")
