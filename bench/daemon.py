@@ -3,7 +3,8 @@
 - latency: from a job file landing in inbox/ (renamed in there, as `traind submit` does) to
   the job's first training step, against `traind run` of the same file from its start
   to its first step (both start a Python process that imports torch);
-- `ls`: reading 10,000 job folders (the work behind `traind ls --json`), in-process.
+- `ls`: `traind ls --json` with 10,000 job folders, as a user runs it (a new process),
+  the first time (building the index) and after.
 """
 
 from __future__ import annotations
@@ -73,11 +74,11 @@ def _latency(root: Path, runs: int) -> tuple[list[float], list[float]]:
     return ours, theirs
 
 
-def _ls(root: Path, jobs: int) -> float:
-    from traind.daemon.jobs_cli import row
-
+def _ls(root: Path, jobs: int) -> tuple[float, float]:
+    """`traind ls --json` as a user runs it (a new process), with 10,000 job folders: the
+    first time (no index yet) and then (the index read, every folder stat'ed)."""
     home = Home(root / "many")
-    spec = json.dumps({"model": {"layers": [["Linear", 20, 10]]}})
+    spec = json.dumps({"checkpoint": {"monitor": "val_loss", "mode": None}})
     metrics = "".join(json.dumps({"kind": k, "step": s, "epoch": 1, "loss": 0.5, "train_loss": 0.5,
                                   "val_loss": 0.4, "total_steps": 100, "device": "cpu"}) + "\n"
                       for k, s in (("start", 0), ("step", 10), ("epoch", 26)))
@@ -87,11 +88,14 @@ def _ls(root: Path, jobs: int) -> float:
         (folder / "spec.json").write_text(spec)
         (folder / "metrics.jsonl").write_text(metrics)
         write_state(folder, JobRecord(folder.name, JobState.DONE, submitted=time.time()))
-    start = time.perf_counter()
-    rows = [row(f) for f in sorted(home.jobs.iterdir())]
-    elapsed = time.perf_counter() - start
-    assert len(rows) == jobs
-    return elapsed
+    command = [sys.executable, "-m", "traind.daemon.cli", "--home", str(home.root), "ls", "--json"]
+    times = []
+    for _ in range(4):
+        start = time.perf_counter()
+        out = subprocess.run(command, check=True, capture_output=True).stdout
+        times.append(time.perf_counter() - start)
+        assert len(json.loads(out)) == jobs
+    return times[0], statistics.median(times[1:])
 
 
 def measure(quick: bool = False) -> list[dict]:
@@ -99,7 +103,7 @@ def measure(quick: bool = False) -> list[dict]:
     root = Path(tempfile.mkdtemp(prefix="traind-bench-", dir=Path(__file__).resolve().parent.parent))
     try:
         ours, theirs = _latency(root, runs)
-        listing = _ls(root, jobs)
+        cold, warm = _ls(root, jobs)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     p50, p50_run = statistics.median(ours), statistics.median(theirs)
@@ -111,7 +115,7 @@ def measure(quick: bool = False) -> list[dict]:
         {"case": "inbox -> first step, worst (s)", "traind": round(p99, 3), "baseline": round(max(theirs), 3),
          "ratio": round(p99 / max(theirs), 3), "goal": "<= 1.1x + 0.5 s",
          "verdict": "met" if p99 <= 1.1 * max(theirs) + 0.5 else "missed", "detail": f"{runs} runs"},
-        {"case": f"ls: read {jobs} job folders (s)", "traind": round(listing, 3), "baseline": 0.3,
-         "ratio": round(listing / 0.3, 3), "goal": "< 0.3 s", "verdict": "met" if listing < 0.3 else "missed",
-         "detail": "in-process, without the CLI's start-up"},
+        {"case": f"traind ls, {jobs} jobs (s)", "traind": round(warm, 3), "baseline": 0.3,
+         "ratio": round(warm / 0.3, 3), "goal": "< 0.3 s", "verdict": "met" if warm < 0.3 else "missed",
+         "detail": f"a new process each time, index built; the first ls (no index) took {cold:.2f} s"},
     ]

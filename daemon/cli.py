@@ -15,17 +15,13 @@ from pathlib import Path
 
 import click
 
-from traind.daemon import intake, jobs_cli, saves_cli, units
-from traind.daemon.supervisor import Daemon
-from traind.daemon.foreground import run_job
+from traind.daemon import jobs_cli, saves_cli, units
 from traind.daemon.home import Home, default_home, job_folder
-from traind.jobs import devices
-from traind.jobs.build import build_job
 from traind.jobs.errors import JobSpecError
-from traind.jobs.jobfile import load_job
-from traind.jobs.model import count_parameters
-from traind.jobs.spec import JobSpec
 from traind.store.errors import TraindError
+
+# Commands that build, validate or train import torch (about 2 s) inside their body; the
+# ones that only read or steer job folders (ls, status, saves, pause...) never do.
 
 
 class TraindGroup(click.Group):
@@ -65,6 +61,11 @@ def cli(ctx: click.Context, home: Path | None) -> None:
 @home_option
 def validate(file: Path) -> None:
     """Validate FILE and dry-build it: module tree, parameters, device, one forward pass."""
+    from traind.jobs import devices
+    from traind.jobs.build import build_job
+    from traind.jobs.jobfile import load_job
+    from traind.jobs.model import count_parameters
+
     job_file = load_job(file)
     try:
         job = build_job(job_file.spec, job_file.name)
@@ -91,6 +92,9 @@ def validate(file: Path) -> None:
 def run(file: Path, folder: Path | None) -> None:
     """Train FILE in the foreground, without the daemon. SIGTERM or Ctrl-C stops it at
     the next step boundary."""
+    from traind.daemon.foreground import run_job
+    from traind.jobs.jobfile import load_job
+
     job_file = load_job(file)
     run_job(job_file, folder or Path(job_file.name), click.echo)
 
@@ -102,6 +106,9 @@ def run(file: Path, folder: Path | None) -> None:
 def submit(home: Home, files: tuple[Path, ...]) -> None:
     """Validate FILES in full (a dry build each), then deliver them atomically into the
     home's inbox/ and print each job's name. If any is invalid, none is delivered."""
+    from traind.daemon import intake
+    from traind.jobs.jobfile import load_job
+
     valid, problems = [], []
     for path in files:
         try:
@@ -191,6 +198,8 @@ def daemon(home: Home, workers: int) -> None:
     """Run the service in the foreground. The first SIGTERM or SIGINT: every running job
     saves at its next step boundary and stops (queued, to resume at the next start), then
     exit 0; a second one: stop at once."""
+    from traind.daemon.supervisor import Daemon
+
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -302,6 +311,8 @@ def systemd_unit(user: bool) -> None:
 @home_option
 def schema() -> None:
     """Print the JSON Schema of job files."""
+    from traind.jobs.spec import JobSpec
+
     click.echo(json.dumps(JobSpec.model_json_schema(), indent=2))
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from traind.store.errors import TraindError
-from traind.store.store import SAVES
+from traind.store.saves import SAVES
 
 SPEC_FILE = "spec.json"  # in a job folder: the job's spec as resolved (defaults filled in, paths absolute)
 

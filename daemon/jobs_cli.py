@@ -11,15 +11,14 @@ from pathlib import Path
 import click
 
 from traind.daemon import requests
-from traind.daemon.home import SPEC_FILE, Home, NoSuchJob
+from traind.daemon.home import Home, NoSuchJob
+from traind.daemon.index import Index, row
 from traind.daemon.jobstate import JobState, read_state, transition
-from traind.jobs.checkpoint import request_load
-from traind.jobs.metrics import read_metrics
-from traind.jobs.spec import JobSpec
+from traind.jobs.loadgame import request_load
 from traind.store.errors import TraindError
 from traind.store.fs import FileSystem
 from traind.store.saves import list_saves
-from traind.store.store import SAVES
+from traind.store.saves import SAVES
 
 ENDED = {JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.PAUSED}
 
@@ -36,38 +35,19 @@ def folder_of(home: Home, name: str) -> Path:
     return folder
 
 
-def row(folder: Path) -> dict:
-    """The `ls` keys of CONTRACT §4, read from the job's folder."""
-    record = read_state(folder)
-    records = read_metrics(folder)
-    start = next((r for r in reversed(records) if r.get("kind") == "start"), {})
-    last = next((r for r in reversed(records) if r.get("kind") in ("step", "epoch")), {})
-    epochs = [r for r in records if r.get("kind") == "epoch"]
-    best = None
-    try:
-        checkpoint = JobSpec.model_validate_json((folder / SPEC_FILE).read_text()).checkpoint
-        values = [r[checkpoint.monitor] for r in epochs if isinstance(r.get(checkpoint.monitor), (int, float))]
-        best = (min if checkpoint.direction == "min" else max)(values) if values else None
-    except (OSError, ValueError):
-        pass
-    return {"name": record.name, "state": record.state.value, "epoch": epochs[-1]["epoch"] if epochs else 0,
-            "step": last.get("step", start.get("step", 0)), "total_steps": start.get("total_steps"),
-            "loss": last.get("loss", last.get("train_loss")), "best": best, "device": start.get("device"),
-            "restarts": record.restarts}
-
-
 def show_ls(home: Home, as_json: bool) -> None:
-    folders = sorted(p for p in home.jobs.glob("*") if read_state(p) is not None)
-    rows = [row(f) for f in folders]
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
+    if as_json:  # one row per line: cached rows are printed as stored
+        texts = Index(home).rows_json()
+        click.echo("[\n" + ",\n".join(f"  {t}" for t in texts) + "\n]" if texts else "[]")
         return
-    click.echo(f"{'name':<24} {'state':<10} {'epoch':>5} {'step':>14} {'loss':>9} {'best':>9} {'device':<8} restarts")
+    rows = Index(home).rows()
+    num = lambda v: f"{v:.4g}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+    lines = [f"{'name':<24} {'state':<10} {'epoch':>5} {'step':>14} {'loss':>9} {'best':>9} {'device':<8} restarts"]
     for r in rows:
         step = f"{r['step']}/{r['total_steps'] or '?'}"
-        num = lambda v: f"{v:.4g}" if isinstance(v, (int, float)) else "-"  # noqa: E731
-        click.echo(f"{r['name']:<24} {r['state']:<10} {r['epoch']:>5} {step:>14} {num(r['loss']):>9} "
-                   f"{num(r['best']):>9} {r['device'] or '-':<8} {r['restarts']}")
+        lines.append(f"{r['name']:<24} {r['state']:<10} {r['epoch']:>5} {step:>14} {num(r['loss']):>9} "
+                     f"{num(r['best']):>9} {r['device'] or '-':<8} {r['restarts']}")
+    click.echo("\n".join(lines))
 
 
 def watch_status(home: Home, name: str) -> None:

@@ -7,15 +7,12 @@ import os
 from pathlib import Path
 
 import click
-from safetensors.torch import save_file
 
 from traind.daemon.home import SPEC_FILE, Home, job_folder
-from traind.jobs.checkpoint import request_load
-from traind.jobs.spec import JobSpec
-from traind.jobs.state import MODEL, TIED_KEY
+from traind.jobs.metrics import direction
+from traind.jobs.loadgame import request_load
 from traind.store.errors import NoSuchSave, TraindError
-from traind.store.saves import QUARANTINE, SaveInfo, list_saves, load_json, load_tensors, read_manifest, verify
-from traind.store.store import SAVES
+from traind.store.saves import QUARANTINE, SAVES, SaveInfo, list_saves, load_json, load_tensors, read_manifest, verify
 
 
 class CorruptFound(TraindError):
@@ -75,8 +72,9 @@ def pick_save(folder: Path, save_id: str | None, best: bool) -> SaveInfo:
         return match[0]
     if not best:
         return found[-1]
-    spec = JobSpec.model_validate_json((folder / SPEC_FILE).read_text())
-    monitor, sign = spec.checkpoint.monitor, 1 if spec.checkpoint.direction == "min" else -1
+    checkpoint = json.loads((folder / SPEC_FILE).read_text())["checkpoint"]
+    monitor = checkpoint["monitor"]
+    sign = 1 if direction(monitor, checkpoint.get("mode")) == "min" else -1
     ranked = [s for s in found if "best" in s.kinds and isinstance(s.metrics.get(monitor), (int, float))]
     if not ranked:
         raise NoSuchSave(f"no best save in {folder / SAVES} yet (best saves rank by {monitor})")
@@ -84,6 +82,10 @@ def pick_save(folder: Path, save_id: str | None, best: bool) -> SaveInfo:
 
 
 def export(home: Home, name: str | None, folder: Path | None, save_id: str | None, best: bool, out: Path) -> SaveInfo:
+    from safetensors.torch import save_file  # torch: imported by the commands that move tensors only
+
+    from traind.jobs.state import MODEL, TIED_KEY
+
     folder = job_folder(home, name, folder)
     save = pick_save(folder, save_id, best)
     problems = verify(save.path)

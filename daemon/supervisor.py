@@ -27,7 +27,7 @@ from traind.daemon.jobstate import JobState, read_state, transition
 from traind.daemon.validator import Validator
 from traind.daemon.watch import InboxWatch
 from traind.daemon.worker import ERROR_FILE, Exit
-from traind.jobs.checkpoint import load_pending
+from traind.jobs.loadgame import load_pending
 from traind.jobs.devices import try_all_gpus
 from traind.store.errors import TraindError
 

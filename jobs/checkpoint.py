@@ -16,54 +16,24 @@ import time
 from pathlib import Path
 
 from traind.jobs import state
+from traind.jobs.loadgame import LOAD_REQUEST, requested_save
 from traind.jobs.errors import NonFiniteLoss
 from traind.jobs.metrics import Recorder
 from traind.jobs.spec import CheckpointSpec
 from traind.jobs.train import Trainer
 from traind.store import retention
-from traind.store.errors import CorruptSave, NoSuchSave
-from traind.store.fs import FileSystem, write_durably
-from traind.store.saves import SaveInfo, list_saves, verify
+from traind.store.errors import NoSuchSave
+from traind.store.fs import write_durably
+from traind.store.saves import SAVES, SaveInfo
 from traind.store.snapshot import Snapshot, Writer
-from traind.store.store import SAVES, SaveStore
+from traind.store.store import SaveStore
 
-LOAD_REQUEST = "load.json"
 MAX_ROLLBACKS = 3
 
 
 def policy_of(spec: CheckpointSpec) -> retention.Policy:
     return retention.Policy(spec.every_steps, spec.every_epochs, spec.every_minutes, spec.keep_last, spec.keep_best,
                             spec.monitor, spec.direction, spec.best_after_epoch, spec.keep_every_epochs)
-
-
-def request_load(folder: Path, save_id: str) -> None:
-    """Make the next run of the job in FOLDER continue from SAVE_ID ("load game").
-    Reads only: a run may be writing in FOLDER right now."""
-    found = list_saves(folder / SAVES)[0]
-    chosen = [s for s in found if s.id == save_id]
-    if not chosen:
-        known = ", ".join(s.id for s in found[-5:]) or "none"
-        raise NoSuchSave(f"no save '{save_id}' in {folder / SAVES}; the newest are: {known}")
-    problems = verify(chosen[0].path)
-    if problems:
-        raise CorruptSave(f"save {save_id} is corrupt ({'; '.join(problems)}); load another")
-    write_durably(FileSystem(), folder / LOAD_REQUEST, json.dumps({"save": save_id}).encode())
-
-
-def requested_save(folder: Path) -> str | None:
-    """The save a pending "load game" asks for, if any."""
-    try:
-        return json.loads((folder / LOAD_REQUEST).read_text())["save"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def load_pending(folder: Path) -> bool:
-    """Whether a "load game" request waits for a run to take it."""
-    try:
-        return "taken_from_seq" not in json.loads((folder / LOAD_REQUEST).read_text())
-    except (OSError, ValueError):
-        return False
 
 
 class Checkpointer:

@@ -13,6 +13,11 @@ METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "log"
 
 
+def direction(monitor: str, mode: str | None) -> str:
+    """Whether MONITOR is better "min" or "max": MODE if given, else max for accuracy."""
+    return mode or ("max" if monitor == "val_acc" else "min")
+
+
 class Recorder:
     """Writes to FOLDER's metrics file and log (nowhere without a folder) and echoes
     each epoch's line to ECHO (the terminal of `traind run`)."""

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from traind.jobs import names
+from traind.jobs import metrics, names
 from traind.jobs.errors import Problem, field_name
 from traind.jobs.model import check_layers, check_scheme
 
@@ -303,7 +303,7 @@ class CheckpointSpec(Section):
 
     @property
     def direction(self) -> Literal["min", "max"]:
-        return self.mode or ("max" if self.monitor == "val_acc" else "min")
+        return metrics.direction(self.monitor, self.mode)
 
 
 def check_device(value: str) -> str:

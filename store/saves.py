@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
-from safetensors.torch import load_file
 
 from traind.store.commit import FORMAT, HASH, MANIFEST, STAGING
 from traind.store.errors import CorruptSave
 from traind.store.fs import FileSystem
 
+SAVES = "saves"  # in a job folder: its store, one folder per save
 QUARANTINE = "quarantine"
 CHUNK = 1 << 22
 
@@ -123,6 +123,8 @@ def quarantine(fs: FileSystem, saves_dir: Path, save_dir: Path) -> Path:
 
 
 def load_tensors(save: SaveInfo, name: str) -> dict:
+    from safetensors.torch import load_file  # torch, imported only when tensors are read
+
     return load_file(save.path / name)
 
 

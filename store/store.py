@@ -18,8 +18,6 @@ from traind.store.errors import CorruptSave, NoSuchSave
 from traind.store.fs import FileSystem
 from traind.store.saves import SaveInfo
 
-SAVES = "saves"
-
 
 class SaveStore:
     def __init__(self, saves_dir: Path, policy: retention.Policy | None = None, fs: FileSystem | None = None):

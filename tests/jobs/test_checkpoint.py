@@ -8,11 +8,12 @@ import torch
 
 from tests.conftest import EXAMPLES
 from traind.jobs.build import build_job
-from traind.jobs.checkpoint import MAX_ROLLBACKS, Checkpointer, request_load
+from traind.jobs.checkpoint import MAX_ROLLBACKS, Checkpointer
+from traind.jobs.loadgame import request_load
 from traind.jobs.errors import NonFiniteLoss
 from traind.jobs.jobfile import load_job
 from traind.jobs.metrics import Recorder, read_metrics
-from traind.jobs.state import MODEL, model_tensors
+from traind.jobs.state import MODEL
 from traind.jobs.train import Trainer
 from traind.store.saves import list_saves, load_tensors
 

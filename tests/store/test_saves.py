@@ -2,7 +2,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from tests.store.test_commit import save
 from traind.store import saves

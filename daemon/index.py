@@ -1,0 +1,233 @@
+"""What `traind ls` shows of each job, and the index that keeps `ls` fast with many jobs.
+
+A job's row (CONTRACT §4's `ls` keys) is folded from its state file and its metrics file.
+`HOME/index.sqlite` caches each row with the signature (inode, size, mtime) of the files
+it came from, and how far into the metrics file it has read. `ls` stats two files per
+job and reads again only what changed: a grown metrics file from where the row stopped
+(it only grows, except when a resume rewrites it, which gives it a new inode).
+
+The index is a cache, never the truth (CONTRACT §2): deleted, damaged, from another
+version or not writable, it is rebuilt from the job folders, or `ls` works without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from traind.daemon.home import SPEC_FILE, Home
+from traind.daemon.jobstate import STATE_FILE, read_state
+from traind.jobs.metrics import METRICS_FILE, direction
+
+INDEX_FILE = "index.sqlite"
+TAIL = 64
+VERSION = 1  # of the rows' shape; an index of another version is rebuilt
+_SCHEMA = ("CREATE TABLE IF NOT EXISTS jobs "
+           "(name TEXT PRIMARY KEY, state_sig TEXT, metrics_sig TEXT, row TEXT, tally TEXT)")
+
+
+@dataclass
+class Tally:
+    """What a job's metrics file says so far, and how much of it has been read."""
+
+    monitor: str | None = None
+    """The metric `best` ranks by (from the job's spec); None when the spec is unreadable."""
+    direction: str = "min"
+    offset: int = 0
+    """Bytes of the metrics file folded in: always the end of a whole line."""
+    start_step: int = 0
+    total_steps: int | None = None
+    device: str | None = None
+    last_step: int | None = None
+    loss: float | None = None
+    epoch: int = 0
+    best: float | None = None
+    tail: str = ""
+    """The last bytes folded in (hex), to tell a file that grew from one rewritten."""
+
+    def fold(self, record: dict) -> None:
+        kind = record.get("kind")
+        if kind == "start":
+            self.start_step = record.get("step", 0)
+            self.total_steps, self.device = record.get("total_steps"), record.get("device")
+        elif kind in ("step", "epoch"):
+            self.last_step = record.get("step")
+            self.loss = record.get("loss", record.get("train_loss"))
+        if kind == "epoch":
+            self.epoch = record.get("epoch", self.epoch)
+            value = record.get(self.monitor) if self.monitor else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                better = self.best is None or (value < self.best if self.direction == "min" else value > self.best)
+                self.best = value if better else self.best
+
+    def read_on(self, path: Path) -> bool:
+        """Fold in the whole lines of PATH after OFFSET; False (nothing folded) when PATH
+        no longer continues what was read, as after a resume rewrote it. A torn last
+        line (a crash mid-write, or a line being written now) waits for its end."""
+        try:
+            with open(path, "rb") as f:
+                f.seek(self.offset - len(self.tail) // 2)
+                data = f.read()
+        except FileNotFoundError:
+            return self.offset == 0
+        seen = bytes.fromhex(self.tail)
+        if not data.startswith(seen):
+            return False
+        data = data[len(seen):]
+        end = data.rfind(b"\n") + 1
+        for line in data[:end].splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a crash and then written past
+            if isinstance(record, dict):
+                self.fold(record)
+        if end:
+            self.offset += end
+            self.tail = (seen + data[:end])[-TAIL:].hex()
+        return True
+
+
+def _monitor(folder: Path) -> tuple[str | None, str]:
+    try:
+        checkpoint = json.loads((folder / SPEC_FILE).read_text())["checkpoint"]
+        return checkpoint["monitor"], direction(checkpoint["monitor"], checkpoint.get("mode"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, "min"
+
+
+def _signature(path: str) -> str | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _row(folder: Path, tally: Tally) -> dict | None:
+    record = read_state(folder)
+    if record is None:
+        return None
+    step = tally.last_step if tally.last_step is not None else tally.start_step
+    return {"name": record.name, "state": record.state.value, "epoch": tally.epoch, "step": step,
+            "total_steps": tally.total_steps, "loss": tally.loss, "best": tally.best, "device": tally.device,
+            "restarts": record.restarts}
+
+
+def row(folder: Path) -> dict | None:
+    """The `ls` row of the job in FOLDER, read afresh; None if FOLDER holds no job."""
+    tally = Tally(*_monitor(folder))
+    tally.read_on(folder / METRICS_FILE)
+    return _row(folder, tally)
+
+
+def _cached_tally(db: sqlite3.Connection | None, name: str) -> Tally | None:
+    try:
+        found = db.execute("SELECT tally FROM jobs WHERE name = ?", (name,)).fetchone() if db else None
+        return Tally(**json.loads(found[0])) if found else None
+    except (sqlite3.DatabaseError, ValueError, TypeError):
+        return None
+
+
+class Index:
+    """The rows of every job in HOME, cached in HOME/index.sqlite."""
+
+    def __init__(self, home: Home):
+        self.home, self.path = home, home.root / INDEX_FILE
+
+    def rows(self) -> list[dict]:
+        """A row per job folder of the home, sorted by name."""
+        return [json.loads(text) for text in self.rows_json()]
+
+    def rows_json(self) -> list[str]:
+        """The rows as JSON texts (what `ls --json` prints, with no decoding of cached rows)."""
+        jobs = str(self.home.jobs)
+        try:
+            names = sorted(e.name for e in os.scandir(jobs) if not e.name.startswith(".") and e.is_dir())
+        except FileNotFoundError:
+            return []
+        db = self._open()
+        cached = self._cached(db)
+        rows, changed = [], []
+        for name in names:
+            folder = f"{jobs}/{name}"  # strings, not Paths: this loop runs 10,000 times for one ls
+            state_sig, metrics_sig = _signature(f"{folder}/{STATE_FILE}"), _signature(f"{folder}/{METRICS_FILE}")
+            if state_sig is None:
+                continue  # not a job (yet): a folder being made, or a stray one
+            hit = cached.get(name)
+            if hit and hit[0] == state_sig and hit[1] == metrics_sig:
+                rows.append(hit[2])
+                continue
+            tally = self._tally(db, Path(folder), hit, metrics_sig)
+            found = _row(Path(folder), tally)
+            if found is None:
+                continue
+            rows.append(json.dumps(found))
+            if tally.monitor is not None:  # an unreadable spec is read again next time
+                changed.append((name, state_sig, metrics_sig, rows[-1], json.dumps(asdict(tally))))
+        if db is not None:
+            self._store(db, changed, set(cached) - set(names))
+            db.close()
+        return rows
+
+    @staticmethod
+    def _tally(db: sqlite3.Connection | None, folder: Path, hit: tuple | None, metrics_sig: str | None) -> Tally:
+        """The cached tally read on from its offset when the metrics file only grew since
+        (same inode, same bytes before the offset), else one read from the start."""
+        if hit and hit[1] and metrics_sig and hit[1].split(":")[0] == metrics_sig.split(":")[0]:
+            tally = _cached_tally(db, folder.name)
+            if tally is not None and tally.offset <= int(metrics_sig.split(":")[1]):
+                if tally.read_on(folder / METRICS_FILE):
+                    return tally
+        tally = Tally(*_monitor(folder))
+        tally.read_on(folder / METRICS_FILE)
+        return tally
+
+    def _open(self) -> sqlite3.Connection | None:
+        """The index, made or rebuilt as needed; None when it cannot be (ls goes on without)."""
+        for attempt in range(2):
+            try:
+                db = sqlite3.connect(self.path, timeout=1.0, isolation_level=None)
+                if db.execute("PRAGMA user_version").fetchone()[0] != VERSION:
+                    db.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer
+                    db.execute("DROP TABLE IF EXISTS jobs")
+                    db.execute(_SCHEMA)
+                    db.execute(f"PRAGMA user_version={VERSION}")
+                return db
+            except sqlite3.DatabaseError:
+                if attempt or not self._discard():
+                    return None
+        return None
+
+    def _discard(self) -> bool:
+        """Remove a damaged index (it holds nothing that the folders do not)."""
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            return True
+        except OSError:
+            return False
+
+    def _cached(self, db: sqlite3.Connection | None) -> dict[str, tuple]:
+        if db is None:
+            return {}
+        try:
+            return {name: (s, m, r) for name, s, m, r in db.execute("SELECT name, state_sig, metrics_sig, row FROM jobs")}
+        except sqlite3.DatabaseError:
+            self._discard()
+            return {}
+
+    @staticmethod
+    def _store(db: sqlite3.Connection, changed: list[tuple], gone: set[str]) -> None:
+        if not changed and not gone:
+            return
+        try:
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?)", changed)
+                db.executemany("DELETE FROM jobs WHERE name = ?", [(n,) for n in gone])
+        except sqlite3.DatabaseError:
+            pass  # busy or read-only: this ls was right anyway, the next one stores it

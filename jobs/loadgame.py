@@ -1,0 +1,44 @@
+"""A "load game" request: a file in the job folder naming the save its next run continues
+from. Written by the CLI, taken by the run (`Checkpointer`), read by the daemon; no torch
+here, so that the CLI that writes it starts fast."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from traind.store.errors import CorruptSave, NoSuchSave
+from traind.store.fs import FileSystem, write_durably
+from traind.store.saves import SAVES, list_saves, verify
+
+LOAD_REQUEST = "load.json"
+
+
+def request_load(folder: Path, save_id: str) -> None:
+    """Make the next run of the job in FOLDER continue from SAVE_ID ("load game").
+    Reads only: a run may be writing in FOLDER right now."""
+    found = list_saves(folder / SAVES)[0]
+    chosen = [s for s in found if s.id == save_id]
+    if not chosen:
+        known = ", ".join(s.id for s in found[-5:]) or "none"
+        raise NoSuchSave(f"no save '{save_id}' in {folder / SAVES}; the newest are: {known}")
+    problems = verify(chosen[0].path)
+    if problems:
+        raise CorruptSave(f"save {save_id} is corrupt ({'; '.join(problems)}); load another")
+    write_durably(FileSystem(), folder / LOAD_REQUEST, json.dumps({"save": save_id}).encode())
+
+
+def requested_save(folder: Path) -> str | None:
+    """The save a pending "load game" asks for, if any."""
+    try:
+        return json.loads((folder / LOAD_REQUEST).read_text())["save"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_pending(folder: Path) -> bool:
+    """Whether a "load game" request waits for a run to take it."""
+    try:
+        return "taken_from_seq" not in json.loads((folder / LOAD_REQUEST).read_text())
+    except (OSError, ValueError):
+        return False
