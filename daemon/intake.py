@@ -27,6 +27,7 @@ from traind.store.errors import TraindError
 from traind.store.fs import FileSystem, write_durably
 
 CLAIMED = ".claimed"
+MAX_DEATHS = 2  # daemons that died validating one file before it is rejected
 IGNORED_ENDINGS = (".tmp", ".part", "~")
 
 
@@ -126,13 +127,16 @@ class Intake:
         """Accept or reject a claimed file; safe to run again after a crash at any point.
         Validating runs the job's own code (imports, the dry build): a marker written
         first tells the next daemon if that code took this one down, and then the file is
-        rejected instead of tried again (which would crash again, and again)."""
+        rejected instead of tried again (which would crash again, and again). One death
+        may be the machine's or a `kill -9`, not the file's: the file is tried once more."""
         marker = claimed.with_name(f".{claimed.name}.attempt")
         try:
-            if marker.exists():
-                raise CrashedDaemon(f"{claimed.name}: validating this file took the daemon down (its code ended the "
-                                    "process: a segfault, an exit, an OOM kill?); try it with `traind validate`")
-            write_durably(self.fs, marker, b"")
+            deaths = _deaths(marker)
+            if deaths >= MAX_DEATHS:
+                raise CrashedDaemon(f"{claimed.name}: the daemon died {deaths} times while validating this file (its "
+                                    "code ended the process: a segfault, an exit, an OOM kill?); try it with "
+                                    "`traind validate`")
+            write_durably(self.fs, marker, str(deaths + 1).encode())
             job_file = self._validated(claimed)
             self._accept(job_file)
             outcome = Outcome(claimed.name, job_file.name, None)
@@ -179,6 +183,15 @@ class Intake:
         error = why.replace(str(claimed), target.name) + "\n"
         write_durably(self.fs, target.with_name(target.name + ".error"), error.encode())
         write_durably(self.fs, target, claimed.read_bytes())
+
+
+def _deaths(marker: Path) -> int:
+    """How many daemons died validating the file: each writes its try into MARKER first."""
+    try:
+        text = marker.read_text().strip()
+    except FileNotFoundError:
+        return 0
+    return int(text) if text.isdigit() else 1
 
 
 class NameInUse(TraindError):

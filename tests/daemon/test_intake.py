@@ -45,6 +45,16 @@ def test_submit_validates_delivers_and_one_scan_accepts_it_once(home, write_job)
     assert list((home.inbox / CLAIMED).iterdir()) == []
 
 
+def test_a_file_whose_validation_was_cut_short_once_is_tried_again(home):
+    """One daemon death mid-validation may be a `kill -9` or a power cut, not the file."""
+    (home.inbox / CLAIMED).mkdir()
+    (home.inbox / CLAIMED / "unlucky.toml").write_text(GOOD)
+    (home.inbox / CLAIMED / ".unlucky.toml.attempt").write_text("1")
+    outcome = Intake(home).scan()[0]
+    assert outcome.error is None and outcome.job == "unlucky"
+    assert list((home.inbox / CLAIMED).iterdir()) == []
+
+
 def test_submit_of_an_invalid_file_delivers_nothing(home, write_job):
     good, bad = write_job(MLP, name="good"), write_job(MLP.replace('"Linear", 32, 10', '"Linaer", 32, 10'), name="bad")
     result = CliRunner().invoke(cli, ["--home", str(home.root), "submit", str(good), str(bad)])
@@ -147,11 +157,11 @@ def test_logs_and_rm_of_a_job_that_is_not_running(home, tmp_path):
     assert run("rm", "gone").exit_code == 3
 
 
-def test_a_file_whose_validation_took_the_daemon_down_is_rejected_not_retried(home):
+def test_a_file_whose_validation_took_the_daemon_down_twice_is_rejected_not_retried(home):
     (home.inbox / CLAIMED).mkdir()
     (home.inbox / CLAIMED / "poison.toml").write_text(GOOD)
-    (home.inbox / CLAIMED / ".poison.toml.attempt").write_text("")  # left by the daemon that died
+    (home.inbox / CLAIMED / ".poison.toml.attempt").write_text("2")  # left by the second daemon that died
     outcome = Intake(home).scan()[0]
-    assert outcome.job is None and "validating this file took the daemon down" in outcome.error
+    assert outcome.job is None and "the daemon died 2 times while validating this file" in outcome.error
     assert (home.rejected / "poison.toml.error").exists()
     assert list((home.inbox / CLAIMED).iterdir()) == []

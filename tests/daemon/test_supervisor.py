@@ -292,3 +292,36 @@ def test_a_file_whose_code_kills_its_process_is_rejected_and_the_daemon_serves_o
     wait_for(lambda: (daemons.home / "rejected" / "poison.toml.error").exists(), "the rejection")
     assert "ended the validating process" in (daemons.home / "rejected" / "poison.toml.error").read_text()
     assert proc.poll() is None
+
+
+def test_two_hundred_files_dropped_into_a_live_daemon_killed_mid_intake_are_each_accepted_once(daemons, tmp_path):
+    """200 files renamed into inbox/ at once; the daemon is SIGKILLed while it takes them
+    and started again. Every file becomes exactly one job (none lost, none twice, none
+    rejected), and deleting the index on the way loses nothing."""
+    daemons.start()
+    inbox, jobs = daemons.home / "inbox", daemons.home / "jobs"
+    wait_for(lambda: inbox.is_dir(), "the inbox")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    names = [f"many{i:03d}" for i in range(200)]
+    for i, name in enumerate(names):
+        (staging / f"{name}.toml").write_text(f'[model]\nlayers = [["Linear", 4, {2 + i % 7}]]\n'
+                                              '[data]\nsamples = 16\nfeatures = 4\nclasses = 2\n'
+                                              '[train]\nepochs = 1\n')
+    for name in names:
+        os.rename(staging / f"{name}.toml", inbox / f"{name}.toml")
+    accepted = lambda: [p for p in jobs.glob("*") if (p / "state.json").exists()] if jobs.is_dir() else []  # noqa: E731
+    wait_for(lambda: len(accepted()) >= 40, "some files to be taken")
+    daemons.procs[-1].kill()
+    daemons.procs[-1].wait()
+    (daemons.home / "index.sqlite").unlink(missing_ok=True)
+    daemons.start()
+    left = lambda: [p for p in inbox.iterdir() if p.name != ".claimed"] + list((inbox / ".claimed").iterdir())  # noqa: E731
+    wait_for(lambda: len(accepted()) == 200 and not left(), "every file to be taken", timeout=120)
+    listed = rows(daemons.home)
+    assert sorted(listed) == names
+    assert sorted(p.name for p in jobs.iterdir()) == names  # no second copies under other names
+    assert not (daemons.home / "rejected").exists() or not any((daemons.home / "rejected").iterdir())
+    for i, name in enumerate(names):
+        spec = json.loads((jobs / name / "spec.json").read_text())
+        assert spec["model"]["layers"][0][2] == 2 + i % 7  # each job holds its own file
