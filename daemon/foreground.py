@@ -16,7 +16,7 @@ from pathlib import Path
 from traind.daemon.home import SPEC_FILE
 from traind.jobs.build import build_job
 from traind.jobs.checkpoint import Checkpointer
-from traind.jobs.errors import JobSpecError, NonFiniteLoss, TrainingError
+from traind.jobs.errors import JobSpecError, NonFiniteLoss, OutOfMemory, TrainingError, is_out_of_memory
 from traind.jobs.jobfile import JobFile
 from traind.jobs.spec import JobSpec
 from traind.jobs.metrics import LOG_FILE, Recorder
@@ -116,6 +116,11 @@ def train_in_folder(spec: JobSpec, name: str, folder: Path, echo: Callable[[str]
             job = build_job(spec, name)
         except JobSpecError as e:
             raise locate(e) from e
+        except Exception as e:
+            if is_out_of_memory(e):
+                raise OutOfMemory(f"out of memory building the job: {e} (lower the model's size or "
+                                  "data.batch_size, or free the device)") from e
+            raise
         trainer = Trainer(job, recorder)
         with stop_on_signals() as stop:
             checkpoints = Checkpointer(trainer, folder, recorder, stop)
@@ -157,6 +162,9 @@ def _train(trainer: Trainer, checkpoints: Checkpointer, boundary: Callable[[Trai
         if not isinstance(e, Exception):
             raise
         recorder.log(traceback.format_exc(), logging.ERROR)  # the job's code failed; one line on screen
+        if is_out_of_memory(e):
+            raise OutOfMemory(f"out of memory at step {trainer.progress.step + 1}: {e} (lower data.batch_size or "
+                              f"the model's size, or free the device; traceback in {folder / LOG_FILE})") from e
         raise TrainingError(f"training failed at step {trainer.progress.step + 1}: {type(e).__name__}: {e} "
                             f"(traceback in {folder / LOG_FILE})") from e
     checkpoints.close()

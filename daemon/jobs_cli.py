@@ -73,7 +73,9 @@ def watch_status(home: Home, name: str) -> None:
 
 def show_status(home: Home, name: str, as_json: bool) -> None:
     folder = folder_of(home, name)
-    info = {**row(folder), "saves": len(list_saves(folder / SAVES)[0]), "last_error": read_state(folder).last_error}
+    record = read_state(folder)
+    info = {**row(folder), "saves": len(list_saves(folder / SAVES)[0]), "last_error": record.last_error,
+            "cause": record.cause}
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -83,7 +85,7 @@ def show_status(home: Home, name: str, as_json: bool) -> None:
         done = int(30 * min(step / total, 1))
         bar = f"  [{'#' * done}{'.' * (30 - done)}] {100 * step / total:.0f}%"
     click.echo(f"{info['name']}: {info['state']}, step {step}/{total or '?'}{bar}")
-    for key in ("epoch", "loss", "best", "device", "restarts", "saves", "last_error"):
+    for key in ("epoch", "loss", "best", "device", "restarts", "saves", "last_error", "cause"):
         if info[key] is not None:
             click.echo(f"  {key}: {info[key]}")
 
@@ -95,7 +97,7 @@ def steer(home: Home, name: str, action: str, note: str | None = None) -> str:
     if action == "resume":
         if state not in ENDED - {JobState.DONE}:
             raise NotRunning(f"job '{name}' is {state.value}; only a paused, failed or cancelled job resumes")
-        transition(folder, JobState.QUEUED, restarts=0, last_error=None)
+        transition(folder, JobState.QUEUED, restarts=0, last_error=None, cause=None)
         return f"{name}: queued; it continues from its newest good save"
     if state == JobState.RUNNING:
         requests.send(folder, action, note)
@@ -115,7 +117,7 @@ def load(home: Home, name: str, save_id: str) -> str:
         requests.send(folder, "reload")
         return f"{name}: stops at its next step boundary and continues from save {save_id}"
     if state in ENDED:
-        transition(folder, JobState.QUEUED, restarts=0, last_error=None)
+        transition(folder, JobState.QUEUED, restarts=0, last_error=None, cause=None)
     return f"{name}: continues from save {save_id}" + (" (queued again)" if state in ENDED else "")
 
 

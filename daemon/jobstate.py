@@ -10,7 +10,7 @@ import json
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
 from pathlib import Path
 
@@ -42,6 +42,13 @@ ALLOWED = {
 }
 
 
+# How a run ended, when not well: the job file or its saves do not fit (never retried); the
+# job failed (a non-finite loss past its rollbacks, a failed save, an error in its code);
+# out of memory (an allocation failed, or the kernel's OOM killer); killed by a signal;
+# crashed (a segfault, an abort, an unexpected exit); stopped with the daemon.
+CAUSES = ("bad_job", "failed", "out_of_memory", "killed", "crashed", "interrupted")
+
+
 class BadTransition(TraindError):
     """A state change the job's current state does not allow."""
 
@@ -60,6 +67,8 @@ class JobRecord:
     """Times its worker was started again after dying."""
     last_error: str | None = None
     """Why it last failed or stopped, in words."""
+    cause: str | None = None
+    """What kind of end last_error tells of: one of CAUSES, or None."""
     changed: float = 0.0
     """When the state last changed."""
 
@@ -68,7 +77,8 @@ class JobRecord:
 
     @classmethod
     def from_json(cls, doc: dict) -> JobRecord:
-        return cls(**{**doc, "state": JobState(doc["state"])})
+        known = {f.name for f in fields(cls)}  # a newer traind's extra keys do not hide the job
+        return cls(**{**{k: v for k, v in doc.items() if k in known}, "state": JobState(doc["state"])})
 
 
 def read_state(folder: Path) -> JobRecord | None:

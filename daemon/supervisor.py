@@ -40,6 +40,40 @@ LOCK_FILE = "daemon.lock"
 WORKER_LOG = "worker.out"
 
 
+CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
+
+
+def oom_kills() -> int | None:
+    """The kernel's count of OOM kills since boot (cgroup ones included), or None where
+    /proc/vmstat does not tell."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _judge(code: int, why: str | None, oom_kills_at_start: int | None) -> tuple[str, str]:
+    """How a worker that neither finished nor failed cleanly ended, in words, and its cause."""
+    if code == Exit.OUT_OF_MEMORY:
+        return f"ran out of memory ({why or 'an allocation failed'})", "out_of_memory"
+    if code >= 0:
+        return f"crashed (exit {code})", "crashed"
+    sig = signal.Signals(-code)
+    if sig == signal.SIGKILL:
+        now = oom_kills()
+        if now is not None and oom_kills_at_start is not None and now > oom_kills_at_start:
+            return "was killed by the kernel's OOM killer (out of memory; its OOM kill count rose)", "out_of_memory"
+        unknown = now is None or oom_kills_at_start is None
+        return f"was killed by SIGKILL{' (out of memory? see `dmesg`)' if unknown else ''}", "killed"
+    if sig in CRASH_SIGNALS:
+        return f"crashed ({sig.name})", "crashed"
+    return f"was killed by {sig.name}", "killed"
+
+
 class DaemonBusy(TraindError):
     pass
 
@@ -57,6 +91,8 @@ class Worker:
     proc: subprocess.Popen
     started: float
     slot: str
+    oom_kills: int | None = None
+    """The kernel's OOM kill count when it started: a SIGKILL after it rose was the OOM killer."""
 
 
 @dataclass
@@ -89,7 +125,8 @@ class Daemon:
         for folder in self._job_folders():
             record = read_state(folder)
             if record is not None and record.state == JobState.RUNNING:
-                transition(folder, JobState.QUEUED, last_error="the daemon stopped while it ran")
+                transition(folder, JobState.QUEUED, last_error="the daemon stopped while it ran",
+                           cause="interrupted")
 
     def loop(self, now: float, closed: frozenset = frozenset()) -> None:
         self.intake.scan(now, closed)
@@ -120,10 +157,11 @@ class Daemon:
         env = dict(os.environ, CUDA_DEVICE_ORDER="PCI_BUS_ID")
         if slot.startswith("cuda:"):
             env["CUDA_VISIBLE_DEVICES"] = slot.split(":")[1]
+        count = oom_kills()
         with open(folder / WORKER_LOG, "ab") as out:
             proc = subprocess.Popen([sys.executable, "-m", "traind.daemon.worker", "--home", str(self.home.root), name],
                                     stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
-        self.running[name] = Worker(name, proc, now, slot)
+        self.running[name] = Worker(name, proc, now, slot, count)
 
     def _ended(self, worker: Worker, code: int, now: float) -> None:
         folder = self.home.job_dir(worker.name)
@@ -140,28 +178,27 @@ class Daemon:
         elif code == Exit.STOPPED:
             transition(folder, JobState.QUEUED)
         elif code in (Exit.BAD_JOB, Exit.FAILED):
-            transition(folder, JobState.FAILED, last_error=why or f"the worker failed (exit {code})")
+            transition(folder, JobState.FAILED, last_error=why or f"the worker failed (exit {code})",
+                       cause="bad_job" if code == Exit.BAD_JOB else "failed")
         else:
-            self._crashed(worker, code, now, folder)
+            self._crashed(worker, code, now, folder, why)
             return
         self.fast_fails.pop(worker.name, None)
 
-    def _crashed(self, worker: Worker, code: int, now: float, folder: Path) -> None:
-        """Killed or crashed: try again from the newest good save, after a backoff."""
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"crashed (exit {code})"
-        if code == -signal.SIGKILL:
-            how += " (out of memory? see `dmesg`)"
+    def _crashed(self, worker: Worker, code: int, now: float, folder: Path, why: str | None) -> None:
+        """Out of memory, killed or crashed: try again from the newest good save, after a backoff."""
+        how, cause = _judge(code, why, worker.oom_kills)
         record = read_state(folder)
         restarts = (record.restarts if record else 0) + 1
         fast = self.fast_fails.get(worker.name, 0) + (now - worker.started < FAST_FAIL)
         self.fast_fails[worker.name] = fast
         if restarts > MAX_RESTARTS or fast >= MAX_FAST:
             reason = "it died within seconds of each start" if fast >= MAX_FAST else f"{restarts - 1} restarts"
-            transition(folder, JobState.FAILED, restarts=restarts - 1,
-                       last_error=f"the worker was {how}; given up after {reason}")
+            transition(folder, JobState.FAILED, restarts=restarts - 1, cause=cause,
+                       last_error=f"the worker {how}; given up after {reason}")
             return
         self.retry_at[worker.name] = now + min(BACKOFF[0] * 2 ** (restarts - 1), BACKOFF[1])
-        transition(folder, JobState.QUEUED, restarts=restarts, last_error=f"the worker was {how}; restarting")
+        transition(folder, JobState.QUEUED, restarts=restarts, cause=cause, last_error=f"the worker {how}; restarting")
 
     def stop(self, timeout: float = 600.0) -> None:
         """Every worker saves at its next step boundary and stops; their jobs stay queued."""

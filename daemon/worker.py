@@ -21,7 +21,7 @@ from traind.daemon import requests
 from traind.daemon.foreground import JobBusy, holding, train_in_folder
 from traind.daemon.home import SPEC_FILE, Home
 from traind.jobs.checkpoint import Checkpointer
-from traind.jobs.errors import JobSpecError
+from traind.jobs.errors import JobSpecError, OutOfMemory
 from traind.jobs.spec import JobSpec
 from traind.jobs.train import Trainer
 from traind.store.errors import TraindError
@@ -42,6 +42,8 @@ class Exit(IntEnum):
     """Stopped by SIGTERM (the daemon is stopping): queued again."""
     PAUSED = 76
     CANCELLED = 77
+    OUT_OF_MEMORY = 78
+    """An allocation failed (host or device); tried again, as memory may free up."""
 
 
 class RequestHook:
@@ -83,6 +85,8 @@ def run(home: Home, name: str) -> Exit:
             done, _ = train_in_folder(spec, name, folder, None, hook=hook)
     except JobSpecError as e:
         return _failed(folder, Exit.BAD_JOB, str(e))
+    except OutOfMemory as e:
+        return _failed(folder, Exit.OUT_OF_MEMORY, str(e))
     except (JobBusy, TraindError) as e:
         return _failed(folder, Exit.FAILED, str(e))
     except (OSError, ValueError) as e:  # spec.json missing or unreadable

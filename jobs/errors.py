@@ -66,3 +66,16 @@ class NonFiniteLoss(TrainingError):
         msg = (f"non-finite loss {loss} at step {step} (epoch {epoch + 1}, batch {batch + 1}); "
                "lower the learning rate, set train.grad_clip, or check the data for NaN")
         super().__init__(msg + (f"; {detail}" if detail else ""))
+
+
+class OutOfMemory(TrainingError):
+    """The job asked for more memory (host or device) than there was."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether E is an allocation failure: Python's MemoryError, torch's OutOfMemoryError
+    (CUDA), or the RuntimeError of torch's CPU and MPS allocators."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e) if isinstance(e, RuntimeError) else ""
+    return any(s in text for s in ("can't allocate memory", "out of memory", "not enough memory"))

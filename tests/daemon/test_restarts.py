@@ -9,7 +9,9 @@ import pytest
 
 from traind.daemon.home import Home
 from traind.daemon.jobstate import JobRecord, JobState, read_state, transition, write_state
+from traind.daemon import supervisor
 from traind.daemon.supervisor import BACKOFF, MAX_FAST, MAX_RESTARTS, Daemon, Worker
+from traind.daemon.worker import Exit
 
 
 @pytest.fixture
@@ -28,9 +30,9 @@ def dead(code):
     return proc
 
 
-def end(daemon, code, started, now):
+def end(daemon, code, started, now, oom_kills=None):
     proc = dead(code)
-    daemon._ended(Worker("j", proc, started, "cpu0"), proc.returncode, now)
+    daemon._ended(Worker("j", proc, started, "cpu0", oom_kills), proc.returncode, now)
     return read_state(daemon.home.job_dir("j"))
 
 
@@ -62,7 +64,28 @@ def test_too_many_restarts_fail_the_job(daemon):
     assert record.state == JobState.FAILED and f"{MAX_RESTARTS} restarts" in record.last_error
 
 
-@pytest.mark.parametrize("code, state", [(0, JobState.DONE), (76, JobState.PAUSED), (77, JobState.CANCELLED),
-                                         (75, JobState.QUEUED), (2, JobState.FAILED), (1, JobState.FAILED)])
-def test_each_way_a_worker_ends_has_its_state(daemon, code, state):
-    assert end(daemon, code, started=0.0, now=100.0).state == state
+@pytest.mark.parametrize("code, state, cause", [
+    (0, JobState.DONE, None), (76, JobState.PAUSED, None), (77, JobState.CANCELLED, None),
+    (75, JobState.QUEUED, None), (2, JobState.FAILED, "bad_job"), (1, JobState.FAILED, "failed"),
+    (Exit.OUT_OF_MEMORY, JobState.QUEUED, "out_of_memory"), (3, JobState.QUEUED, "crashed"),
+    (-signal.SIGSEGV, JobState.QUEUED, "crashed"), (-signal.SIGABRT, JobState.QUEUED, "crashed"),
+    (-signal.SIGTERM, JobState.QUEUED, "killed"), (-signal.SIGKILL, JobState.QUEUED, "killed")])
+def test_each_way_a_worker_ends_has_its_state_and_cause(daemon, code, state, cause):
+    record = end(daemon, code, started=0.0, now=100.0)
+    assert (record.state, record.cause) == (state, cause)
+
+
+def test_a_sigkill_while_the_kernels_oom_kill_count_rose_is_out_of_memory(daemon, monkeypatch):
+    monkeypatch.setattr(supervisor, "oom_kills", lambda: 8)
+    record = end(daemon, -signal.SIGKILL, started=0.0, now=100.0, oom_kills=7)
+    assert record.cause == "out_of_memory" and "the kernel's OOM killer" in record.last_error
+    transition(daemon.home.job_dir("j"), JobState.RUNNING)
+    record = end(daemon, -signal.SIGKILL, started=200.0, now=300.0, oom_kills=8)  # no OOM kill since its start
+    assert record.cause == "killed" and "out of memory" not in record.last_error
+
+
+def test_the_oom_kill_count_is_read_from_the_kernel():
+    count = supervisor.oom_kills()
+    assert count is None or count >= 0
+    if open("/proc/vmstat").read().find("oom_kill ") >= 0:
+        assert isinstance(count, int)

@@ -325,3 +325,38 @@ def test_two_hundred_files_dropped_into_a_live_daemon_killed_mid_intake_are_each
     for i, name in enumerate(names):
         spec = json.loads((jobs / name / "spec.json").read_text())
         assert spec["model"]["layers"][0][2] == 2 + i % 7  # each job holds its own file
+
+
+GREEDY = '''
+import torch
+from torch import nn
+
+
+class Greedy(nn.Module):
+    """Trains a few steps, then asks for 128 TiB."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.calls = nn.Linear(20, 10), 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.training and self.calls > 3:
+            torch.empty(2 ** 45)
+        return self.lin(x)
+'''
+
+
+def test_a_job_out_of_memory_is_told_apart_in_status_and_not_looped(daemons):
+    proc = daemons.start()
+    inbox = daemons.home / "inbox"
+    wait_for(lambda: inbox.is_dir(), "the inbox")
+    (inbox / "greedy.py").write_text(GREEDY)
+    (inbox / "greedy.toml").write_text('python_path = ["."]\n[model]\ntarget = "greedy:Greedy"\n'
+                                       '[data]\nsamples = 512\n[train]\nepochs = 2\n')
+    wait_for(lambda: rows(daemons.home).get("greedy", {}).get("state") == "failed", "the job to fail", timeout=180)
+    status = json.loads(traind(daemons.home, "status", "greedy", "--json").output)
+    assert status["cause"] == "out_of_memory"
+    assert "ran out of memory (out of memory at step 3" in status["last_error"]  # 1 dry forward + 2 steps
+    assert status["restarts"] >= 1  # tried again: memory may have been taken by someone else
+    assert proc.poll() is None
