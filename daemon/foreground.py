@@ -19,7 +19,7 @@ from traind.jobs.checkpoint import Checkpointer
 from traind.jobs.errors import JobSpecError, NonFiniteLoss, OutOfMemory, TrainingError, is_out_of_memory
 from traind.jobs.jobfile import JobFile
 from traind.jobs.spec import JobSpec
-from traind.jobs.metrics import LOG_FILE, Recorder
+from traind.jobs.metrics import LOG_FILE, Recorder, tensorboard_available
 from traind.jobs.train import Trainer
 from traind.store.errors import StoreError, TraindError
 from traind.store.fs import FileSystem, write_durably
@@ -110,7 +110,7 @@ def train_in_folder(spec: JobSpec, name: str, folder: Path, echo: Callable[[str]
                     hook: Hook | None = None) -> tuple[bool, Trainer]:
     """Build the job, continue from FOLDER's newest good save, train until done (True) or
     stopped; the caller holds FOLDER's lock."""
-    recorder = Recorder(folder, echo, name)
+    recorder = Recorder(folder, echo, name, tensorboard=tensorboard_available())
     try:
         try:
             job = build_job(spec, name)

@@ -1,9 +1,12 @@
-"""A job's record: metrics as JSON lines, a human-readable log, one line per epoch."""
+"""A job's record: metrics as JSON lines, a human-readable log, one line per epoch, and
+TensorBoard event files (in `tensorboard/`) where tensorboard is installed."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -11,6 +14,16 @@ from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "log"
+TENSORBOARD_DIR = "tensorboard"
+NOT_SCALARS = {"kind", "step", "epoch", "time", "id", "kinds", "total_steps", "device"}
+
+
+def tensorboard_available() -> bool:
+    """Whether jobs write TensorBoard event files: tensorboard is installed, and
+    TRAIND_TENSORBOARD is not 0."""
+    if os.environ.get("TRAIND_TENSORBOARD", "1") == "0":
+        return False
+    return importlib.util.find_spec("tensorboard") is not None
 
 
 def direction(monitor: str, mode: str | None) -> str:
@@ -23,8 +36,10 @@ class Recorder:
     each epoch's line to ECHO (the terminal of `traind run`)."""
 
     def __init__(self, folder: Path | None = None, echo: Callable[[str], None] | None = None,
-                 name: str = "job"):
+                 name: str = "job", tensorboard: bool = False):
         self.echo, self.folder = echo, folder
+        self._tensorboard = tensorboard and folder is not None
+        self._events = None  # TensorBoard's SummaryWriter, opened at the first record
         self.logger = logging.getLogger(f"traind.job.{name}.{id(self)}")
         self.logger.propagate = False
         self.logger.setLevel(logging.INFO)
@@ -42,6 +57,20 @@ class Recorder:
         with self._lock:
             if self._metrics is not None:
                 self._metrics.write(line)
+            if self._tensorboard:
+                self._scalars(record)
+
+    def _scalars(self, record: dict, purge_step: int | None = None) -> None:
+        """RECORD's numbers as TensorBoard scalars ("step/loss", "epoch/val_loss"...).
+        SummaryWriter queues them to its own thread, which writes and flushes."""
+        if self._events is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._events = SummaryWriter(str(self.folder / TENSORBOARD_DIR), purge_step=purge_step)
+        step = record.get("step")
+        for key, value in record.items():
+            if key not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._events.add_scalar(f"{record.get('kind', 'metric')}/{key}", value, step)
 
     def keep_until(self, step: int, epochs_done: int) -> None:
         """Forget the records written after the save a job resumes from (they will be
@@ -57,6 +86,10 @@ class Recorder:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
             tmp.replace(path)
             self._metrics = open(path, "a", encoding="utf-8", buffering=1)
+            if self._tensorboard:
+                self._close_events()
+                # TensorBoard hides the events of earlier runs from this step on: they are written again
+                self._scalars({}, purge_step=step + 1 if step else 0)
 
     def log(self, message: str, level: int = logging.INFO) -> None:
         self.logger.log(level, message)
@@ -82,6 +115,12 @@ class Recorder:
             if self._metrics is not None:
                 self._metrics.close()
                 self._metrics = None
+            self._close_events()
+
+    def _close_events(self) -> None:
+        if self._events is not None:
+            self._events.close()  # flushes, and ends its thread
+            self._events = None
 
 
 def read_metrics(folder: Path) -> list[dict]:
