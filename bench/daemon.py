@@ -3,8 +3,12 @@
 - latency: from a job file landing in inbox/ (renamed in there, as `traind submit` does) to
   the job's first training step, against `traind run` of the same file from its start
   to its first step (both start a Python process that imports torch);
+- intake: 10,000 files renamed into inbox/ at once, to their 10,000 job folders, by a
+  daemon that starts no job (`--workers 0`), against validating the same files in-process
+  (the work no intake can skip), per file;
 - `ls`: `traind ls --json` with 10,000 job folders, as a user runs it (a new process),
-  the first time (building the index) and after.
+  the first time (building the index) and after;
+- `saves`: `traind saves NAME --json` of a job with 1,000 saves.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ import time
 from pathlib import Path
 
 from traind.daemon.home import Home
-from traind.daemon.jobstate import JobRecord, JobState, write_state
+from traind.daemon.jobstate import STATE_FILE, JobRecord, JobState
+from traind.store.retention import Policy
+from traind.store.saves import SAVES
+from traind.store.store import SaveStore
 
 JOB = """
 name = "{name}"
@@ -45,7 +52,19 @@ def _first_step(folder: Path, timeout: float = 120) -> float:
     raise TimeoutError(f"no training step in {folder} within {timeout} s")
 
 
-def _latency(root: Path, runs: int) -> tuple[list[float], list[float]]:
+def _done(folder: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if json.loads((folder / STATE_FILE).read_text())["state"] == "done":
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    raise TimeoutError(f"{folder} did not finish within {timeout} s")
+
+
+def _latency(root: Path, runs: int, baseline_runs: int) -> tuple[list[float], list[float]]:
     home = Home(root / "home")
     daemon = subprocess.Popen([sys.executable, "-m", "traind.daemon.cli", "--home", str(home.root), "daemon"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -53,6 +72,8 @@ def _latency(root: Path, runs: int) -> tuple[list[float], list[float]]:
     try:
         while not home.inbox.is_dir():
             time.sleep(0.01)
+        (home.inbox / "warmup.toml").write_text(JOB.format(name="warmup"))  # a serving daemon: validator started
+        _done(home.job_dir("warmup"))
         for i in range(runs):
             text = JOB.format(name=f"lat{i}")
             staged = home.inbox / f".lat{i}.toml.tmp"  # as `traind submit` delivers: a rename in the inbox
@@ -61,6 +82,9 @@ def _latency(root: Path, runs: int) -> tuple[list[float], list[float]]:
             start = time.monotonic()
             os.rename(staged, home.inbox / f"lat{i}.toml")
             ours.append(_first_step(home.job_dir(f"lat{i}")) - start)
+            _done(home.job_dir(f"lat{i}"))  # the next job must not wait for this one's slot
+            if i >= baseline_runs:
+                continue
             path = root / f"run{i}.toml"
             path.write_text(text)
             start = time.monotonic()
@@ -82,12 +106,13 @@ def _ls(root: Path, jobs: int) -> tuple[float, float]:
     metrics = "".join(json.dumps({"kind": k, "step": s, "epoch": 1, "loss": 0.5, "train_loss": 0.5,
                                   "val_loss": 0.4, "total_steps": 100, "device": "cpu"}) + "\n"
                       for k, s in (("start", 0), ("step", 10), ("epoch", 26)))
-    for i in range(jobs):
+    for i in range(jobs):  # plain writes: the durability of these made-up folders is not measured
         folder = home.job_dir(f"job{i:05d}")
         folder.mkdir(parents=True)
         (folder / "spec.json").write_text(spec)
         (folder / "metrics.jsonl").write_text(metrics)
-        write_state(folder, JobRecord(folder.name, JobState.DONE, submitted=time.time()))
+        record = JobRecord(folder.name, JobState.DONE, submitted=time.time())
+        (folder / STATE_FILE).write_text(json.dumps(record.as_json()))
     command = [sys.executable, "-m", "traind.daemon.cli", "--home", str(home.root), "ls", "--json"]
     times = []
     for _ in range(4):
@@ -98,24 +123,103 @@ def _ls(root: Path, jobs: int) -> tuple[float, float]:
     return times[0], statistics.median(times[1:])
 
 
+def _cli(*args: str) -> bytes:
+    return subprocess.run([sys.executable, "-m", "traind.daemon.cli", *args], check=True, capture_output=True).stdout
+
+
+def _saves(root: Path, count: int) -> float:
+    """`traind saves NAME --json` of a job with COUNT saves (small ones: the listing is measured)."""
+    home = Home(root / "saves-home")
+    folder = home.job_dir("many-saves")
+    folder.mkdir(parents=True)
+    (folder / "spec.json").write_text(json.dumps({"checkpoint": {"monitor": "val_loss", "mode": None}}))
+    (folder / STATE_FILE).write_text(json.dumps(JobRecord("many-saves", JobState.DONE).as_json()))
+    store = SaveStore(folder / SAVES, Policy(keep_last=count))
+    import torch
+
+    tensors = {"w": torch.zeros(16)}
+    for step in range(1, count + 1):
+        seq, save_id = store.reserve(step)
+        store.write(seq, save_id, {"model.safetensors": (tensors, {})}, {"state.json": {"step": step}},
+                    {"step": step, "epoch": 0, "batch": 0, "kinds": ["auto"], "metrics": {"val_loss": 1.0 / step}})
+    times = []
+    for _ in range(4):
+        start = time.perf_counter()
+        out = _cli("--home", str(home.root), "saves", "many-saves", "--json")
+        times.append(time.perf_counter() - start)
+        assert len(json.loads(out)) == count
+    return statistics.median(times[1:])
+
+
+INTAKE_JOB = '[model]\nlayers = [["Linear", 4, {width}]]\n[data]\nsamples = 16\nfeatures = 4\nclasses = 2\n'
+
+
+def _intake(root: Path, count: int) -> tuple[float, float]:
+    """Seconds per file: a daemon taking COUNT files renamed into inbox/ at once, and
+    in-process validation (parse + dry build) of a sample of the same files."""
+    from traind.daemon.intake import validate
+    from traind.jobs.jobfile import load_job
+
+    home = Home(root / "intake-home")
+    staging = root / "intake-staging"
+    staging.mkdir()
+    for i in range(count):
+        (staging / f"in{i:05d}.toml").write_text(INTAKE_JOB.format(width=2 + i % 7))
+    sample = sorted(staging.iterdir())[:200]
+    start = time.perf_counter()
+    for path in sample:
+        validate(load_job(path))
+    validating = (time.perf_counter() - start) / len(sample)
+    daemon = subprocess.Popen([sys.executable, "-m", "traind.daemon.cli", "--home", str(home.root), "daemon",
+                               "--workers", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not home.inbox.is_dir():
+            time.sleep(0.01)
+        (home.inbox / "warmup.toml").write_text(INTAKE_JOB.format(width=2))  # a serving daemon
+        while not (home.jobs / "warmup").is_dir():
+            time.sleep(0.01)
+        start = time.perf_counter()
+        for path in staging.iterdir():
+            os.rename(path, home.inbox / path.name)
+        while sum(1 for _ in os.scandir(home.jobs)) < count + 1:
+            time.sleep(0.05)
+        taking = (time.perf_counter() - start) / count
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(120)
+    assert not any((home.rejected).iterdir()), "intake rejected files it should take"
+    return taking, validating
+
+
 def measure(quick: bool = False) -> list[dict]:
-    runs, jobs = (2, 1000) if quick else (6, 10_000)
+    runs, baseline_runs, jobs, files, saves = (3, 2, 1000, 500, 100) if quick else (50, 20, 10_000, 10_000, 1000)
     root = Path(tempfile.mkdtemp(prefix="traind-bench-", dir=Path(__file__).resolve().parent.parent))
     try:
-        ours, theirs = _latency(root, runs)
+        ours, theirs = _latency(root, runs, baseline_runs)
         cold, warm = _ls(root, jobs)
+        listing = _saves(root, saves)
+        taking, validating = _intake(root, files)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     p50, p50_run = statistics.median(ours), statistics.median(theirs)
-    p99 = max(ours)  # with this few runs, the worst one stands for p99
+    p99 = statistics.quantiles(ours, n=100)[98] if len(ours) >= 20 else max(ours)
     return [
         {"case": "inbox -> first step, p50 (s)", "traind": round(p50, 3), "baseline": round(p50_run, 3),
          "ratio": round(p50 / p50_run, 3), "goal": "<= 1.1x + 0.5 s",
-         "verdict": "met" if p50 <= 1.1 * p50_run + 0.5 else "missed", "detail": f"daemon vs traind run, {runs} runs"},
-        {"case": "inbox -> first step, worst (s)", "traind": round(p99, 3), "baseline": round(max(theirs), 3),
+         "verdict": "met" if p50 <= 1.1 * p50_run + 0.5 else "missed",
+         "detail": f"daemon, {runs} jobs, vs traind run, {baseline_runs} runs"},
+        {"case": "inbox -> first step, p99 (s)", "traind": round(p99, 3), "baseline": round(max(theirs), 3),
          "ratio": round(p99 / max(theirs), 3), "goal": "<= 1.1x + 0.5 s",
-         "verdict": "met" if p99 <= 1.1 * max(theirs) + 0.5 else "missed", "detail": f"{runs} runs"},
+         "verdict": "met" if p99 <= 1.1 * max(theirs) + 0.5 else "missed",
+         "detail": f"{runs} jobs (with fewer than 20, the worst); baseline: traind run's worst"},
         {"case": f"traind ls, {jobs} jobs (s)", "traind": round(warm, 3), "baseline": 0.3,
          "ratio": round(warm / 0.3, 3), "goal": "< 0.3 s", "verdict": "met" if warm < 0.3 else "missed",
          "detail": f"a new process each time, index built; the first ls (no index) took {cold:.2f} s"},
+        {"case": f"traind saves, {saves} saves (s)", "traind": round(listing, 3), "baseline": 0.3,
+         "ratio": round(listing / 0.3, 3), "goal": "< 0.3 s", "verdict": "met" if listing < 0.3 else "missed",
+         "detail": "a new process each time, --json (manifests read, sizes checked)"},
+        {"case": f"intake of {files} dropped files (ms per file)", "traind": round(taking * 1e3, 2),
+         "baseline": round(validating * 1e3, 2), "ratio": round(taking / validating, 3), "goal": "-", "verdict": "-",
+         "detail": f"{files} files renamed in at once, {1 / taking:.0f} files/s to job folders; baseline: "
+                   "in-process validation of 200 of them (parse + dry build)"},
     ]

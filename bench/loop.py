@@ -1,15 +1,28 @@
-"""Training throughput: traind's loop against a hand-written PyTorch loop doing the
-same work (same model, data, batches, optimizer, scheduler, validation every epoch).
+"""Training throughput: traind's loop, saving at the job's cadence, against a hand-written
+PyTorch loop doing the same work (same model, data, batches, optimizer, scheduler,
+validation every epoch) and saving at the same steps the usual way: `torch.save` of the
+state dicts and RNG state to a temporary file, fsync, rename.
 
-Two baselines, run interleaved with traind in one process:
-- `hand`: the loop a user would write (d2l style), DataLoader over a TensorDataset,
-  which collates each batch sample by sample;
-- `hand-gather`: the same loop fed by one gather per batch, as traind's loader does,
-  so that the ratio against it is the loop's own overhead alone.
+traind runs as `traind run` does (Trainer + Checkpointer in a job folder), in this
+process, without the interpreter's start-up. The series run interleaved, in rotated
+order, and are compared by their medians:
+
+- seed MLP (20-256-10, ~1 MB of state), the default cadence (a save each epoch), against
+  `hand` (the idiomatic `DataLoader(TensorDataset)` loop, which collates each batch
+  sample by sample) and `hand-gather` (one gather per batch, as traind feeds itself, so
+  that the ratio is the loop's and the saves' own cost). `hand-gather-again` is an A/A
+  control: the same loop twice, whose ratio is this run's noise floor.
+- the same MLP saving only its final save: the default cadence's overhead.
+- the same MLP writing TensorBoard event files: their cost on the step path.
+- a ~100 MB state (an 8.4M-parameter MLP and its AdamW moments) saved every 20 steps:
+  traind's saves run behind training, the hand loop's block it.
+- PyTorch Lightning with ModelCheckpoint on the seed MLP, where it is installed
+  (`pip install -e .[bench]`).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -20,11 +33,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from traind.jobs.build import build_job
+from traind.jobs.checkpoint import Checkpointer
 from traind.jobs.jobfile import parse_spec
-from traind.jobs.metrics import Recorder
+from traind.jobs.metrics import Recorder, read_metrics, tensorboard_available
 from traind.jobs.train import Trainer
 
-JOB = """
+MLP = """
 name = "bench-mlp"
 seed = 0
 [model]
@@ -45,98 +59,257 @@ step_size = 2
 gamma = 0.5
 [train]
 epochs = {epochs}
+log_every_steps = 10
+[checkpoint]
+{checkpoint}
+"""
+DEFAULT_CADENCE = ""  # every epoch, every 10 minutes, and best: one save per epoch here
+FINAL_ONLY = "every_epochs = 0\nevery_minutes = 0\nkeep_best = 0"
+
+BIG = """
+name = "bench-big"
+seed = 0
+[model]
+layers = [["Linear", 1024, 4096], ["ReLU"], ["Linear", 4096, 1024]]
+[data]
+samples = {samples}
+features = 1024
+classes = 1024
+batch_size = 64
+[optimizer]
+name = "AdamW"
+lr = 1e-3
+weight_decay = 0.01
+[scheduler]
+name = "StepLR"
+step_size = 2
+gamma = 0.5
+[train]
+epochs = 1
+log_every_steps = 10
+[checkpoint]
+every_steps = 20
+every_epochs = 0
+every_minutes = 0
+keep_best = 0
 """
 
 
-def _job(samples: int, epochs: int):
-    spec = parse_spec(JOB.format(samples=samples, epochs=epochs), "toml", Path("bench-mlp.toml"))
-    return build_job(spec, "bench-mlp")
+def _job(text: str):
+    spec = parse_spec(text, "toml", Path("bench.toml"))
+    return build_job(spec, spec.name or "bench")
 
 
-def run_traind(samples: int, epochs: int) -> tuple[float, int]:
-    job = _job(samples, epochs)
-    with tempfile.TemporaryDirectory() as folder:
-        recorder = Recorder(Path(folder))
+STALLS: list[float] = []  # per run of run_traind: seconds its training thread spent in saves
+
+
+def run_traind(text: str, tensorboard: bool = False) -> tuple[float, int]:
+    """Train the job in a fresh job folder, saving as its policy says; the time runs until
+    the final save is committed. Appends the run's time in saves (snapshot copies and
+    waits for the previous write) to STALLS."""
+    job = _job(text)
+    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as folder:
+        recorder = Recorder(Path(folder), tensorboard=tensorboard)
+        recorder.keep_until(0, 0)
         trainer = Trainer(job, recorder)
+        checkpoints = Checkpointer(trainer, Path(folder), recorder)
         start = time.perf_counter()
-        trainer.fit()
+        trainer.fit(checkpoints.boundary)
+        checkpoints.close()
         elapsed = time.perf_counter() - start
         recorder.close()
+        saves = [r for r in read_metrics(Path(folder)) if r.get("kind") == "save"]
+        STALLS.append(sum(r["stall_s"] + r["waited_s"] for r in saves) / elapsed)
     return elapsed, trainer.progress.step
 
 
-def run_hand(samples: int, epochs: int, gather: bool) -> tuple[float, int]:
-    """The baseline: the same model and data (taken from the built job before training)."""
-    job = _job(samples, epochs)
-    train, val = job.splits.train, job.splits.val
+def _save_by_hand(path: Path, net, optimizer, scheduler, steps: int) -> None:
+    """The usual safe-ish recipe: torch.save to a temporary file, fsync, rename."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": steps}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def run_hand(text: str, gather: bool, every_steps: int = 0) -> tuple[float, int]:
+    """The baseline: the same model and data (taken from the built job before training),
+    saved every EVERY_STEPS steps (0: at each epoch's end) and at the end."""
+    job = _job(text)
+    train, val, batch = job.splits.train, job.splits.val, job.spec.data.batch_size
     net, loss_fn = job.model, nn.CrossEntropyLoss()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
     if gather:
         def batches(x, y, shuffle):
             order = torch.randperm(len(x)) if shuffle else torch.arange(len(x))
-            for idx in order.split(64):
+            for idx in order.split(batch):
                 yield x[idx], y[idx]
         train_iter = lambda: batches(train.x, train.y, True)  # noqa: E731
         val_iter = lambda: batches(val.x, val.y, False)  # noqa: E731
     else:
-        train_loader = DataLoader(TensorDataset(train.x, train.y), batch_size=64, shuffle=True)
-        val_loader = DataLoader(TensorDataset(val.x, val.y), batch_size=64)
+        train_loader = DataLoader(TensorDataset(train.x, train.y), batch_size=batch, shuffle=True)
+        val_loader = DataLoader(TensorDataset(val.x, val.y), batch_size=batch)
         train_iter, val_iter = (lambda: iter(train_loader)), (lambda: iter(val_loader))
+    epochs = job.spec.train.epochs
     steps = 0
-    start = time.perf_counter()
-    for _ in range(epochs):
-        net.train()
-        total = 0.0
-        for x, y in train_iter():
-            loss = loss_fn(net(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-            steps += 1
-        net.eval()
-        with torch.no_grad():
-            val_loss = correct = 0.0
-            for x, y in val_iter():
-                out = net(x)
-                val_loss += float(loss_fn(out, y)) * len(y)
-                correct += int((out.argmax(-1) == y).sum())
-        scheduler.step()
-    return time.perf_counter() - start, steps
+    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as folder:
+        path = Path(folder) / "ckpt.pt"
+        start = time.perf_counter()
+        for epoch in range(epochs):
+            net.train()
+            total = 0.0
+            for i, (x, y) in enumerate(train_iter()):
+                loss = loss_fn(net(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += loss.item()
+                steps += 1
+                if every_steps and steps % every_steps == 0 and i + 1 < job.steps_per_epoch:
+                    _save_by_hand(path, net, optimizer, scheduler, steps)
+            net.eval()
+            with torch.no_grad():
+                val_loss = correct = 0.0
+                for x, y in val_iter():
+                    out = net(x)
+                    val_loss += float(loss_fn(out, y)) * len(y)
+                    correct += int((out.argmax(-1) == y).sum())
+            scheduler.step()
+            if not every_steps or epoch + 1 == epochs:
+                _save_by_hand(path, net, optimizer, scheduler, steps)
+        elapsed = time.perf_counter() - start
+    return elapsed, steps
+
+
+def run_lightning(text: str) -> tuple[float, int]:
+    """PyTorch Lightning on the same model and data, as its docs show it: DataLoaders over
+    TensorDatasets, and ModelCheckpoint saving every epoch (save_last)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", module="lightning")
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    job = _job(text)
+    train, val, batch = job.splits.train, job.splits.val, job.spec.data.batch_size
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net, self.loss_fn = job.model, nn.CrossEntropyLoss()
+
+        def training_step(self, b, i):
+            return self.loss_fn(self.net(b[0]), b[1])
+
+        def validation_step(self, b, i):
+            out = self.net(b[0])
+            self.log("val_loss", self.loss_fn(out, b[1]), prog_bar=False)
+
+        def configure_optimizers(self):
+            optimizer = torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.01)
+            return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)]
+
+    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as folder:
+        trainer = L.Trainer(max_epochs=job.spec.train.epochs, default_root_dir=folder, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                            num_sanity_val_steps=0,
+                            callbacks=[ModelCheckpoint(dirpath=folder, every_n_epochs=1, save_last=True)])
+        loaders = (DataLoader(TensorDataset(train.x, train.y), batch_size=batch, shuffle=True),
+                   DataLoader(TensorDataset(val.x, val.y), batch_size=batch))
+        start = time.perf_counter()
+        trainer.fit(Module(), *loaders)
+        elapsed = time.perf_counter() - start
+    return elapsed, trainer.global_step
+
+
+def lightning_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("lightning") is not None
+
+
+def _series(runs: dict, reps: int) -> dict[str, list[float]]:
+    """Run each series REPS times, rotating (and every other cycle reversing) the order,
+    so that each runs in each place equally often; steps per second of each run."""
+    who = list(runs)
+    rates: dict[str, list[float]] = {w: [] for w in who}
+    steps = {}
+    for rep in range(reps):
+        order = who[rep % len(who):] + who[:rep % len(who)]
+        for w in (order if rep // len(who) % 2 == 0 else order[::-1]):
+            seconds, n = runs[w]()
+            rates[w].append(n / seconds)
+            steps[w] = n
+    assert len(set(steps.values())) == 1, f"the loops did different work: {steps}"
+    return rates
+
+
+def _row(case: str, ours: float, theirs: float, goal: float | None, noise: float, detail: str,
+         higher: bool = True) -> dict:
+    ratio = ours / theirs
+    if goal is None:
+        verdict = "-"
+    elif (ratio >= goal) if higher else (ratio <= goal):
+        verdict = "met"
+    elif (ratio >= goal - noise) if higher else (ratio <= goal + noise):
+        verdict = "within noise"
+    else:
+        verdict = "missed"
+    return {"case": case, "traind": round(ours, 1), "baseline": round(theirs, 1), "ratio": round(ratio, 3),
+            "goal": "-" if goal is None else f"{'>=' if higher else '<='} {goal}", "verdict": verdict,
+            "detail": detail}
 
 
 def measure(quick: bool = False) -> list[dict]:
-    """Rotate (and every other cycle reverse) the order of the runs, and compare medians. A second series
-    of `hand-gather` runs, interleaved with the first, is an A/A control: the ratio of the
-    two identical loops shows how much this machine's noise alone moves a ratio."""
-    samples, epochs, reps = (4096, 3, 4) if quick else (16384, 3, 24)
-    who = ["traind", "hand", "hand-gather", "hand-gather-again"]
-    runs: dict[str, list[float]] = {w: [] for w in who}
-    steps = {}
-    run_traind(1024, 1)  # warm up allocator and kernels
-    for rep in range(reps):
-        order = who[rep % len(who):] + who[:rep % len(who)]  # each series in each place equally often
-        for w in (order if rep // len(who) % 2 == 0 else order[::-1]):
-            if w == "traind":
-                seconds, n = run_traind(samples, epochs)
-            else:
-                seconds, n = run_hand(samples, epochs, gather=w.startswith("hand-gather"))
-            runs[w].append(n / seconds)
-            steps[w] = n
-    assert len(set(steps.values())) == 1, f"the loops did different work: {steps}"
-    median = {w: statistics.median(r) for w, r in runs.items()}
+    samples, epochs, reps, big_samples, big_reps = (4096, 3, 3, 1600, 2) if quick else (16384, 3, 10, 8000, 4)
+    mlp = MLP.format(samples=samples, epochs=epochs, checkpoint=DEFAULT_CADENCE)
+    bare = MLP.format(samples=samples, epochs=epochs, checkpoint=FINAL_ONLY)
+    run_traind(MLP.format(samples=1024, epochs=1, checkpoint=DEFAULT_CADENCE))  # warm up allocator and kernels
+    shares: list[float] = []
+
+    def traind_default():
+        result = run_traind(mlp)
+        shares.append(STALLS[-1])
+        return result
+
+    runs = {"traind": traind_default, "traind-final-only": lambda: run_traind(bare),
+            "hand": lambda: run_hand(mlp, gather=False), "hand-gather": lambda: run_hand(mlp, gather=True),
+            "hand-gather-again": lambda: run_hand(mlp, gather=True)}
+    if tensorboard_available():
+        runs["traind-tensorboard"] = lambda: run_traind(mlp, tensorboard=True)
+    if lightning_available():  # pip install traind[bench]
+        runs["lightning"] = lambda: run_lightning(mlp)
+    rates = _series(runs, reps)
+    median = {w: statistics.median(r) for w, r in rates.items()}
     noise = abs(1 - median["hand-gather-again"] / median["hand-gather"])
-    detail = f"{steps['traind']} steps/run, median of {reps} rotated runs; A/A noise {noise:.1%}"
-    rows = []
-    for baseline, goal in (("hand", 0.97), ("hand-gather", 0.97)):
-        ratio = median["traind"] / median[baseline]
-        verdict = "met" if ratio >= goal else "within noise" if ratio >= goal - noise else "missed"
-        rows.append({"case": f"loop steps/s, seed MLP, vs {baseline}", "traind": round(median["traind"], 1),
-                     "baseline": round(median[baseline], 1), "ratio": round(ratio, 3), "goal": f">= {goal}",
-                     "verdict": verdict, "detail": detail})
-    rows.append({"case": "A/A control: hand-gather vs itself", "traind": round(median["hand-gather-again"], 1),
-                 "baseline": round(median["hand-gather"], 1),
-                 "ratio": round(median["hand-gather-again"] / median["hand-gather"], 3), "goal": "1.0 (noise)",
-                 "verdict": "-", "detail": "two identical loops; their ratio is this run's noise floor"})
+    detail = f"steps/s, {epochs} epochs of {samples} samples, a save per epoch, median of {reps}; A/A noise {noise:.1%}"
+    rows = [_row("loop + saves, seed MLP, vs hand DataLoader loop", median["traind"], median["hand"], 0.97, noise,
+                 detail),
+            _row("loop + saves, seed MLP, vs hand gather loop", median["traind"], median["hand-gather"], 0.97, noise,
+                 detail),
+            _row("A/A control: hand gather loop vs itself", median["hand-gather-again"], median["hand-gather"], None,
+                 noise, "two identical loops; their ratio is this run's noise floor")]
+    if "lightning" in median:
+        rows.append(_row("loop + saves, seed MLP, vs PyTorch Lightning + ModelCheckpoint", median["traind"],
+                         median["lightning"], None, noise, detail))
+    share, slowdown = statistics.median(shares), median["traind-final-only"] / median["traind"] - 1
+    rows.append({"case": "checkpoint overhead, default cadence: training thread's time in saves",
+                 "traind": f"{share:.2%}", "baseline": "-", "ratio": round(share, 4), "goal": "<= 1%",
+                 "verdict": "met" if share <= 0.01 else "missed",
+                 "detail": f"a save per {samples * 4 // 5 // 64} steps (~{1 / median['traind'] * samples * 4 // 5 // 64:.2f} s); "
+                           f"end to end, saving each epoch vs only at the end: {slowdown:+.1%} (A/A noise {noise:.1%})"})
+    if "traind-tensorboard" in median:
+        rows.append(_row("TensorBoard event files: steps/s with vs without", median["traind-tensorboard"],
+                         median["traind"], None, noise, "their cost on the step path; " + detail))
+    big = BIG.format(samples=big_samples)
+    rates = _series({"traind": lambda: run_traind(big), "hand-gather": lambda: run_hand(big, True, every_steps=20)},
+                    big_reps)
+    ours, theirs = statistics.median(rates["traind"]), statistics.median(rates["hand-gather"])
+    rows.append(_row("loop + saves, ~100 MB state saved every 20 steps, vs hand gather loop", ours, theirs, 1.0, noise,
+                     f"steps/s, median of {big_reps}; traind saves behind training, torch.save + fsync blocks it"))
     return rows

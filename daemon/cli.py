@@ -191,7 +191,8 @@ def load(home: Home, args: tuple[str, ...], folder: Path | None) -> None:
 
 
 @cli.command()
-@click.option("--workers", default=1, show_default=True, help="Jobs at once without a GPU (with GPUs: one per GPU).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Jobs at once without a GPU (with GPUs: one per GPU); 0: take files in, start no job.")
 @home_option
 @pass_home
 def daemon(home: Home, workers: int) -> None:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from traind.daemon.home import SPEC_FILE, Home
-from traind.daemon.jobstate import STATE_FILE, read_state
+from traind.daemon.jobstate import STATE_FILE, read_state, signature
 from traind.jobs.metrics import METRICS_FILE, direction
 
 INDEX_FILE = "index.sqlite"
@@ -99,14 +99,6 @@ def _monitor(folder: Path) -> tuple[str | None, str]:
         return None, "min"
 
 
-def _signature(path: str) -> str | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-
-
 def _row(folder: Path, tally: Tally) -> dict | None:
     record = read_state(folder)
     if record is None:
@@ -154,7 +146,7 @@ class Index:
         rows, changed = [], []
         for name in names:
             folder = f"{jobs}/{name}"  # strings, not Paths: this loop runs 10,000 times for one ls
-            state_sig, metrics_sig = _signature(f"{folder}/{STATE_FILE}"), _signature(f"{folder}/{METRICS_FILE}")
+            state_sig, metrics_sig = signature(f"{folder}/{STATE_FILE}"), signature(f"{folder}/{METRICS_FILE}")
             if state_sig is None:
                 continue  # not a job (yet): a folder being made, or a stray one
             hit = cached.get(name)

@@ -24,7 +24,7 @@ from traind.jobs.errors import JobSpecError
 from traind.jobs.jobfile import FORMATS, JobFile, load_job
 from traind.jobs.spec import JobSpec
 from traind.store.errors import TraindError
-from traind.store.fs import FileSystem, write_durably
+from traind.store.fs import FileSystem, write_durably, write_new
 
 CLAIMED = ".claimed"
 MAX_DEATHS = 2  # daemons that died validating one file before it is rejected
@@ -120,6 +120,7 @@ class Intake:
             self.fs.rename(entry, claimed)
         except FileNotFoundError:
             return None  # taken in the meantime
+        self.fs.fsync_dir(claimed.parent)  # the new name durable first: a crash may leave both, never neither
         self.fs.fsync_dir(self.home.inbox)
         return self._finish(claimed)
 
@@ -136,7 +137,8 @@ class Intake:
                 raise CrashedDaemon(f"{claimed.name}: the daemon died {deaths} times while validating this file (its "
                                     "code ended the process: a segfault, an exit, an OOM kill?); try it with "
                                     "`traind validate`")
-            write_durably(self.fs, marker, str(deaths + 1).encode())
+            # no fsync: a daemon killed keeps what it wrote; a power cut may lose the count (one more try)
+            marker.write_text(str(deaths + 1))
             job_file = self._validated(claimed)
             self._accept(job_file)
             outcome = Outcome(claimed.name, job_file.name, None)
@@ -168,10 +170,12 @@ class Intake:
         stage = self.home.jobs / f".new-{job_file.name}"
         self.fs.remove_tree(stage)
         self.fs.mkdir(stage)
-        write_durably(self.fs, stage / copy, job_file.text.encode())
-        write_durably(self.fs, stage / SPEC_FILE, job_file.spec.model_dump_json(indent=2).encode())
+        # the stage is invisible until renamed: its files need an fsync each, its name one
+        write_new(self.fs, stage / copy, job_file.text.encode())
+        write_new(self.fs, stage / SPEC_FILE, job_file.spec.model_dump_json(indent=2).encode())
         write_state(stage, JobRecord(job_file.name, JobState.QUEUED, job_file.spec.priority, time.time(),
-                                     changed=time.time()), self.fs)
+                                     changed=time.time()), self.fs, staged=True)
+        self.fs.fsync_dir(stage)
         self.fs.rename(stage, folder)
         self.fs.fsync_dir(self.home.jobs)
 

@@ -15,7 +15,7 @@ from enum import Enum
 from pathlib import Path
 
 from traind.store.errors import TraindError
-from traind.store.fs import FileSystem, write_durably
+from traind.store.fs import FileSystem, write_durably, write_new
 
 STATE_FILE = "state.json"
 STATE_LOCK = "state.lock"
@@ -81,6 +81,16 @@ class JobRecord:
         return cls(**{**{k: v for k, v in doc.items() if k in known}, "state": JobState(doc["state"])})
 
 
+def signature(path: str) -> str | None:
+    """What changes whenever the file at PATH is replaced or written (inode, size, mtime);
+    None if it is missing. Cheaper than reading it: one stat."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def read_state(folder: Path) -> JobRecord | None:
     """The job's record, or None if FOLDER has none (or only a damaged one)."""
     try:
@@ -89,8 +99,10 @@ def read_state(folder: Path) -> JobRecord | None:
         return None
 
 
-def write_state(folder: Path, record: JobRecord, fs: FileSystem | None = None) -> JobRecord:
-    write_durably(fs or FileSystem(), folder / STATE_FILE, json.dumps(record.as_json(), indent=1).encode())
+def write_state(folder: Path, record: JobRecord, fs: FileSystem | None = None, staged: bool = False) -> JobRecord:
+    """Write RECORD durably; STAGED: as a new file of a staging folder (see `write_new`)."""
+    write = write_new if staged else write_durably
+    write(fs or FileSystem(), folder / STATE_FILE, json.dumps(record.as_json(), indent=1).encode())
     return record
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from traind.daemon import notify
 from traind.daemon.home import Home
 from traind.daemon.intake import Intake
-from traind.daemon.jobstate import JobState, read_state, transition
+from traind.daemon.jobstate import STATE_FILE, BadTransition, JobRecord, JobState, read_state, signature, transition
 from traind.daemon.validator import Validator
 from traind.daemon.watch import InboxWatch
 from traind.daemon.worker import ERROR_FILE, Exit
@@ -36,6 +36,7 @@ FAST_FAIL = 5.0
 MAX_FAST = 3
 BACKOFF = (1.0, 60.0)  # first delay, cap
 TICK = 0.25
+RESCAN = 1.0  # seconds between looks at every job's state (the CLI changes some: resume, load)
 LOCK_FILE = "daemon.lock"
 WORKER_LOG = "worker.out"
 
@@ -106,12 +107,14 @@ class Daemon:
 
     def __post_init__(self):
         gpus = [str(d) for d in try_all_gpus() if d.type == "cuda"]
-        # one job per GPU; without one, --workers CPU slots
-        self.slots = gpus or [f"cpu{i}" for i in range(self.workers)]
+        # one job per GPU; without one, --workers CPU slots; --workers 0 takes files in, runs nothing
+        self.slots = [] if self.workers == 0 else gpus or [f"cpu{i}" for i in range(self.workers)]
         self.validator = Validator()
         self.intake = Intake(self.home, settle=self.settle, check=self.validator.check)
         self._lock_fd: int | None = None
         self.waiting = 0
+        self._states: dict[str, tuple[str, JobRecord]] = {}  # name -> (state.json's signature, its record)
+        self._rescan_at = 0.0  # 0: now (the daemon itself changed a state, or took a file in)
 
     def start(self) -> None:
         """Take the home (one daemon each), and queue again the jobs a crash left running."""
@@ -122,6 +125,7 @@ class Daemon:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise DaemonBusy(f"another traind daemon serves {self.home.root}") from None
+        self.validator.start()  # ready by the time a file lands
         for folder in self._job_folders():
             record = read_state(folder)
             if record is not None and record.state == JobState.RUNNING:
@@ -129,30 +133,54 @@ class Daemon:
                            cause="interrupted")
 
     def loop(self, now: float, closed: frozenset = frozenset()) -> None:
-        self.intake.scan(now, closed)
+        if self.intake.scan(now, closed):
+            self._rescan_at = 0.0
         for name, worker in list(self.running.items()):
             code = worker.proc.poll()
             if code is not None:
                 del self.running[name]
                 self._ended(worker, code, now)
+                self._rescan_at = 0.0
         self._schedule(now)
 
     def _job_folders(self) -> list[Path]:
         return sorted(p for p in self.home.jobs.iterdir() if p.is_dir() and not p.name.startswith("."))
 
+    def _refresh_states(self) -> None:
+        """Every job's record, read again only where its state.json changed: with 10,000
+        jobs, a stat each instead of a read and a parse each."""
+        jobs, states = str(self.home.jobs), {}
+        for entry in os.scandir(jobs):
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            sig = signature(f"{jobs}/{entry.name}/{STATE_FILE}")
+            known = self._states.get(entry.name)
+            if known and known[0] == sig:
+                states[entry.name] = known
+            elif sig is not None and (record := read_state(Path(entry.path))) is not None:
+                states[entry.name] = (sig, record)
+        self._states = states
+
     def _schedule(self, now: float) -> None:
         """Start the queued jobs that are due on the free slots; count those left waiting."""
-        queued = [r for r in map(read_state, self._job_folders()) if r and r.state == JobState.QUEUED]
+        if now >= self._rescan_at:
+            self._refresh_states()
+            self._rescan_at = now + RESCAN
+        queued = [r for _, r in self._states.values() if r.state == JobState.QUEUED]
         due = sorted((r for r in queued if r.name not in self.running and self.retry_at.get(r.name, 0.0) <= now),
                      key=lambda r: (-r.priority, r.submitted))
         free = [s for s in self.slots if s not in {w.slot for w in self.running.values()}]
         for record, slot in zip(due, free):
             self._launch(record.name, slot, now)
+            self._rescan_at = 0.0
         self.waiting = len(queued) - min(len(due), len(free))
 
     def _launch(self, name: str, slot: str, now: float) -> None:
         folder = self.home.job_dir(name)
-        transition(folder, JobState.RUNNING, allow_from={JobState.QUEUED})
+        try:
+            transition(folder, JobState.RUNNING, allow_from={JobState.QUEUED})
+        except (BadTransition, FileNotFoundError):
+            return  # paused, cancelled or removed since the last look at it
         (folder / ERROR_FILE).unlink(missing_ok=True)
         env = dict(os.environ, CUDA_DEVICE_ORDER="PCI_BUS_ID")
         if slot.startswith("cuda:"):

@@ -36,12 +36,16 @@ class Validator:
     def __init__(self, timeout: float = TIMEOUT):
         self.timeout, self._proc = timeout, None
 
-    def check(self, path: Path, base_dir: Path) -> Verdict:
+    def start(self) -> None:
+        """Start the child now (it takes about 2 s to import torch), unless it runs."""
         if self._proc is None or self._proc.poll() is not None:
             from traind.daemon.supervisor import _die_with_parent
 
             self._proc = subprocess.Popen([sys.executable, "-m", "traind.daemon.validator"], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, text=True, bufsize=1, preexec_fn=_die_with_parent)
+
+    def check(self, path: Path, base_dir: Path) -> Verdict:
+        self.start()
         proc = self._proc
         try:
             proc.stdin.write(json.dumps({"path": str(path), "base_dir": str(base_dir)}) + "\n")

@@ -24,7 +24,8 @@ def use_deterministic_algorithms(on: bool) -> None:
     """Deterministic kernels (cuBLAS needs its workspace fixed before its first use), or torch's defaults."""
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(on)
+    if torch.are_deterministic_algorithms_enabled() != on:  # the call imports torch._inductor: 1.6 s here
+        torch.use_deterministic_algorithms(on)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = on
 

@@ -49,6 +49,17 @@ class FileSystem:
         return shutil.disk_usage(path).free
 
 
+def write_new(fs: FileSystem, path: Path, data: bytes) -> None:
+    """A new file at PATH, written and fsynced, in a staging folder that the caller fsyncs
+    before renaming it into place (which makes the name durable for all its files at once)."""
+    fd = fs.create(path)
+    try:
+        fs.write(fd, memoryview(data))
+        fs.fsync(fd)
+    finally:
+        fs.close(fd)
+
+
 def write_durably(fs: FileSystem, path: Path, data: bytes) -> None:
     """PATH holds DATA, whole, even after a crash: written beside it, fsynced, renamed
     over it, and its folder fsynced."""

@@ -89,3 +89,21 @@ def test_the_oom_kill_count_is_read_from_the_kernel():
     assert count is None or count >= 0
     if open("/proc/vmstat").read().find("oom_kill ") >= 0:
         assert isinstance(count, int)
+
+
+def test_a_job_paused_or_removed_since_the_last_look_is_not_started(tmp_path):
+    home = Home(tmp_path)
+    for name in ("paused", "gone"):
+        home.job_dir(name).mkdir(parents=True)
+        write_state(home.job_dir(name), JobRecord(name, JobState.QUEUED))
+    daemon = Daemon(home)
+    daemon._refresh_states()
+    assert {n: r.state for n, (_, r) in daemon._states.items()} == {"paused": JobState.QUEUED, "gone": JobState.QUEUED}
+    transition(home.job_dir("paused"), JobState.PAUSED)  # `traind pause` between two looks
+    home.job_dir("gone").rename(home.jobs / ".removing-gone")  # `traind rm`
+    daemon._rescan_at = float("inf")  # the daemon still believes both queued
+    daemon._schedule(now=0.0)
+    assert not daemon.running
+    assert read_state(home.job_dir("paused")).state == JobState.PAUSED
+    daemon._refresh_states()
+    assert {n: r.state for n, (_, r) in daemon._states.items()} == {"paused": JobState.PAUSED}
