@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from traind.jobs.jobname import is_job_name
 from traind.store.errors import TraindError
 from traind.store.saves import SAVES
 
@@ -37,11 +41,56 @@ class Home:
         return self.root / "jobs"
 
     def job_dir(self, name: str) -> Path:
+        """The folder of job NAME; BadJobName for a name that is not one (`..`, `a/b`...),
+        which could otherwise reach outside the home."""
+        if not is_job_name(name):
+            raise BadJobName(f"'{name}' is not a job name (letters, digits, '.', '_' and '-', starting with a "
+                             "letter or digit, at most 64); `traind ls` lists the jobs")
         return self.jobs / name
+
+
+class UnsafeHome(TraindError):
+    """Others could write to the home: a job file names code to import, so they could run
+    code as the daemon's user."""
+
+    exit_code = 2
+
+
+def check_private(home: Home) -> None:
+    """UnsafeHome unless HOME and its inbox/ and jobs/ are owned by this user (or root)
+    and writable by no one else: not world-writable, and group-writable only where the
+    group is the owner's own private group."""
+    for path in (home.root, home.inbox, home.jobs):
+        st = os.stat(path)
+        where = f"{path} (mode {stat.filemode(st.st_mode)}, owner uid {st.st_uid}, group gid {st.st_gid})"
+        if st.st_uid not in (os.geteuid(), 0):
+            raise UnsafeHome(f"{where} belongs to another user; the daemon (uid {os.geteuid()}) serves only a "
+                             f"home of its own: `chown -R {os.geteuid()} {home.root}`, or pick another --home")
+        if st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and _shared_group(st.st_gid, st.st_uid)):
+            raise UnsafeHome(f"{where} is writable by other users, who could drop in a job file that runs their "
+                             f"code as you; `chmod go-w {path}`")
+
+
+def _shared_group(gid: int, owner: int) -> bool:
+    """Whether group GID has a member other than user OWNER."""
+    try:
+        owner_name = pwd.getpwuid(owner).pw_name
+    except KeyError:
+        owner_name = None
+    try:
+        if set(grp.getgrgid(gid).gr_mem) - {owner_name}:
+            return True
+    except KeyError:
+        return True  # an unknown group: assume the worst
+    return any(p.pw_gid == gid and p.pw_uid != owner for p in pwd.getpwall())
 
 
 class NoSuchJob(TraindError):
     exit_code = 3
+
+
+class BadJobName(TraindError):
+    exit_code = 2
 
 
 def job_folder(home: Home, name: str | None, folder: Path | None) -> Path:

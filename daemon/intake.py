@@ -145,8 +145,8 @@ class Intake:
         except TraindError as e:
             self._reject(claimed, str(e))
             outcome = Outcome(claimed.name, None, str(e))
-        claimed.unlink(missing_ok=True)
-        marker.unlink(missing_ok=True)
+        self.fs.unlink(claimed)  # only now: the job folder (or the rejection) is durable
+        self.fs.unlink(marker)
         self.fs.fsync_dir(claimed.parent)
         return outcome
 

@@ -4,7 +4,8 @@ directly); `serve` repeats it until a signal, which only sets a flag.
 
 Restarts: a worker that dies (a signal, an OOM kill, a crash) is started again from the
 job's newest good save after a capped exponential backoff; one that dies within
-FAST_FAIL seconds of each of MAX_FAST starts, or more than MAX_RESTARTS times, is failed.
+FAST_FAIL seconds of each of MAX_FAST starts, or more than MAX_RESTARTS times without
+making a new save in between, is failed.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from traind.daemon import notify
-from traind.daemon.home import Home
+from traind.daemon.home import Home, check_private
 from traind.daemon.intake import Intake
 from traind.daemon.jobstate import STATE_FILE, BadTransition, JobRecord, JobState, read_state, signature, transition
 from traind.daemon.validator import Validator
 from traind.daemon.watch import InboxWatch
 from traind.daemon.worker import ERROR_FILE, Exit
+from traind.store.saves import SAVES
 from traind.jobs.loadgame import load_pending
 from traind.jobs.devices import try_all_gpus
 from traind.store.errors import TraindError
@@ -55,6 +57,15 @@ def oom_kills() -> int | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+def _newest_seq(folder: Path) -> int:
+    """The number of the newest save in FOLDER (0 if none), from the folder names alone."""
+    try:
+        names = os.listdir(folder / SAVES)
+    except OSError:
+        return 0
+    return max((int(n.split("-")[0]) for n in names if n.split("-")[0].isdigit()), default=0)
 
 
 def _judge(code: int, why: str | None, oom_kills_at_start: int | None) -> tuple[str, str]:
@@ -94,6 +105,8 @@ class Worker:
     slot: str
     oom_kills: int | None = None
     """The kernel's OOM kill count when it started: a SIGKILL after it rose was the OOM killer."""
+    seq_at_start: int = 0
+    """The newest save's number when it started: a worker that saved since made progress."""
 
 
 @dataclass
@@ -104,6 +117,8 @@ class Daemon:
     running: dict[str, Worker] = field(default_factory=dict)
     fast_fails: dict[str, int] = field(default_factory=dict)
     retry_at: dict[str, float] = field(default_factory=dict)
+    unproductive: dict[str, int] = field(default_factory=dict)
+    """Per job, worker deaths since its last new save: the restart limit counts these."""
 
     def __post_init__(self):
         gpus = [str(d) for d in try_all_gpus() if d.type == "cuda"]
@@ -119,7 +134,8 @@ class Daemon:
     def start(self) -> None:
         """Take the home (one daemon each), and queue again the jobs a crash left running."""
         for d in (self.home.inbox, self.home.jobs, self.home.rejected):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=0o755, parents=True, exist_ok=True)
+        check_private(self.home)
         self._lock_fd = os.open(self.home.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -189,7 +205,7 @@ class Daemon:
         with open(folder / WORKER_LOG, "ab") as out:
             proc = subprocess.Popen([sys.executable, "-m", "traind.daemon.worker", "--home", str(self.home.root), name],
                                     stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
-        self.running[name] = Worker(name, proc, now, slot, count)
+        self.running[name] = Worker(name, proc, now, slot, count, _newest_seq(folder))
 
     def _ended(self, worker: Worker, code: int, now: float) -> None:
         folder = self.home.job_dir(worker.name)
@@ -218,14 +234,19 @@ class Daemon:
         how, cause = _judge(code, why, worker.oom_kills)
         record = read_state(folder)
         restarts = (record.restarts if record else 0) + 1
+        if _newest_seq(folder) > worker.seq_at_start:  # it saved since it started: not a loop, start counting anew
+            self.fast_fails.pop(worker.name, None)
+            self.unproductive.pop(worker.name, None)
         fast = self.fast_fails.get(worker.name, 0) + (now - worker.started < FAST_FAIL)
         self.fast_fails[worker.name] = fast
-        if restarts > MAX_RESTARTS or fast >= MAX_FAST:
-            reason = "it died within seconds of each start" if fast >= MAX_FAST else f"{restarts - 1} restarts"
+        tries = self.unproductive[worker.name] = self.unproductive.get(worker.name, 0) + 1
+        if tries > MAX_RESTARTS or fast >= MAX_FAST:
+            reason = ("it died within seconds of each start" if fast >= MAX_FAST
+                      else f"{tries - 1} restarts without a new save")
             transition(folder, JobState.FAILED, restarts=restarts - 1, cause=cause,
                        last_error=f"the worker {how}; given up after {reason}")
             return
-        self.retry_at[worker.name] = now + min(BACKOFF[0] * 2 ** (restarts - 1), BACKOFF[1])
+        self.retry_at[worker.name] = now + min(BACKOFF[0] * 2 ** (tries - 1), BACKOFF[1])
         transition(folder, JobState.QUEUED, restarts=restarts, cause=cause, last_error=f"the worker {how}; restarting")
 
     def stop(self, timeout: float = 600.0) -> None:

@@ -22,7 +22,7 @@ from traind.jobs.metrics import Recorder
 from traind.jobs.spec import CheckpointSpec
 from traind.jobs.train import Trainer
 from traind.store import retention
-from traind.store.errors import NoSuchSave
+from traind.store.errors import CorruptSave, NoSuchSave
 from traind.store.fs import write_durably
 from traind.store.saves import SAVES, SaveInfo
 from traind.store.snapshot import Snapshot, Writer
@@ -102,12 +102,21 @@ class Checkpointer:
     def resume(self) -> SaveInfo | None:
         """Continue from the requested save ("load game"), else from the newest that
         verifies; None when there is no save to continue from."""
-        info = self._requested() or self.store.newest_good(report=self.recorder.say)
-        if info is None:
-            for path, why in self.store.broken:
-                self.recorder.say(f"ignored {path.name}: {why}")
-            return None
-        self._restore(info)
+        info = self._requested()
+        if info is not None:
+            self._restore(info)  # asked for by name: if it cannot be read, say so, never load another
+        while info is None:
+            info = self.store.newest_good(report=self.recorder.say)
+            if info is None:
+                for path, why in self.store.broken:
+                    self.recorder.say(f"ignored {path.name}: {why}")
+                return None
+            try:
+                self._restore(info)  # a restore overwrites all state, so one that failed half-way leaves nothing
+            except CorruptSave as e:  # whole by its manifest, yet not a save (a manifest rewritten to fit)
+                self.store.quarantine(info, [str(e)])
+                self.recorder.say(f"{e}; quarantined, trying the one before")
+                info = None
         p = self.trainer.progress
         where = f"epoch {p.epoch + 1}, batch {p.batch}" if p.batch else f"after epoch {p.epoch}"
         self.recorder.say(f"resumed from save {info.id} at step {p.step} ({where})")

@@ -14,10 +14,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from traind.jobs import metrics, names
+from traind.jobs.jobname import NAME_PATTERN
 from traind.jobs.errors import Problem, field_name
 from traind.jobs.model import check_layers, check_scheme
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 FILE_SOURCES = ("csv", "npz", "pt")
 SOURCES = ("synthetic", *FILE_SOURCES)
 

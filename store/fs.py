@@ -42,6 +42,13 @@ class FileSystem:
         finally:
             os.close(fd)
 
+    def unlink(self, path: Path) -> None:
+        """Remove a file if it is there (durable once its folder is fsynced)."""
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
     def remove_tree(self, path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 

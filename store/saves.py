@@ -48,6 +48,8 @@ class SaveInfo:
 
 def read_manifest(save_dir: Path) -> dict:
     path = save_dir / MANIFEST
+    if save_dir.is_symlink() or path.is_symlink():
+        raise CorruptSave(f"{save_dir}: a symlink where a save's own folder and files belong")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -91,7 +93,9 @@ def verify(save_dir: Path, full: bool = True) -> list[str]:
     problems = []
     for name, entry in manifest["files"].items():
         path = save_dir / name
-        if not path.is_file():
+        if path.is_symlink():
+            problems.append(f"{name}: a symlink; a save holds its own plain files only")
+        elif not path.is_file():
             problems.append(f"{name}: missing")
         elif path.stat().st_size != entry.get("bytes"):
             problems.append(f"{name}: {path.stat().st_size} bytes, the manifest says {entry.get('bytes')}")

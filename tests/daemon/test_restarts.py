@@ -30,9 +30,15 @@ def dead(code):
     return proc
 
 
-def end(daemon, code, started, now, oom_kills=None):
+def end(daemon, code, started, now, oom_kills=None, saves_made=0):
+    """A worker of job j that started at STARTED, made SAVES_MADE new saves and ended with CODE at NOW."""
     proc = dead(code)
-    daemon._ended(Worker("j", proc, started, "cpu0", oom_kills), proc.returncode, now)
+    saves = daemon.home.job_dir("j") / "saves"
+    saves.mkdir(exist_ok=True)
+    seq = len(list(saves.iterdir()))
+    for n in range(seq + 1, seq + 1 + saves_made):
+        (saves / f"{n:06d}-s{n}").mkdir()
+    daemon._ended(Worker("j", proc, started, "cpu0", oom_kills, seq), proc.returncode, now)
     return read_state(daemon.home.job_dir("j"))
 
 
@@ -62,6 +68,23 @@ def test_too_many_restarts_fail_the_job(daemon):
         if record.state == JobState.QUEUED:
             transition(daemon.home.job_dir("j"), JobState.RUNNING)
     assert record.state == JobState.FAILED and f"{MAX_RESTARTS} restarts" in record.last_error
+
+
+def test_a_worker_that_saves_between_deaths_is_never_given_up(daemon):
+    for attempt in range(3 * MAX_RESTARTS):
+        record = end(daemon, -signal.SIGKILL, started=1000.0 * attempt, now=1000.0 * attempt + 500, saves_made=1)
+        assert record.state == JobState.QUEUED, record.last_error
+        assert daemon.retry_at["j"] == 1000.0 * attempt + 500 + BACKOFF[0]  # the backoff starts anew too
+        if attempt < 3 * MAX_RESTARTS - 1:
+            transition(daemon.home.job_dir("j"), JobState.RUNNING)
+    assert record.restarts == 3 * MAX_RESTARTS  # all of them counted for `ls`
+    deaths = 0
+    while record.state == JobState.QUEUED:  # then it stops making progress
+        transition(daemon.home.job_dir("j"), JobState.RUNNING)
+        record = end(daemon, -signal.SIGKILL, started=1e5 + 1000.0 * deaths, now=1e5 + 1000.0 * deaths + 500)
+        deaths += 1
+    assert deaths == MAX_RESTARTS  # the death after its last save counts as the first
+    assert record.state == JobState.FAILED and f"{MAX_RESTARTS} restarts without a new save" in record.last_error
 
 
 @pytest.mark.parametrize("code, state, cause", [

@@ -1,0 +1,291 @@
+"""Kill soak: a live daemon SIGKILLed again and again, and every job still ends exactly.
+
+    python -m bench.soak [--kills N] [--seed S] [--json OUT] [--keep]
+
+It starts a daemon on a fresh home and feeds it job files (a few templates, many
+names). Then, KILLS times, it SIGKILLs the daemon or one of its workers and lets the
+daemon come back (a new daemon for a killed one; the daemon restarts a killed worker).
+Kill moments are biased toward the dangerous ones: while a save is being written (a
+staging folder exists), right after a file lands in inbox/, or at a random time.
+
+At the end every job must hold, or the run fails (exit 1):
+- it finished, and its final weights equal, bit for bit, those of its template run by
+  `traind run` without interruption;
+- every save its log acknowledged ("saved ID") is there and verifies (nothing rotates:
+  keep_last is large), and nothing was quarantined;
+- every save it resumed from ("resumed from save ID") is one that verifies;
+- every job file dropped became exactly one job: none lost, none twice, none rejected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from traind.store.commit import STAGING
+
+TEMPLATES = {
+    "mlp": """
+seed = {seed}
+[model]
+layers = [["Linear", 20, 64], ["ReLU"], ["Dropout", {{p = 0.1}}], ["Linear", 64, 10]]
+[data]
+samples = 4096
+batch_size = 32
+[optimizer]
+name = "AdamW"
+lr = 1e-3
+[scheduler]
+name = "StepLR"
+step_size = 1
+gamma = 0.7
+[train]
+epochs = 3
+log_every_steps = 5
+[checkpoint]
+every_steps = 7
+keep_last = 100000
+""",
+    "tied": """
+seed = {seed}
+[model]
+layers = [["Linear", 20, 32], "@shared", ["ReLU"], "@shared", ["Linear", 32, 10]]
+[model.blocks]
+shared = ["Linear", 32, 32]
+[data]
+samples = 3072
+batch_size = 16
+[optimizer]
+name = "SGD"
+lr = 0.05
+momentum = 0.9
+[train]
+epochs = 2
+log_every_steps = 5
+[checkpoint]
+every_steps = 11
+keep_last = 100000
+""",
+}
+SAVED = re.compile(r"saved (\d+-s\d+) ")
+RESUMED = re.compile(r"resumed from save (\d+-s\d+) ")
+PYTHON = [sys.executable, "-m", "traind.daemon.cli"]
+
+
+
+class Soak:
+    def __init__(self, root: Path, seed: int):
+        self.root, self.home, self.rng = root, root / "home", random.Random(seed)
+        self.daemon: subprocess.Popen | None = None
+        self.dropped: dict[str, str] = {}  # job name -> template
+        self.kills = {"daemon": 0, "worker": 0}
+        self.moments = {"save": 0, "intake": 0, "random": 0}
+        self.in_save = 0  # kills that found a save being written
+        self.daemon_starts = 0
+
+    # processes
+    def start_daemon(self) -> None:
+        self.daemon = subprocess.Popen([*PYTHON, "--home", str(self.home), "daemon"], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+        self.daemon_starts += 1
+        deadline = time.monotonic() + 60
+        while not (self.home / "inbox").is_dir():
+            assert time.monotonic() < deadline and self.daemon.poll() is None, "the daemon did not start"
+            time.sleep(0.01)
+
+    def workers(self) -> list[tuple[int, str]]:
+        """(pid, job name) of the daemon's live workers, from /proc."""
+        found = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmd = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"traind.daemon.worker" in cmd and str(self.home).encode() in cmd:
+                found.append((int(entry.name), cmd[-2].decode()))
+        return found
+
+    # the jobs
+    def drop(self, template: str) -> str:
+        name = f"{template}-{len(self.dropped):04d}"
+        staged = self.home / "inbox" / f".{name}.toml.tmp"
+        staged.write_text(f'name = "{name}"\n' + TEMPLATES[template].format(seed=7))
+        os.rename(staged, self.home / "inbox" / f"{name}.toml")
+        self.dropped[name] = template
+        return name
+
+    def saving(self, names: list[str]) -> bool:
+        """Whether one of jobs NAMES is writing a save (its staging folder exists)."""
+        for name in names:
+            try:
+                if any(e.name.startswith(STAGING) for e in os.scandir(self.home / "jobs" / name / "saves")):
+                    return True
+            except OSError:
+                continue
+        return False
+
+    def unfinished(self) -> list[str]:
+        left = []
+        for name in self.dropped:
+            try:
+                state = json.loads((self.home / "jobs" / name / "state.json").read_text())["state"]
+            except (OSError, ValueError):
+                state = None
+            if state != "done":
+                left.append(name)
+        return left
+
+    # one kill
+    def kill_once(self) -> None:
+        moment = self.rng.choices(["save", "intake", "random"], weights=[5, 2, 3])[0]
+        if moment == "intake" or len(self.unfinished()) < 2:
+            self.drop(self.rng.choice(list(TEMPLATES)))
+        if moment == "intake":
+            time.sleep(self.rng.uniform(0, 0.05))
+        elif moment == "save":
+            deadline = time.monotonic() + 5
+            names = [n for _, n in self.workers()]
+            while not self.saving(names) and time.monotonic() < deadline:
+                if not names:
+                    names = [n for _, n in self.workers()]
+                time.sleep(0.001)
+        else:
+            time.sleep(self.rng.uniform(0, 2.0))
+        workers = self.workers()
+        in_save = self.saving([n for _, n in workers])
+        if workers and self.rng.random() < 0.5:
+            pid, _ = self.rng.choice(workers)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+            self.kills["worker"] += 1
+        else:
+            self.daemon.kill()
+            self.daemon.wait()
+            self.kills["daemon"] += 1
+            self.start_daemon()
+        self.moments[moment] += 1
+        self.in_save += in_save
+
+    def finish(self, timeout: float) -> None:
+        """Let every job end (a killed worker's job may be failed by the restart limit if it
+        never saved between kills: resume those, as a user would)."""
+        deadline = time.monotonic() + timeout
+        while self.unfinished():
+            assert time.monotonic() < deadline, f"jobs left unfinished: {self.unfinished()}"
+            for name in self.unfinished():
+                path = self.home / "jobs" / name / "state.json"
+                if path.exists() and json.loads(path.read_text())["state"] == "failed":
+                    subprocess.run([*PYTHON, "--home", str(self.home), "resume", name], capture_output=True)
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.send_signal(signal.SIGTERM)
+            self.daemon.wait(300)
+
+
+def references(root: Path) -> dict[str, dict]:
+    """Each template trained by `traind run`, never interrupted: its final weights."""
+    from safetensors.torch import load_file
+
+    from traind.store.saves import list_saves
+
+    weights = {}
+    for template, text in TEMPLATES.items():
+        path = root / f"{template}.toml"
+        path.write_text(f'name = "{template}"\n' + text.format(seed=7))
+        subprocess.run([*PYTHON, "run", str(path), "--dir", str(root / f"ref-{template}")], check=True,
+                       capture_output=True)
+        weights[template] = load_file(list_saves(root / f"ref-{template}" / "saves")[0][-1].path / "model.safetensors")
+    return weights
+
+
+def check(soak: Soak, reference: dict[str, dict]) -> list[str]:
+    import torch
+    from safetensors.torch import load_file
+
+    from traind.store.saves import QUARANTINE, list_saves, verify
+
+    failures = []
+    jobs = soak.home / "jobs"
+    present = sorted(p.name for p in jobs.iterdir() if not p.name.startswith("."))
+    if present != sorted(soak.dropped):
+        failures.append(f"job folders {present} are not the files dropped {sorted(soak.dropped)}")
+    rejected = soak.home / "rejected"
+    if rejected.is_dir() and any(rejected.iterdir()):
+        failures.append(f"rejected: {sorted(p.name for p in rejected.iterdir())}")
+    for name, template in sorted(soak.dropped.items()):
+        folder = jobs / name
+        saves = {s.id: s for s in list_saves(folder / "saves")[0]}
+        log = (folder / "log").read_text() if (folder / "log").exists() else ""
+        final = [s for s in saves.values() if "final" in s.kinds]
+        if not final:
+            failures.append(f"{name}: no final save")
+            continue
+        got = load_file(final[-1].path / "model.safetensors")
+        want = reference[template]
+        if got.keys() != want.keys() or not all(torch.equal(got[k], want[k]) for k in want):
+            failures.append(f"{name}: final weights differ from the uninterrupted run")
+        for save_id in set(SAVED.findall(log)):
+            if save_id not in saves or verify(saves[save_id].path):
+                failures.append(f"{name}: acknowledged save {save_id} is lost or corrupt")
+        for save_id in set(RESUMED.findall(log)):
+            if save_id not in saves or verify(saves[save_id].path):
+                failures.append(f"{name}: resumed from {save_id}, which does not verify")
+        if (folder / "saves" / QUARANTINE).is_dir() and any((folder / "saves" / QUARANTINE).iterdir()):
+            failures.append(f"{name}: a save was quarantined (a torn save was visible)")
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kills", type=int, default=1000, help="SIGKILLs to deliver (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
+    parser.add_argument("--json", type=Path, default=Path("bench/results/soak.json"), help="where to write results")
+    parser.add_argument("--keep", action="store_true", help="keep the home folder for inspection")
+    args = parser.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="traind-soak-", dir=Path(__file__).resolve().parent.parent))
+    started = time.monotonic()
+    soak = Soak(root, args.seed)
+    try:
+        reference = references(root)
+        soak.start_daemon()
+        for template in TEMPLATES:
+            soak.drop(template)
+        for i in range(args.kills):
+            soak.kill_once()
+            if (i + 1) % 50 == 0:
+                print(f"{i + 1} kills, {len(soak.dropped)} jobs, {time.monotonic() - started:.0f} s", flush=True)
+        soak.finish(timeout=600)
+        soak.stop()
+        failures = check(soak, reference)
+    finally:
+        soak.stop()
+    result = {"kills": sum(soak.kills.values()), "by_target": soak.kills, "by_moment": soak.moments,
+              "kills_during_a_save": soak.in_save, "daemon_starts": soak.daemon_starts, "jobs": len(soak.dropped),
+              "seconds": round(time.monotonic() - started, 1), "failures": failures, "home": str(soak.home)}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    if not args.keep and not failures:
+        shutil.rmtree(root, ignore_errors=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

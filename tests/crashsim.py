@@ -1,0 +1,154 @@
+"""A crash simulator in the manner of ALICE and SQLite's crash tests: record the file
+operations of some code through the I/O interface (`store/fs.py`), then build every
+state a crash after any prefix of them could leave on disk."""
+
+import os
+import shutil
+from pathlib import Path
+
+from traind.store.fs import FileSystem
+
+DIR_OPS = ("mkdir", "create", "rename", "unlink")
+
+
+class RecordingFS(FileSystem):
+    """Does every operation for real and keeps a log of it."""
+
+    def __init__(self):
+        self.log, self.paths = [], {}
+
+    def create(self, path):
+        fd = super().create(path)
+        self.paths[fd] = Path(path)
+        self.log.append(("create", Path(path)))
+        return fd
+
+    def write(self, fd, data):
+        self.log.append(("write", self.paths[fd], bytes(data)))
+        super().write(fd, data)
+
+    def fsync(self, fd):
+        self.log.append(("fsync", self.paths[fd]))
+        super().fsync(fd)
+
+    def mkdir(self, path):
+        self.log.append(("mkdir", Path(path)))
+        super().mkdir(path)
+
+    def rename(self, src, dst):
+        self.log.append(("rename", Path(src), Path(dst)))
+        super().rename(src, dst)
+
+    def fsync_dir(self, path):
+        self.log.append(("fsync_dir", Path(path)))
+        super().fsync_dir(path)
+
+    def unlink(self, path):
+        self.log.append(("unlink", Path(path)))
+        super().unlink(path)
+
+    def remove_tree(self, path):
+        self.log.append(("remove_tree", Path(path)))
+        super().remove_tree(path)
+
+
+class FailingFS(FileSystem):
+    """Fails the N-th crash-relevant operation with errno CODE."""
+
+    def __init__(self, n, code):
+        self.n, self.code, self.count = n, code, 0
+
+    def _tick(self):
+        self.count += 1
+        if self.count - 1 == self.n:
+            raise OSError(self.code, os.strerror(self.code))
+
+    def create(self, path):
+        self._tick()
+        return super().create(path)
+
+    def write(self, fd, data):
+        self._tick()
+        super().write(fd, data)
+
+    def fsync(self, fd):
+        self._tick()
+        super().fsync(fd)
+
+    def mkdir(self, path):
+        self._tick()
+        super().mkdir(path)
+
+    def rename(self, src, dst):
+        self._tick()
+        super().rename(src, dst)
+
+    def fsync_dir(self, path):
+        self._tick()
+        super().fsync_dir(path)
+
+    def unlink(self, path):
+        self._tick()
+        super().unlink(path)
+
+
+def made_durable(ops):
+    """Indexes of the directory operations that a later fsync of their folder made durable."""
+    found = set()
+    for i, op in enumerate(ops):
+        if op[0] in DIR_OPS:
+            parent = (op[2] if op[0] == "rename" else op[1]).parent
+            if ("fsync_dir", parent) in ops[i + 1:]:
+                found.add(i)
+    return found
+
+
+def crash_state(base: Path, before: Path, ops: list, mode: str, target: Path) -> None:
+    """The folder a crash after OPS could leave: `all` every operation happened; `drop`
+    file data not fsynced is lost; `torn` that data is garbage; `lost-dirs` directory
+    changes not fsynced are lost too, and unsynced data with them."""
+    shutil.copytree(before, target)
+    durable = made_durable(ops) if mode == "lost-dirs" else None
+    synced, pending, lost = {}, {}, set()
+
+    def where(p: Path) -> Path:
+        return target / p.relative_to(base)
+
+    for i, op in enumerate(ops):
+        kind, path = op[0], op[1]
+        if any(d == path or d in path.parents for d in lost):
+            continue
+        if durable is not None and kind in DIR_OPS and i not in durable:
+            lost.add(path)  # it never reached the disk; neither did anything beneath it
+            continue
+        if kind == "mkdir":
+            where(path).mkdir()
+        elif kind == "create":
+            where(path).touch()
+            synced[path], pending[path] = b"", b""
+        elif kind == "write":
+            pending[path] += op[2]
+        elif kind == "fsync":
+            synced[path], pending[path] = synced[path] + pending[path], b""
+        elif kind == "rename":
+            for p in [p for p in synced if p == path or path in p.parents]:
+                moved = op[2] / p.relative_to(path)
+                synced[moved], pending[moved] = synced.pop(p), pending.pop(p)
+            os.rename(where(path), where(op[2]))
+        elif kind == "unlink":
+            where(path).unlink(missing_ok=True)
+            synced.pop(path, None)
+            pending.pop(path, None)
+        elif kind == "remove_tree":
+            shutil.rmtree(where(path), ignore_errors=True)
+            for p in [p for p in synced if path in p.parents]:
+                synced.pop(p)
+                pending.pop(p)
+    for p, data in synced.items():
+        if where(p).exists():
+            tail = pending[p]
+            if mode == "torn" and tail:
+                tail = tail[:len(tail) // 2] + os.urandom(len(tail) - len(tail) // 2)
+            elif mode != "all":
+                tail = b""
+            where(p).write_bytes(data + tail)
