@@ -67,10 +67,11 @@ samples = 3072
 batch_size = 16
 [optimizer]
 name = "SGD"
-lr = 0.05
+lr = 0.01
 momentum = 0.9
 [train]
 epochs = 2
+grad_clip = 1.0
 log_every_steps = 5
 [checkpoint]
 every_steps = 11

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from traind.store.errors import TraindError
 from traind.store.fs import FileSystem, write_durably, write_new
 
 CLAIMED = ".claimed"
+log = logging.getLogger("traind.daemon.intake")
 MAX_DEATHS = 2  # daemons that died validating one file before it is rejected
 IGNORED_ENDINGS = (".tmp", ".part", "~")
 
@@ -85,21 +87,34 @@ class Intake:
         now = time.monotonic() if now is None else now
         for d in (self.home.inbox / CLAIMED, self.home.rejected, self.home.jobs):
             d.mkdir(parents=True, exist_ok=True)
-        outcomes = [self._finish(p) for p in sorted((self.home.inbox / CLAIMED).iterdir())
-                    if p.is_file() and not p.name.startswith(".")]
+        claimed = sorted((self.home.inbox / CLAIMED).iterdir())
+        for p in claimed:  # a marker whose file is gone: its file was taken, and a fault stopped the tidy-up
+            if p.name.startswith(".") and p.name.endswith(".attempt") and not p.with_name(p.name[1:-8]).exists():
+                p.unlink(missing_ok=True)
+        outcomes = [self._safely(self._finish, p) for p in claimed if p.is_file() and not p.name.startswith(".")]
+        outcomes = [o for o in outcomes if o is not None]
         present = set()
         for entry in sorted(self.home.inbox.iterdir()):
             if ignored(entry.name) or not entry.is_file():
                 continue
             present.add(entry.name)
             if entry.name in closed or self._settled(entry, now):
-                outcome = self._claim(entry)
+                outcome = self._safely(self._claim, entry)
                 if outcome is not None:
                     outcomes.append(outcome)
                     self._seen.pop(entry.name, None)
         for name in set(self._seen) - present:
             del self._seen[name]
         return outcomes
+
+    def _safely(self, take: Callable[[Path], Outcome | None], path: Path) -> Outcome | None:
+        """TAKE(PATH), or None if an I/O error (EIO, a full disk) stopped it: the file stays
+        where it is, whole, and the next scan tries again; the daemon serves on."""
+        try:
+            return take(path)
+        except OSError as e:
+            log.warning("could not take %s yet (%s); it stays for the next scan", path.name, e)
+            return None
 
     def _settled(self, entry: Path, now: float) -> bool:
         try:
@@ -131,8 +146,8 @@ class Intake:
         rejected instead of tried again (which would crash again, and again). One death
         may be the machine's or a `kill -9`, not the file's: the file is tried once more."""
         marker = claimed.with_name(f".{claimed.name}.attempt")
+        deaths = _deaths(marker)
         try:
-            deaths = _deaths(marker)
             if deaths >= MAX_DEATHS:
                 raise CrashedDaemon(f"{claimed.name}: the daemon died {deaths} times while validating this file (its "
                                     "code ended the process: a segfault, an exit, an OOM kill?); try it with "
@@ -145,6 +160,14 @@ class Intake:
         except TraindError as e:
             self._reject(claimed, str(e))
             outcome = Outcome(claimed.name, None, str(e))
+        except OSError:  # our own I/O failed (EIO, a full disk): no death; the file waits for the next scan
+            _forget_attempt(marker, deaths)
+            raise
+        except Exception as e:  # a bug of traind's: this file is rejected, the daemon serves on
+            log.exception("taking %s failed", claimed.name)
+            why = f"{claimed.name}: traind failed on this file ({type(e).__name__}: {e}); please report it"
+            self._reject(claimed, why)
+            outcome = Outcome(claimed.name, None, why)
         self.fs.unlink(claimed)  # only now: the job folder (or the rejection) is durable
         self.fs.unlink(marker)
         self.fs.fsync_dir(claimed.parent)
@@ -156,7 +179,10 @@ class Intake:
         verdict = self.check(claimed, self.home.inbox)
         if verdict.error:
             raise Rejected(verdict.error)
-        spec = JobSpec.model_validate_json(verdict.spec_json, context={"imports": False})
+        try:
+            spec = JobSpec.model_validate_json(verdict.spec_json, context={"imports": False})
+        except ValueError as e:  # the validator's answer must hold up here too
+            raise Rejected(f"{claimed.name}: {e}") from e
         return JobFile(claimed, FORMATS[claimed.suffix.lower()], claimed.read_text(), spec)
 
     def _accept(self, job_file: JobFile) -> None:
@@ -189,13 +215,23 @@ class Intake:
         write_durably(self.fs, target, claimed.read_bytes())
 
 
+def _forget_attempt(marker: Path, deaths: int) -> None:
+    try:
+        if deaths:
+            marker.write_text(str(deaths))
+        else:
+            marker.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def _deaths(marker: Path) -> int:
     """How many daemons died validating the file: each writes its try into MARKER first."""
     try:
         text = marker.read_text().strip()
     except FileNotFoundError:
         return 0
-    return int(text) if text.isdigit() else 1
+    return int(text) if text.isdigit() else 0  # empty: cut short while being written (or by a full disk)
 
 
 class NameInUse(TraindError):

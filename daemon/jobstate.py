@@ -45,8 +45,9 @@ ALLOWED = {
 # How a run ended, when not well: the job file or its saves do not fit (never retried); the
 # job failed (a non-finite loss past its rollbacks, a failed save, an error in its code);
 # out of memory (an allocation failed, or the kernel's OOM killer); killed by a signal;
-# crashed (a segfault, an abort, an unexpected exit); stopped with the daemon.
-CAUSES = ("bad_job", "failed", "out_of_memory", "killed", "crashed", "interrupted")
+# crashed (a segfault, an abort, an unexpected exit); stopped with the daemon; a save that
+# did not fit on the disk (queued, it goes on once there is room).
+CAUSES = ("bad_job", "failed", "out_of_memory", "killed", "crashed", "interrupted", "disk_full")
 
 
 class BadTransition(TraindError):

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,11 +35,13 @@ from traind.jobs.loadgame import load_pending
 from traind.jobs.devices import try_all_gpus
 from traind.store.errors import TraindError
 
+log = logging.getLogger("traind.daemon")
 MAX_RESTARTS = 5
 FAST_FAIL = 5.0
 MAX_FAST = 3
 BACKOFF = (1.0, 60.0)  # first delay, cap
 TICK = 0.25
+DISK_RETRY = 5.0  # seconds between looks at the free space, for jobs a full disk stopped
 RESCAN = 1.0  # seconds between looks at every job's state (the CLI changes some: resume, load)
 LOCK_FILE = "daemon.lock"
 WORKER_LOG = "worker.out"
@@ -66,6 +70,15 @@ def _newest_seq(folder: Path) -> int:
     except OSError:
         return 0
     return max((int(n.split("-")[0]) for n in names if n.split("-")[0].isdigit()), default=0)
+
+
+def _newest_bytes(folder: Path) -> int:
+    """The size of the newest save in FOLDER (0 if none)."""
+    seq = _newest_seq(folder)
+    for entry in os.scandir(folder / SAVES) if seq else ():
+        if entry.name.startswith(f"{seq:06d}-"):
+            return sum(f.stat().st_size for f in os.scandir(entry.path) if f.is_file())
+    return 0
 
 
 def _judge(code: int, why: str | None, oom_kills_at_start: int | None) -> tuple[str, str]:
@@ -183,13 +196,24 @@ class Daemon:
             self._refresh_states()
             self._rescan_at = now + RESCAN
         queued = [r for _, r in self._states.values() if r.state == JobState.QUEUED]
-        due = sorted((r for r in queued if r.name not in self.running and self.retry_at.get(r.name, 0.0) <= now),
-                     key=lambda r: (-r.priority, r.submitted))
+        due = sorted((r for r in queued if r.name not in self.running and self.retry_at.get(r.name, 0.0) <= now
+                      and self._room_for(r, now)), key=lambda r: (-r.priority, r.submitted))
         free = [s for s in self.slots if s not in {w.slot for w in self.running.values()}]
         for record, slot in zip(due, free):
             self._launch(record.name, slot, now)
             self._rescan_at = 0.0
         self.waiting = len(queued) - min(len(due), len(free))
+
+    def _room_for(self, record: JobRecord, now: float) -> bool:
+        """A job stopped by a full disk waits until the disk has room for its next save and
+        half again (looked at every DISK_RETRY seconds); any other job may go."""
+        if record.cause != "disk_full":
+            return True
+        folder = self.home.job_dir(record.name)
+        if shutil.disk_usage(folder).free >= 1.5 * _newest_bytes(folder) + (1 << 20):
+            return True
+        self.retry_at[record.name] = now + DISK_RETRY
+        return False
 
     def _launch(self, name: str, slot: str, now: float) -> None:
         folder = self.home.job_dir(name)
@@ -221,6 +245,10 @@ class Daemon:
             transition(folder, JobState.CANCELLED)
         elif code == Exit.STOPPED:
             transition(folder, JobState.QUEUED)
+        elif code == Exit.DISK_FULL:
+            self.retry_at[worker.name] = now + DISK_RETRY
+            transition(folder, JobState.QUEUED, cause="disk_full",
+                       last_error=f"{why or 'a save did not fit on the disk'}; it continues once there is room")
         elif code in (Exit.BAD_JOB, Exit.FAILED):
             transition(folder, JobState.FAILED, last_error=why or f"the worker failed (exit {code})",
                        cause="bad_job" if code == Exit.BAD_JOB else "failed")
@@ -286,7 +314,10 @@ class Daemon:
             while not stop.is_set():
                 now = time.monotonic()
                 watch.ensure_running()
-                self.loop(now, watch.take_complete())
+                try:
+                    self.loop(now, watch.take_complete())
+                except Exception:  # a bug, or the disk full under state.json: log it, serve on, look again
+                    log.exception("the daemon's loop failed; trying again")
                 if interval is not None and now - last_ping >= interval:
                     notify.notify("WATCHDOG=1")
                     last_ping = now

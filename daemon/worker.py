@@ -24,7 +24,7 @@ from traind.jobs.checkpoint import Checkpointer
 from traind.jobs.errors import JobSpecError, OutOfMemory
 from traind.jobs.spec import JobSpec
 from traind.jobs.train import Trainer
-from traind.store.errors import TraindError
+from traind.store.errors import DiskFull, TraindError
 from traind.store.fs import FileSystem, write_durably
 
 ERROR_FILE = "worker.error"
@@ -44,6 +44,8 @@ class Exit(IntEnum):
     CANCELLED = 77
     OUT_OF_MEMORY = 78
     """An allocation failed (host or device); tried again, as memory may free up."""
+    DISK_FULL = 79
+    """A save did not fit; queued again once the disk has room."""
 
 
 class RequestHook:
@@ -87,6 +89,8 @@ def run(home: Home, name: str) -> Exit:
         return _failed(folder, Exit.BAD_JOB, str(e))
     except OutOfMemory as e:
         return _failed(folder, Exit.OUT_OF_MEMORY, str(e))
+    except DiskFull as e:
+        return _failed(folder, Exit.DISK_FULL, str(e))
     except (JobBusy, TraindError) as e:
         return _failed(folder, Exit.FAILED, str(e))
     except (OSError, ValueError) as e:  # spec.json missing or unreadable
@@ -99,7 +103,10 @@ def run(home: Home, name: str) -> Exit:
 
 
 def _failed(folder: Path, code: Exit, why: str) -> Exit:
-    write_durably(FileSystem(), folder / ERROR_FILE, why.encode())
+    try:
+        write_durably(FileSystem(), folder / ERROR_FILE, why.encode())
+    except OSError:
+        pass  # a full disk, say: the exit status still tells the daemon what happened
     return code
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from traind.jobs import names
 from traind.jobs.errors import JobSpecError, Problem, field_name
+from traind.jobs.jobname import is_job_name
 from traind.jobs.spec import JobSpec
 
 if sys.version_info >= (3, 11):
@@ -61,7 +62,12 @@ def load_job(path: str | Path, base_dir: str | Path | None = None) -> JobFile:
     except UnicodeDecodeError as e:
         raise JobSpecError([Problem((), f"not UTF-8 text: byte {raw[e.start]:#04x} at offset {e.start}",
                                     line=raw[:e.start].count(b"\n") + 1, fix="save the file as UTF-8")], path) from e
-    return JobFile(path, fmt, text, parse_spec(text, fmt, path, base_dir))
+    job_file = JobFile(path, fmt, text, parse_spec(text, fmt, path, base_dir))
+    if not is_job_name(job_file.name):  # no name key: the file's stem is the name, and must be one
+        raise JobSpecError([Problem(("name",), f"the job takes its name from the file, and '{job_file.name}' is not "
+                                    "a job name (letters, digits, '.', '_' and '-', starting with a letter or digit, "
+                                    "at most 64)", fix="rename the file, or give it a name = \"...\" key")], path)
+    return job_file
 
 
 def parse_spec(text: str, fmt: str, path: Path, base_dir: str | Path | None = None) -> JobSpec:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import xxhash
 
-from traind.store.errors import SaveFailed
+from traind.store.errors import DiskFull, SaveFailed
 from traind.store.fs import FileSystem
 
 FORMAT = "traind-save/1"
@@ -52,7 +52,7 @@ def commit(fs: FileSystem, saves_dir: Path, save_id: str, parts: list[Part], met
     needed = sum(p.size for p in parts) + (1 << 20)
     free = fs.free_bytes(saves_dir)
     if free < needed:
-        raise SaveFailed(f"not enough disk space for save {save_id} in {saves_dir}: it needs {needed:,} bytes, "
+        raise DiskFull(f"not enough disk space for save {save_id} in {saves_dir}: it needs {needed:,} bytes, "
                          f"{free:,} are free; free some space (or delete old saves) and run again")
     stage, final = saves_dir / f"{STAGING}{save_id}", saves_dir / save_id
     renamed = False
@@ -70,8 +70,11 @@ def commit(fs: FileSystem, saves_dir: Path, save_id: str, parts: list[Part], met
     except OSError as e:
         # The save never existed as far as anyone was told: remove every trace of it.
         fs.remove_tree(final if renamed else stage)
-        why = "the disk is full" if e.errno == errno.ENOSPC else f"{e.strerror or e} (errno {e.errno})"
-        raise SaveFailed(f"save {save_id} failed in {saves_dir}: {why}; earlier saves are untouched") from e
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"save {save_id} failed in {saves_dir}: the disk is full; earlier saves are untouched; "
+                           "free some space (or delete old saves)") from e
+        raise SaveFailed(f"save {save_id} failed in {saves_dir}: {e.strerror or e} (errno {e.errno}); "
+                         "earlier saves are untouched") from e
     return manifest
 
 

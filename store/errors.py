@@ -18,6 +18,10 @@ class SaveFailed(StoreError):
     """Writing a save failed; it was never reported, and earlier saves are untouched."""
 
 
+class DiskFull(SaveFailed):
+    """A save did not fit on the disk. Nothing was lost; the job can go on once space is freed."""
+
+
 class CorruptSave(StoreError):
     """A save does not match its manifest (or has none): it is never loaded."""
 

@@ -3,12 +3,13 @@ record the I/O of a job-state change and of taking a file from inbox/, build eve
 a crash could leave (every prefix; unsynced data dropped or torn; unsynced directory
 changes lost), and recover from each."""
 
+import errno
 import shutil
 
 import pytest
 
 from tests.conftest import MLP
-from tests.crashsim import RecordingFS, crash_state
+from tests.crashsim import FailingFS, RecordingFS, crash_state
 from traind.daemon.home import Home
 from traind.daemon.intake import Intake
 from traind.daemon.jobstate import JobRecord, JobState, read_state, transition, write_state
@@ -73,3 +74,52 @@ def test_a_file_taken_from_the_inbox_cut_anywhere_becomes_exactly_one_job(tmp_pa
             assert durable_job, f"{where}: the job the scan reported was not durable"
         endings.add(durable_job)
     assert endings == {False, True}  # crash points before and after the job became durable
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.ENOSPC])
+def test_a_fault_at_any_step_of_intake_loses_nothing_and_the_next_scan_takes_the_file(tmp_path, code):
+    counting = RecordingFS()
+    probe = Home(tmp_path / "probe")
+    Intake(probe).scan()
+    (probe.inbox / "job.toml").write_text(MLP)
+    Intake(probe, fs=counting).scan(closed={"job.toml"})
+    steps = len(counting.log)
+    assert steps >= 10
+    for n in range(steps):
+        home = Home(tmp_path / f"home-{n}")
+        Intake(home).scan()
+        (home.inbox / "job.toml").write_text(MLP)
+        failed = Intake(home, fs=FailingFS(n, code)).scan(closed={"job.toml"})  # never raises
+        assert all(o.error is None for o in failed), f"fault at step {n}: the file was rejected for our own I/O error"
+        outcomes = failed + Intake(home, settle=0.0).scan(now=1e9)
+        assert [o.job for o in outcomes if o.job] in (["job"], []), f"fault at step {n}"
+        assert sorted(p.name for p in home.jobs.iterdir() if not p.name.startswith(".")) == ["job"], f"step {n}"
+        assert (home.job_dir("job") / "job.toml").read_text() == MLP
+        assert not any(home.rejected.iterdir()), f"fault at step {n}"
+        assert not [p for p in (home.inbox / ".claimed").iterdir()], f"fault at step {n}: left behind"
+
+
+def test_an_fsync_that_failed_is_never_retried_into_success(tmp_path):
+    """After a failed fsync the kernel may have dropped the data while marking the pages
+    clean; a second fsync would then succeed on lost data. Intake starts the job folder
+    over from the job file instead."""
+    home = Home(tmp_path / "home")
+    Intake(home).scan()
+    (home.inbox / "job.toml").write_text(MLP)
+    first_fsync = next(i for i, op in enumerate(_ops_of_one_file(tmp_path)) if op[0] == "fsync")
+    Intake(home, fs=FailingFS(first_fsync, errno.EIO)).scan(closed={"job.toml"})
+    again = RecordingFS()
+    Intake(home, fs=again).scan()
+    stage_files = [op[1] for op in again.log if op[0] == "create"]
+    assert stage_files, "the retry rewrote nothing"
+    assert all(op[0] != "fsync" or op[1] in stage_files for op in again.log)  # each fsync is of a file it wrote anew
+    assert (home.job_dir("job") / "job.toml").read_text() == MLP
+
+
+def _ops_of_one_file(tmp_path):
+    home = Home(tmp_path / "ops")
+    Intake(home).scan()
+    (home.inbox / "job.toml").write_text(MLP)
+    fs = RecordingFS()
+    Intake(home, fs=fs).scan(closed={"job.toml"})
+    return fs.log

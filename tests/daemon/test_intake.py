@@ -165,3 +165,26 @@ def test_a_file_whose_validation_took_the_daemon_down_twice_is_rejected_not_retr
     assert outcome.job is None and "the daemon died 2 times while validating this file" in outcome.error
     assert (home.rejected / "poison.toml.error").exists()
     assert list((home.inbox / CLAIMED).iterdir()) == []
+
+
+def test_a_file_whose_stem_is_not_a_job_name_is_rejected_with_the_fix(home):
+    drop(home, "name with spaces.toml", GOOD)
+    outcome = Intake(home).scan(closed={"name with spaces.toml"})[0]
+    assert outcome.job is None and "is not a job name" in outcome.error and "rename the file" in outcome.error
+    assert (home.rejected / "name with spaces.toml.error").exists()
+
+
+def test_a_bug_on_one_file_rejects_it_and_intake_goes_on(home, monkeypatch):
+    drop(home, "a.toml", GOOD.replace("samples = 100", "samples = 101"))
+    drop(home, "b.toml", GOOD)
+    real = Intake._accept
+
+    def accept(self, job_file):
+        if job_file.name == "a":
+            raise KeyError("a bug")
+        return real(self, job_file)
+
+    monkeypatch.setattr(Intake, "_accept", accept)
+    outcomes = {o.file: o for o in Intake(home).scan(closed={"a.toml", "b.toml"})}
+    assert "traind failed on this file (KeyError" in outcomes["a.toml"].error
+    assert outcomes["b.toml"].job == "b"

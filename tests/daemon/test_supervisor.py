@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import EXAMPLES
 from traind.daemon.cli import cli
-from traind.store.saves import list_saves
+from traind.store.saves import list_saves, verify
 
 JOB = (EXAMPLES / "tied.yaml").read_text().replace("samples: 1024", "samples: 6144").replace(
     "epochs: 5", "epochs: 8").replace("name: tied", "name: soak")
@@ -359,4 +360,109 @@ def test_a_job_out_of_memory_is_told_apart_in_status_and_not_looped(daemons):
     assert status["cause"] == "out_of_memory"
     assert "ran out of memory (out of memory at step 3" in status["last_error"]  # 1 dry forward + 2 steps
     assert status["restarts"] >= 1  # tried again: memory may have been taken by someone else
+    assert proc.poll() is None
+
+
+BIG_SAVES = """
+name = "filler"
+[model]
+layers = [["Linear", 20, 1024], ["ReLU"], ["Linear", 1024, 1024], ["ReLU"], ["Linear", 1024, 10]]
+[data]
+samples = 2048
+[train]
+epochs = 3
+[checkpoint]
+every_steps = 4
+keep_last = 2
+"""
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MB filesystem of its own (tmpfs), where a job can fill the disk for real."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("needs permission to mount a small tmpfs (root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_stops_the_job_loses_nothing_and_it_goes_on_when_space_returns(small_disk, tmp_path):
+    (tmp_path / "filler.toml").write_text(BIG_SAVES)
+    reference = CliRunner().invoke(cli, ["run", str(tmp_path / "filler.toml"), "--dir", str(tmp_path / "ref")])
+    assert reference.exit_code == 0, reference.output
+    d = Daemons(small_disk / "home")
+    try:
+        d.start()
+        wait_for(lambda: (small_disk / "home" / "inbox").is_dir(), "the inbox")
+        save_bytes = list_saves(tmp_path / "ref" / "saves")[0][-1].bytes  # about 13 MB a save
+        ballast = small_disk / "ballast"
+        free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+        ballast.write_bytes(b"\0" * (free - int(2.5 * save_bytes)))  # room for two saves, not three
+        submit(d.home, tmp_path, BIG_SAVES, "filler.toml")
+        status = lambda: json.loads(traind(d.home, "status", "filler", "--json").output)  # noqa: E731
+        wait_for(lambda: "filler" in rows(d.home) and status()["cause"] == "disk_full", "the disk to fill",
+                 timeout=180)
+        info = status()
+        assert info["state"] == "queued"
+        assert "the disk is full" in info["last_error"] or "not enough disk space" in info["last_error"]
+        assert "it continues once there is room" in info["last_error"]
+        folder = d.home / "jobs" / "filler"
+        kept = list_saves(folder / "saves")[0]
+        assert kept and all(not verify(s.path) for s in kept)  # what was saved before is whole
+        assert not list((folder / "saves").glob(".staging-*"))
+        assert d.procs[-1].poll() is None  # the daemon serves on
+        ballast.unlink()  # space returns
+        wait_for(lambda: status()["state"] == "done", "the job to go on and finish", timeout=180)
+        assert_equal(final_weights(folder), final_weights(tmp_path / "ref"))
+    finally:
+        d.close()
+
+
+def test_a_fuzzed_inbox_never_kills_the_daemon(daemons):
+    """Garbage of every kind dropped in at once: random bytes, broken and deep TOML, YAML
+    bombs, huge numbers, NUL bytes, odd names. Each file is rejected with its error beside
+    it, the good one among them trains, and the daemon serves on."""
+    import random
+
+    rng = random.Random(5)
+    proc = daemons.start()
+    inbox = daemons.home / "inbox"
+    wait_for(lambda: inbox.is_dir(), "the inbox")
+    garbage = {
+        "bytes.toml": bytes(rng.randrange(256) for _ in range(4000)),
+        "nul.json": b'{"model": {"layers": [["Linear\x00", 2, 2]]}}',
+        "deep.json": b"[" * 50000 + b"]" * 50000,
+        "deep.toml": b"a = " + b"[" * 5000 + b"]" * 5000,
+        "bomb.yaml": b'a: &a ["x","x","x","x","x","x","x","x","x"]\n' + b"".join(
+            f'{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},'
+            f'*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)}]\n'.encode()
+            for i in range(8)),
+        "huge.toml": b'seed = 99999999999999999999999999\n[model]\nlayers = [["Linear", 1e308, 10]]\n',
+        "empty.yaml": b"",
+        "utf16.json": '{"model": {}}'.encode("utf-16"),
+        "tag.yaml": b"!!python/object/apply:os.system ['touch /tmp/traind-pwned']\n",
+        "a..b.json": b"{}",
+        "name with spaces.toml": b'[model]\nlayers = [["Linear", 20, 10]]\n',
+    }
+    for i in range(40):
+        garbage[f"random{i}.{rng.choice(['toml', 'yaml', 'json'])}"] = bytes(
+            rng.choice(b'[]{}:=,"\'\n\t -#&*!abcdefxyz0123456789') for _ in range(rng.randrange(1, 300)))
+    good = '[model]\nlayers = [["Linear", 20, 10]]\n[data]\nsamples = 100\n[train]\nepochs = 1\n'
+    for name, data in garbage.items():
+        (inbox / f".{name}.tmp").write_bytes(data)
+        os.rename(inbox / f".{name}.tmp", inbox / name)
+    (inbox / "good.toml").write_text(good)
+    rejected = daemons.home / "rejected"
+    wait_for(lambda: rows(daemons.home).get("good", {}).get("state") == "done", "the good job", timeout=180)
+    wait_for(lambda: not [p for p in inbox.iterdir() if not p.name.startswith(".")], "every file to be taken")
+    errors = sorted(p.name for p in rejected.glob("*.error")) if rejected.is_dir() else []
+    accepted = set(rows(daemons.home))
+    for name in garbage:
+        assert f"{name}.error" in errors or Path(name).stem in accepted, f"{name}: neither rejected nor accepted"
+    for error in rejected.glob("*.error"):
+        assert error.read_text().strip(), f"{error.name} says nothing"
+    assert not os.path.exists("/tmp/traind-pwned")
     assert proc.poll() is None

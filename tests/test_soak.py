@@ -1,0 +1,21 @@
+"""The kill soak of bench/soak.py, at CI size: 50 SIGKILLs of a live daemon and its
+workers, biased toward saves and intake; every job must end exactly (see its doc)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.timeout(900)
+def test_fifty_kills_and_every_job_ends_exactly(tmp_path):
+    out = tmp_path / "soak.json"
+    result = subprocess.run([sys.executable, "-m", "bench.soak", "--kills", "50", "--seed", "1", "--json", str(out)],
+                            capture_output=True, text=True, timeout=900)
+    report = json.loads(out.read_text())
+    assert result.returncode == 0 and report["failures"] == [], report["failures"] or result.stderr[-3000:]
+    assert report["kills"] == 50
+    assert report["by_target"]["daemon"] > 0 and report["by_target"]["worker"] > 0
+    assert report["kills_during_a_save"] > 0  # the save path was hit, not only quiet moments
+    assert report["jobs"] >= 3
