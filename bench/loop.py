@@ -301,7 +301,7 @@ def measure(quick: bool = False) -> list[dict]:
     rows.append({"case": "checkpoint overhead, default cadence: training thread's time in saves",
                  "traind": f"{share:.2%}", "baseline": "-", "ratio": round(share, 4), "goal": "<= 1%",
                  "verdict": "met" if share <= 0.01 else "missed",
-                 "detail": f"a save per {samples * 4 // 5 // 64} steps (~{1 / median['traind'] * samples * 4 // 5 // 64:.2f} s); "
+                 "detail": f"a save per {samples * 4 // 5 // 64} steps ({samples * 4 // 5 // 64 / median['traind']:.2f} s); "
                            f"end to end, saving each epoch vs only at the end: {slowdown:+.1%} (A/A noise {noise:.1%})"})
     if "traind-tensorboard" in median:
         rows.append(_row("TensorBoard event files: steps/s with vs without", median["traind-tensorboard"],

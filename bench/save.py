@@ -143,7 +143,7 @@ def _measure(root: Path, width: int, reps: int) -> list[dict]:
         target.unlink()
     med = statistics.median
     size = f"{nbytes / 1e6:.0f} MB state, median of {reps}"
-    persisted = reps * nbytes / med(persists)
+    persisted = sum(nbytes / p for p in persists)  # the time of every timed save, as TimedFS summed its parts
     parts = {k: v / persisted for k, v in timed.seconds.items()}
     where = (f"copy {med(stalls):.3f} s in the training thread; behind it: write {parts['write']:.0%}, "
              f"fsync {parts['fsync']:.0%}, hashing and commit {1 - sum(parts.values()):.0%} of "

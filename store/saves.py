@@ -5,6 +5,8 @@ everything else from JSON."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +35,26 @@ class SaveInfo:
     bytes: int
     note: str | None
     path: Path
+    sizes: tuple[tuple[str, int], ...] = ()
+    """Each file the manifest lists, with its size in bytes."""
 
     @classmethod
     def from_manifest(cls, path: Path, m: dict) -> SaveInfo:
         return cls(m["id"], int(m["seq"]), int(m["step"]), int(m["epoch"]), tuple(m.get("kinds", ())),
                    dict(m.get("metrics", {})), str(m.get("created", "")), int(m.get("bytes", 0)),
-                   m.get("note"), path)
+                   m.get("note"), path, tuple((name, f.get("bytes")) for name, f in m["files"].items()))
+
+    def looks_whole(self) -> bool:
+        """Every file its manifest lists is there, a plain file of the listed size (a stat
+        each; `verify` re-hashes them)."""
+        for name, size in self.sizes:
+            try:
+                st = os.lstat(self.path / name)
+            except OSError:
+                return False
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                return False
+        return True
 
     def as_json(self, verified: bool | None = None) -> dict:
         return {"id": self.id, "step": self.step, "epoch": self.epoch, "kinds": list(self.kinds),
