@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -24,16 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from traind.daemon import notify
-from traind.daemon.home import Home, check_private
+from traind.daemon.home import SPEC_FILE, Home, check_private
 from traind.daemon.intake import Intake
-from traind.daemon.jobstate import STATE_FILE, BadTransition, JobRecord, JobState, read_state, signature, transition
+from traind.daemon.jobstate import (STATE_FILE, BadTransition, JobRecord, JobState, read_state, signature,
+                                    transition, write_state)
 from traind.daemon.validator import Validator
 from traind.daemon.watch import InboxWatch
 from traind.daemon.worker import ERROR_FILE, Exit
-from traind.store.saves import SAVES
-from traind.jobs.loadgame import load_pending
 from traind.jobs.devices import try_all_gpus
+from traind.jobs.jobname import is_job_name
+from traind.jobs.loadgame import load_pending
 from traind.store.errors import TraindError
+from traind.store.saves import SAVES
 
 log = logging.getLogger("traind.daemon")
 MAX_RESTARTS = 5
@@ -41,6 +44,7 @@ FAST_FAIL = 5.0
 MAX_FAST = 3
 BACKOFF = (1.0, 60.0)  # first delay, cap
 TICK = 0.25
+ADOPT_SETTLE = 5.0  # seconds a job folder copied in must stay unchanged before it is adopted
 DISK_RETRY = 5.0  # seconds between looks at the free space, for jobs a full disk stopped
 RESCAN = 1.0  # seconds between looks at every job's state (the CLI changes some: resume, load)
 LOCK_FILE = "daemon.lock"
@@ -188,13 +192,43 @@ class Daemon:
                 states[entry.name] = known
             elif sig is not None and (record := read_state(Path(entry.path))) is not None:
                 states[entry.name] = (sig, record)
+            elif sig is None and (record := self._adopt(Path(entry.path))) is not None:
+                states[entry.name] = (signature(f"{jobs}/{entry.name}/{STATE_FILE}"), record)
         self._states = states
+
+    def _adopt(self, folder: Path) -> JobRecord | None:
+        """A job folder copied in from elsewhere (as `traind run --dir` made it: a spec and
+        saves, no state) becomes a queued job of this home, once nothing in it has changed
+        for ADOPT_SETTLE seconds (a copy still running would have its saves quarantined)."""
+        if not is_job_name(folder.name) or not (folder / SPEC_FILE).is_file():
+            return None
+        try:
+            changed = max(os.lstat(os.path.join(d, n)).st_ctime for d, dirs, files in os.walk(folder)
+                          for n in [".", *dirs, *files])
+            priority = int(json.loads((folder / SPEC_FILE).read_text()).get("priority", 0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
+        if time.time() - changed < ADOPT_SETTLE:
+            return None
+        log.info("adopting %s, a job folder copied in", folder.name)
+        return write_state(folder, JobRecord(folder.name, JobState.QUEUED, priority, time.time(), changed=time.time(),
+                                             last_error="adopted: a job folder copied into this home",
+                                             cause="interrupted"))
 
     def _schedule(self, now: float) -> None:
         """Start the queued jobs that are due on the free slots; count those left waiting."""
         if now >= self._rescan_at:
             self._refresh_states()
             self._rescan_at = now + RESCAN
+        for name, (_, record) in list(self._states.items()):
+            if record.state == JobState.RUNNING and name not in self.running:  # copied in mid-run, say
+                try:
+                    record = transition(self.home.job_dir(name), JobState.QUEUED, allow_from={JobState.RUNNING},
+                                        last_error="it was running, but not here (a folder copied in?)",
+                                        cause="interrupted")
+                except (BadTransition, FileNotFoundError):
+                    continue
+                self._states[name] = (signature(str(self.home.job_dir(name) / STATE_FILE)), record)
         queued = [r for _, r in self._states.values() if r.state == JobState.QUEUED]
         due = sorted((r for r in queued if r.name not in self.running and self.retry_at.get(r.name, 0.0) <= now
                       and self._room_for(r, now)), key=lambda r: (-r.priority, r.submitted))

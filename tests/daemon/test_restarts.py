@@ -130,3 +130,34 @@ def test_a_job_paused_or_removed_since_the_last_look_is_not_started(tmp_path):
     assert read_state(home.job_dir("paused")).state == JobState.PAUSED
     daemon._refresh_states()
     assert {n: r.state for n, (_, r) in daemon._states.items()} == {"paused": JobState.PAUSED}
+
+
+def test_a_job_running_but_not_here_is_queued_again(tmp_path):
+    """A folder copied in from a machine where it ran says `running`; no worker of this
+    daemon runs it, so it is queued to resume from its newest save."""
+    home = Home(tmp_path)
+    home.job_dir("copied").mkdir(parents=True)
+    write_state(home.job_dir("copied"), JobRecord("copied", JobState.RUNNING))
+    daemon = Daemon(home, workers=0)
+    daemon._schedule(now=0.0)
+    record = read_state(home.job_dir("copied"))
+    assert record.state == JobState.QUEUED and "not here" in record.last_error
+
+
+def test_a_job_folder_copied_in_is_adopted_once_it_is_still(tmp_path, monkeypatch):
+    home = Home(tmp_path)
+    folder = home.job_dir("from-elsewhere")
+    folder.mkdir(parents=True)
+    (folder / "spec.json").write_text('{"priority": 3}')
+    (home.jobs / "stray").mkdir()  # not a job: no spec
+    (home.jobs / "bad name").mkdir()
+    (home.jobs / "bad name" / "spec.json").write_text("{}")
+    daemon = Daemon(home, workers=0)
+    monkeypatch.setattr(supervisor, "ADOPT_SETTLE", 3600.0)  # just copied: wait
+    daemon._refresh_states()
+    assert daemon._states == {} and read_state(folder) is None
+    monkeypatch.setattr(supervisor, "ADOPT_SETTLE", 0.0)
+    daemon._refresh_states()
+    assert set(daemon._states) == {"from-elsewhere"}
+    record = read_state(folder)
+    assert record.state == JobState.QUEUED and record.priority == 3 and "adopted" in record.last_error

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -466,3 +467,21 @@ def test_a_fuzzed_inbox_never_kills_the_daemon(daemons):
         assert error.read_text().strip(), f"{error.name} says nothing"
     assert not os.path.exists("/tmp/traind-pwned")
     assert proc.poll() is None
+
+
+def test_a_job_folder_copied_in_from_traind_run_is_adopted_and_finishes_the_same(daemons, tmp_path, reference):
+    """`traind run` stopped half-way elsewhere; its folder copied into a live daemon's
+    jobs/ is picked up once the copy is still, and resumed to the same weights."""
+    (tmp_path / "soak.yaml").write_text(JOB)
+    run = subprocess.Popen([sys.executable, "-m", "traind.daemon.cli", "run", str(tmp_path / "soak.yaml"), "--dir",
+                            str(tmp_path / "elsewhere")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: len(list_saves(tmp_path / "elsewhere" / "saves")[0]) >= 2, "two saves elsewhere")
+    run.send_signal(signal.SIGTERM)  # it saves and stops
+    assert run.wait(60) == 0
+    assert "final" not in list_saves(tmp_path / "elsewhere" / "saves")[0][-1].kinds
+    daemons.start()
+    wait_for(lambda: (daemons.home / "jobs").is_dir(), "the daemon")
+    shutil.copytree(tmp_path / "elsewhere", daemons.home / "jobs" / "soak")
+    wait_for(lambda: rows(daemons.home).get("soak", {}).get("state") == "done", "the adopted job to finish")
+    assert "resumed from save" in (daemons.home / "jobs" / "soak" / "log").read_text()
+    assert_equal(final_weights(daemons.home / "jobs" / "soak"), reference)
