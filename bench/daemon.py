@@ -192,7 +192,7 @@ def _intake(root: Path, count: int) -> tuple[float, float]:
 
 
 def measure(quick: bool = False) -> list[dict]:
-    runs, baseline_runs, jobs, files, saves = (3, 2, 1000, 500, 100) if quick else (50, 20, 10_000, 10_000, 1000)
+    runs, baseline_runs, jobs, files, saves = (2, 1, 1000, 300, 100) if quick else (50, 20, 10_000, 10_000, 1000)
     root = Path(tempfile.mkdtemp(prefix="traind-bench-", dir=Path(__file__).resolve().parent.parent))
     try:
         ours, theirs = _latency(root, runs, baseline_runs)

@@ -1,0 +1,21 @@
+"""The bench's cases on tiny inputs: they run, and the two sides do the same work (the
+figures themselves are bench/'s business, never asserted here)."""
+
+from bench import daemon, loop
+
+
+def test_the_loop_and_its_baselines_do_the_same_work():
+    text = loop.MLP.format(samples=512, epochs=2, checkpoint=loop.DEFAULT_CADENCE)
+    _, ours = loop.run_traind(text)
+    assert 0 <= loop.STALLS[-1] < 1
+    for gather in (True, False):
+        _, theirs = loop.run_hand(text, gather=gather)
+        assert theirs == ours
+    big = loop.BIG.format(samples=400).replace("1024, 4096", "1024, 64").replace("4096, 1024", "64, 1024")
+    assert loop.run_traind(big)[1] == loop.run_hand(big, True, every_steps=20)[1]
+
+
+def test_ls_and_saves_are_measured_through_the_real_cli(tmp_path):
+    cold, warm = daemon._ls(tmp_path, 30)
+    assert cold > 0 and warm > 0
+    assert daemon._saves(tmp_path, 12) > 0
