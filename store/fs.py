@@ -57,8 +57,9 @@ class FileSystem:
 
 
 def write_new(fs: FileSystem, path: Path, data: bytes) -> None:
-    """A new file at PATH, written and fsynced, in a staging folder that the caller fsyncs
-    before renaming it into place (which makes the name durable for all its files at once)."""
+    """A new file at PATH, written and fsynced. Its name is the caller's to make durable:
+    by renaming it and fsyncing the folder (`write_durably`), or by fsyncing the staging
+    folder it is in before renaming that into place (for all its files at once)."""
     fd = fs.create(path)
     try:
         fs.write(fd, memoryview(data))
@@ -73,11 +74,6 @@ def write_durably(fs: FileSystem, path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.exists():
         tmp.unlink()
-    fd = fs.create(tmp)
-    try:
-        fs.write(fd, memoryview(data))
-        fs.fsync(fd)
-    finally:
-        fs.close(fd)
+    write_new(fs, tmp, data)
     fs.rename(tmp, path)
     fs.fsync_dir(path.parent)
