@@ -149,7 +149,8 @@ class Daemon:
         self._rescan_at = 0.0  # 0: now (the daemon itself changed a state, or took a file in)
 
     def start(self) -> None:
-        """Take the home (one daemon each), and queue again the jobs a crash left running."""
+        """Take the home (one daemon each). The jobs a crash left running are queued again
+        by the first `_schedule`, as every job marked running with no worker here is."""
         for d in (self.home.inbox, self.home.jobs, self.home.rejected):
             d.mkdir(mode=0o755, parents=True, exist_ok=True)
         check_private(self.home)
@@ -159,11 +160,6 @@ class Daemon:
         except BlockingIOError:
             raise DaemonBusy(f"another traind daemon serves {self.home.root}") from None
         self.validator.start()  # ready by the time a file lands
-        for folder in self._job_folders():
-            record = read_state(folder)
-            if record is not None and record.state == JobState.RUNNING:
-                transition(folder, JobState.QUEUED, last_error="the daemon stopped while it ran",
-                           cause="interrupted")
 
     def loop(self, now: float, closed: frozenset = frozenset()) -> None:
         if self.intake.scan(now, closed):
@@ -175,9 +171,6 @@ class Daemon:
                 self._ended(worker, code, now)
                 self._rescan_at = 0.0
         self._schedule(now)
-
-    def _job_folders(self) -> list[Path]:
-        return sorted(p for p in self.home.jobs.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def _refresh_states(self) -> None:
         """Every job's record, read again only where its state.json changed: with 10,000
@@ -221,10 +214,11 @@ class Daemon:
             self._refresh_states()
             self._rescan_at = now + RESCAN
         for name, (_, record) in list(self._states.items()):
-            if record.state == JobState.RUNNING and name not in self.running:  # copied in mid-run, say
+            if record.state == JobState.RUNNING and name not in self.running:
                 try:
                     record = transition(self.home.job_dir(name), JobState.QUEUED, allow_from={JobState.RUNNING},
-                                        last_error="it was running, but not here (a folder copied in?)",
+                                        last_error="it was running, but not here: the daemon stopped while it ran, "
+                                                   "or its folder was copied in",
                                         cause="interrupted")
                 except (BadTransition, FileNotFoundError):
                     continue
