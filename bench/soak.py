@@ -93,6 +93,7 @@ class Soak:
         self.moments = {"save": 0, "intake": 0, "random": 0}
         self.in_save = 0  # kills that found a save being written
         self.daemon_starts = 0
+        self.resumed_failed = 0  # jobs the restart limit failed (5 kills without a save between), resumed by hand
 
     # processes
     def start_daemon(self) -> None:
@@ -191,6 +192,7 @@ class Soak:
                 path = self.home / "jobs" / name / "state.json"
                 if path.exists() and json.loads(path.read_text())["state"] == "failed":
                     subprocess.run([*PYTHON, "--home", str(self.home), "resume", name], capture_output=True)
+                    self.resumed_failed += 1
             time.sleep(0.5)
 
     def stop(self) -> None:
@@ -279,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         soak.stop()
     result = {"kills": sum(soak.kills.values()), "by_target": soak.kills, "by_moment": soak.moments,
               "kills_during_a_save": soak.in_save, "daemon_starts": soak.daemon_starts, "jobs": len(soak.dropped),
+              "failed_jobs_resumed": soak.resumed_failed,
               "seconds": round(time.monotonic() - started, 1), "failures": failures, "home": str(soak.home)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
