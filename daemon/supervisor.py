@@ -177,7 +177,7 @@ class Daemon:
         jobs, a stat each instead of a read and a parse each."""
         jobs, states = str(self.home.jobs), {}
         for entry in os.scandir(jobs):
-            if entry.name.startswith(".") or not entry.is_dir():
+            if not is_job_name(entry.name) or not entry.is_dir():  # hidden (being made or removed), or stray
                 continue
             sig = signature(f"{jobs}/{entry.name}/{STATE_FILE}")
             known = self._states.get(entry.name)
@@ -193,7 +193,7 @@ class Daemon:
         """A job folder copied in from elsewhere (as `traind run --dir` made it: a spec and
         saves, no state) becomes a queued job of this home, once nothing in it has changed
         for ADOPT_SETTLE seconds (a copy still running would have its saves quarantined)."""
-        if not is_job_name(folder.name) or not (folder / SPEC_FILE).is_file():
+        if not (folder / SPEC_FILE).is_file():
             return None
         try:
             changed = max(os.lstat(os.path.join(d, n)).st_ctime for d, dirs, files in os.walk(folder)

@@ -152,6 +152,7 @@ def test_a_job_folder_copied_in_is_adopted_once_it_is_still(tmp_path, monkeypatc
     (home.jobs / "stray").mkdir()  # not a job: no spec
     (home.jobs / "bad name").mkdir()
     (home.jobs / "bad name" / "spec.json").write_text("{}")
+    write_state(home.jobs / "bad name", JobRecord("bad name", JobState.QUEUED))  # not a job name: left alone
     daemon = Daemon(home, workers=0)
     monkeypatch.setattr(supervisor, "ADOPT_SETTLE", 3600.0)  # just copied: wait
     daemon._refresh_states()
