@@ -29,7 +29,7 @@ from traind.store.fs import FileSystem, write_durably, write_new
 
 CLAIMED = ".claimed"
 log = logging.getLogger("traind.daemon.intake")
-MAX_DEATHS = 2  # daemons that died validating one file before it is rejected
+MAX_DEATHS = 3  # daemons that died taking one file in before it is rejected
 IGNORED_ENDINGS = (".tmp", ".part", "~")
 
 
@@ -141,20 +141,22 @@ class Intake:
 
     def _finish(self, claimed: Path) -> Outcome:
         """Accept or reject a claimed file; safe to run again after a crash at any point.
-        Validating runs the job's own code (imports, the dry build): a marker written
-        first tells the next daemon if that code took this one down, and then the file is
-        rejected instead of tried again (which would crash again, and again). One death
-        may be the machine's or a `kill -9`, not the file's: the file is tried once more."""
+        The job's own code (imports, the dry build) runs in the validator's process, which
+        dies alone. What follows runs here: a marker written first tells the next daemon
+        if that took this one down, and after MAX_DEATHS such deaths the file is rejected
+        instead of tried again (a crash loop). Fewer may be the machine's or a `kill -9`.
+        Waiting for the validator does not count: a daemon killed then (the validator
+        starting, say) did not die of this file."""
         marker = claimed.with_name(f".{claimed.name}.attempt")
         deaths = _deaths(marker)
         try:
             if deaths >= MAX_DEATHS:
-                raise CrashedDaemon(f"{claimed.name}: the daemon died {deaths} times while validating this file (its "
-                                    "code ended the process: a segfault, an exit, an OOM kill?); try it with "
-                                    "`traind validate`")
+                raise CrashedDaemon(f"{claimed.name}: the daemon died {deaths} times while taking this file in; "
+                                    "try it with `traind validate`, and please report it")
+            verdict = self.check(claimed, self.home.inbox) if self.check is not None else None
             # no fsync: a daemon killed keeps what it wrote; a power cut may lose the count (one more try)
             marker.write_text(str(deaths + 1))
-            job_file = self._validated(claimed)
+            job_file = self._validated(claimed, verdict)
             self._accept(job_file)
             outcome = Outcome(claimed.name, job_file.name, None)
         except TraindError as e:
@@ -173,10 +175,10 @@ class Intake:
         self.fs.fsync_dir(claimed.parent)
         return outcome
 
-    def _validated(self, claimed: Path) -> JobFile:
-        if self.check is None:
+    def _validated(self, claimed: Path, verdict) -> JobFile:
+        """The job file, from the validator's VERDICT, or validated here without one."""
+        if verdict is None:
             return validate(load_job(claimed, base_dir=self.home.inbox))
-        verdict = self.check(claimed, self.home.inbox)
         if verdict.error:
             raise Rejected(verdict.error)
         try:

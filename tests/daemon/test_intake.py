@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from tests.conftest import MLP
 from traind.daemon.cli import cli
 from traind.daemon.home import Home
-from traind.daemon.intake import CLAIMED, Intake
+from traind.daemon.validator import Verdict
+from traind.daemon.intake import CLAIMED, MAX_DEATHS, Intake
 from traind.daemon.jobstate import JobState, read_state
 
 GOOD = '[model]\nlayers = [["Linear", 20, 10]]\n[data]\nsamples = 100\n'
@@ -43,6 +44,22 @@ def test_submit_validates_delivers_and_one_scan_accepts_it_once(home, write_job)
     assert intake.scan(closed={"small.json"}) == []
     assert [p.name for p in home.inbox.iterdir() if not p.name.startswith(".")] == []
     assert list((home.inbox / CLAIMED).iterdir()) == []
+
+
+def test_a_daemon_killed_while_it_waits_for_the_validator_did_not_die_of_the_file(home):
+    """The validator runs the job's code in its own process; while the daemon only waits
+    for its answer (about 2 s when the validator is starting), a death is not counted."""
+    (home.inbox / CLAIMED).mkdir()
+    (home.inbox / CLAIMED / "slow.toml").write_text(GOOD)
+    (home.inbox / CLAIMED / ".slow.toml.attempt").write_text("1")
+    seen = []
+
+    def check(path, base_dir):
+        seen.append((home.inbox / CLAIMED / ".slow.toml.attempt").read_text())
+        return Verdict(None, None, "slow.toml: rejected for the test")
+
+    Intake(home, check=check).scan()
+    assert seen == ["1"]  # not counted up while waiting
 
 
 def test_a_file_whose_validation_was_cut_short_once_is_tried_again(home):
@@ -160,9 +177,9 @@ def test_logs_and_rm_of_a_job_that_is_not_running(home, tmp_path):
 def test_a_file_whose_validation_took_the_daemon_down_twice_is_rejected_not_retried(home):
     (home.inbox / CLAIMED).mkdir()
     (home.inbox / CLAIMED / "poison.toml").write_text(GOOD)
-    (home.inbox / CLAIMED / ".poison.toml.attempt").write_text("2")  # left by the second daemon that died
+    (home.inbox / CLAIMED / ".poison.toml.attempt").write_text(str(MAX_DEATHS))  # left by the last daemon that died
     outcome = Intake(home).scan()[0]
-    assert outcome.job is None and "the daemon died 2 times while validating this file" in outcome.error
+    assert outcome.job is None and f"the daemon died {MAX_DEATHS} times while taking this file in" in outcome.error
     assert (home.rejected / "poison.toml.error").exists()
     assert list((home.inbox / CLAIMED).iterdir()) == []
 
