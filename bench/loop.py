@@ -266,7 +266,7 @@ def _row(case: str, ours: float, theirs: float, goal: float | None, noise: float
 
 
 def measure(quick: bool = False) -> list[dict]:
-    samples, epochs, reps, big_samples, big_reps = (4096, 3, 3, 1600, 2) if quick else (16384, 3, 10, 8000, 4)
+    samples, epochs, reps, big_samples, big_reps = (2048, 3, 2, 1600, 1) if quick else (16384, 3, 10, 8000, 4)
     mlp = MLP.format(samples=samples, epochs=epochs, checkpoint=DEFAULT_CADENCE)
     bare = MLP.format(samples=samples, epochs=epochs, checkpoint=FINAL_ONLY)
     run_traind(MLP.format(samples=1024, epochs=1, checkpoint=DEFAULT_CADENCE))  # warm up allocator and kernels

@@ -108,7 +108,7 @@ def _dd(path: Path, nbytes: int) -> float:
 
 
 def measure(quick: bool = False) -> list[dict]:
-    width, reps = (1024, 2) if quick else (4096, 6)
+    width, reps = (512, 2) if quick else (4096, 6)
     root = Path(tempfile.mkdtemp(prefix="traind-bench-", dir=Path(__file__).resolve().parent.parent))
     try:
         return _measure(root, width, reps)
