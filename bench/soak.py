@@ -6,7 +6,8 @@ It starts a daemon on a fresh home and feeds it job files (a few templates, many
 names). Then, KILLS times, it SIGKILLs the daemon or one of its workers and lets the
 daemon come back (a new daemon for a killed one; the daemon restarts a killed worker).
 Kill moments are biased toward the dangerous ones: while a save is being written (a
-staging folder exists), right after a file lands in inbox/, or at a random time.
+staging folder that the live worker made; the kill lands a few ms into the commit), right
+after a file lands in inbox/, or at a random time (often while a worker starts).
 
 At the end every job must hold, or the run fails (exit 1):
 - it finished, and its final weights equal, bit for bit, those of its template run by
@@ -93,6 +94,8 @@ class Soak:
         self.moments = {"save": 0, "intake": 0, "random": 0}
         self.in_save = 0  # kills that found a save being written
         self.daemon_starts = 0
+        self.seen: dict[tuple[int, str], float] = {}  # (worker pid, its start in ticks) -> when first seen
+        self.born: dict[int, str] = {}  # worker pid -> its start in ticks, as last seen
         self.resumed_failed = 0  # jobs the restart limit failed (5 kills without a save between), resumed by hand
 
     # processes
@@ -116,7 +119,13 @@ class Soak:
             except OSError:
                 continue
             if b"traind.daemon.worker" in cmd and str(self.home).encode() in cmd:
+                try:  # pids are reused (pid_max may be 32768): know a process by its start time too
+                    born = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[19]
+                except OSError:
+                    continue
                 found.append((int(entry.name), cmd[-2].decode()))
+                self.seen.setdefault((int(entry.name), born), time.time())
+                self.born[int(entry.name)] = born
         return found
 
     # the jobs
@@ -128,12 +137,16 @@ class Soak:
         self.dropped[name] = template
         return name
 
-    def saving(self, names: list[str]) -> bool:
-        """Whether one of jobs NAMES is writing a save (its staging folder exists)."""
-        for name in names:
+    def saving(self, workers: list[tuple[int, str]]) -> bool:
+        """Whether one of WORKERS is writing a save: its job has a staging folder changed since
+        that worker was first seen. (A staging folder left by a killed save stays until the
+        next worker resumes and sweeps it; that one is not a save being written.)"""
+        for pid, name in workers:
+            since = self.seen.get((pid, self.born.get(pid, "")), float("inf"))
             try:
-                if any(e.name.startswith(STAGING) for e in os.scandir(self.home / "jobs" / name / "saves")):
-                    return True
+                for entry in os.scandir(self.home / "jobs" / name / "saves"):
+                    if entry.name.startswith(STAGING) and entry.stat().st_mtime >= since:
+                        return True
             except OSError:
                 continue
         return False
@@ -157,16 +170,19 @@ class Soak:
         if moment == "intake":
             time.sleep(self.rng.uniform(0, 0.05))
         elif moment == "save":
-            deadline = time.monotonic() + 5
-            names = [n for _, n in self.workers()]
-            while not self.saving(names) and time.monotonic() < deadline:
-                if not names:
-                    names = [n for _, n in self.workers()]
+            # a worker starts in about 2 s (it imports torch), then saves every few ms
+            deadline, scanned, workers = time.monotonic() + 20, 0.0, []
+            while time.monotonic() < deadline:
+                if time.monotonic() - scanned > 0.05:  # reading /proc each ms would slow the workers
+                    workers, scanned = self.workers(), time.monotonic()
+                if self.saving(workers):
+                    time.sleep(self.rng.uniform(0, 0.008))  # land anywhere in the commit (a save takes ms)
+                    break
                 time.sleep(0.001)
         else:
-            time.sleep(self.rng.uniform(0, 2.0))
+            time.sleep(self.rng.uniform(0, 4.0))
         workers = self.workers()
-        in_save = self.saving([n for _, n in workers])
+        in_save = self.saving(workers)
         if workers and self.rng.random() < 0.5:
             pid, _ = self.rng.choice(workers)
             try:
@@ -217,6 +233,17 @@ def references(root: Path) -> dict[str, dict]:
     return weights
 
 
+def resumes(soak: Soak) -> dict:
+    """How the kills spread over the jobs: resumes logged ("resumed from save ID")."""
+    counts = []
+    for name in soak.dropped:
+        try:
+            counts.append(len(RESUMED.findall((soak.home / "jobs" / name / "log").read_text())))
+        except OSError:
+            counts.append(0)
+    return {"resumes": sum(counts), "jobs_resumed": sum(c > 0 for c in counts), "most_resumes_of_a_job": max(counts)}
+
+
 def check(soak: Soak, reference: dict[str, dict]) -> list[str]:
     import torch
     from safetensors.torch import load_file
@@ -265,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="traind-soak-", dir=Path(__file__).resolve().parent.parent))
     started = time.monotonic()
     soak = Soak(root, args.seed)
+    left = 0  # jobs not yet done after the last kill
     try:
         reference = references(root)
         soak.start_daemon()
@@ -274,14 +302,20 @@ def main(argv: list[str] | None = None) -> int:
             soak.kill_once()
             if (i + 1) % 50 == 0:
                 print(f"{i + 1} kills, {len(soak.dropped)} jobs, {time.monotonic() - started:.0f} s", flush=True)
-        soak.finish(timeout=600)
-        soak.stop()
-        failures = check(soak, reference)
+        left = len(soak.unfinished())
+        try:
+            soak.finish(timeout=600 + 20 * left)  # a queued job takes a few seconds; generous
+        except AssertionError as e:
+            failures = [str(e)]
+        else:
+            soak.stop()
+            failures = check(soak, reference)
     finally:
         soak.stop()
     result = {"kills": sum(soak.kills.values()), "by_target": soak.kills, "by_moment": soak.moments,
               "kills_during_a_save": soak.in_save, "daemon_starts": soak.daemon_starts, "jobs": len(soak.dropped),
-              "failed_jobs_resumed": soak.resumed_failed,
+              "failed_jobs_resumed": soak.resumed_failed, "finished_during_kills": len(soak.dropped) - left,
+              **resumes(soak),
               "seconds": round(time.monotonic() - started, 1), "failures": failures, "home": str(soak.home)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -18,4 +18,5 @@ def test_fifty_kills_and_every_job_ends_exactly(tmp_path):
     assert report["kills"] == 50
     assert report["by_target"]["daemon"] > 0 and report["by_target"]["worker"] > 0
     assert report["kills_during_a_save"] > 0  # the save path was hit, not only quiet moments
+    assert report["resumes"] >= 3  # and the jobs killed went on from their saves
     assert report["jobs"] >= 3
