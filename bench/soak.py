@@ -93,6 +93,8 @@ class Soak:
         self.kills = {"daemon": 0, "worker": 0}
         self.moments = {"save": 0, "intake": 0, "random": 0}
         self.in_save = 0  # kills that found a save being written
+        self.worker_in_save = 0  # of those, kills of the worker writing it (a killed daemon's worker gets
+        # SIGTERM, and finishes its save before it stops)
         self.daemon_starts = 0
         self.seen: dict[tuple[int, str], float] = {}  # (worker pid, its start in ticks) -> when first seen
         self.born: dict[int, str] = {}  # worker pid -> its start in ticks, as last seen
@@ -190,6 +192,7 @@ class Soak:
             except ProcessLookupError:
                 return
             self.kills["worker"] += 1
+            self.worker_in_save += in_save
         else:
             self.daemon.kill()
             self.daemon.wait()
@@ -313,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         soak.stop()
     result = {"kills": sum(soak.kills.values()), "by_target": soak.kills, "by_moment": soak.moments,
-              "kills_during_a_save": soak.in_save, "daemon_starts": soak.daemon_starts, "jobs": len(soak.dropped),
+              "kills_during_a_save": soak.in_save, "worker_kills_during_a_save": soak.worker_in_save,
+              "daemon_starts": soak.daemon_starts, "jobs": len(soak.dropped),
               "failed_jobs_resumed": soak.resumed_failed, "finished_during_kills": len(soak.dropped) - left,
               **resumes(soak),
               "seconds": round(time.monotonic() - started, 1), "failures": failures, "home": str(soak.home)}
