@@ -97,8 +97,7 @@ class Soak:
         # SIGTERM, and finishes its save before it stops)
         self.daemon_starts = 0
         self.seen: dict[tuple[int, str], float] = {}  # (worker pid, its start in ticks) -> when first seen
-        self.born: dict[int, str] = {}  # worker pid -> its start in ticks, as last seen
-        self.resumed_failed = 0  # jobs the restart limit failed (5 kills without a save between), resumed by hand
+        self.resumed_failed = 0  # jobs the crash-loop guard failed, resumed by hand
 
     # processes
     def start_daemon(self) -> None:
@@ -110,8 +109,8 @@ class Soak:
             assert time.monotonic() < deadline and self.daemon.poll() is None, "the daemon did not start"
             time.sleep(0.01)
 
-    def workers(self) -> list[tuple[int, str]]:
-        """(pid, job name) of the daemon's live workers, from /proc."""
+    def workers(self) -> list[tuple[int, str, float]]:
+        """(pid, job name, when first seen) of the daemon's live workers, from /proc."""
         found = []
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
@@ -125,9 +124,8 @@ class Soak:
                     born = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[19]
                 except OSError:
                     continue
-                found.append((int(entry.name), cmd[-2].decode()))
-                self.seen.setdefault((int(entry.name), born), time.time())
-                self.born[int(entry.name)] = born
+                seen = self.seen.setdefault((int(entry.name), born), time.time())
+                found.append((int(entry.name), cmd[-2].decode(), seen))
         return found
 
     # the jobs
@@ -139,12 +137,11 @@ class Soak:
         self.dropped[name] = template
         return name
 
-    def saving(self, workers: list[tuple[int, str]]) -> bool:
+    def saving(self, workers: list[tuple[int, str, float]]) -> bool:
         """Whether one of WORKERS is writing a save: its job has a staging folder changed since
         that worker was first seen. (A staging folder left by a killed save stays until the
         next worker resumes and sweeps it; that one is not a save being written.)"""
-        for pid, name in workers:
-            since = self.seen.get((pid, self.born.get(pid, "")), float("inf"))
+        for _, name, since in workers:
             try:
                 for entry in os.scandir(self.home / "jobs" / name / "saves"):
                     if entry.name.startswith(STAGING) and entry.stat().st_mtime >= since:
@@ -186,7 +183,7 @@ class Soak:
         workers = self.workers()
         in_save = self.saving(workers)
         if workers and self.rng.random() < 0.5:
-            pid, _ = self.rng.choice(workers)
+            pid = self.rng.choice(workers)[0]
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -202,8 +199,8 @@ class Soak:
         self.in_save += in_save
 
     def finish(self, timeout: float) -> None:
-        """Let every job end (a killed worker's job may be failed by the restart limit if it
-        never saved between kills: resume those, as a user would)."""
+        """Let every job end (kills faster than a worker starts may have tripped the daemon's
+        crash-loop guard, which fails the job: resume those, as a user would)."""
         deadline = time.monotonic() + timeout
         while self.unfinished():
             assert time.monotonic() < deadline, f"jobs left unfinished: {self.unfinished()}"
