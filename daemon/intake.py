@@ -28,6 +28,7 @@ from traind.store.errors import TraindError
 from traind.store.fs import FileSystem, write_durably, write_new
 
 CLAIMED = ".claimed"
+ATTEMPT = ".attempt"  # .NAME.attempt beside a claimed file: how many daemons died taking it in
 log = logging.getLogger("traind.daemon.intake")
 MAX_DEATHS = 3  # daemons that died taking one file in before it is rejected
 IGNORED_ENDINGS = (".tmp", ".part", "~")
@@ -89,7 +90,7 @@ class Intake:
             d.mkdir(parents=True, exist_ok=True)
         claimed = sorted((self.home.inbox / CLAIMED).iterdir())
         for p in claimed:  # a marker whose file is gone: its file was taken, and a fault stopped the tidy-up
-            if p.name.startswith(".") and p.name.endswith(".attempt") and not p.with_name(p.name[1:-8]).exists():
+            if p.name.startswith(".") and p.name.endswith(ATTEMPT) and not _marked(p).exists():
                 p.unlink(missing_ok=True)
         outcomes = [self._safely(self._finish, p) for p in claimed if p.is_file() and not p.name.startswith(".")]
         outcomes = [o for o in outcomes if o is not None]
@@ -147,7 +148,7 @@ class Intake:
         instead of tried again (a crash loop). Fewer may be the machine's or a `kill -9`.
         Waiting for the validator does not count: a daemon killed then (the validator
         starting, say) did not die of this file."""
-        marker = claimed.with_name(f".{claimed.name}.attempt")
+        marker = _marker(claimed)
         deaths = _deaths(marker)
         try:
             if deaths >= MAX_DEATHS:
@@ -217,6 +218,16 @@ class Intake:
         write_durably(self.fs, target, claimed.read_bytes())
 
 
+def _marker(claimed: Path) -> Path:
+    """Where the daemons taking CLAIMED in count their deaths."""
+    return claimed.with_name(f".{claimed.name}{ATTEMPT}")
+
+
+def _marked(marker: Path) -> Path:
+    """The claimed file whose deaths MARKER counts."""
+    return marker.with_name(marker.name[1:-len(ATTEMPT)])
+
+
 def _forget_attempt(marker: Path, deaths: int) -> None:
     try:
         if deaths:
@@ -228,7 +239,7 @@ def _forget_attempt(marker: Path, deaths: int) -> None:
 
 
 def _deaths(marker: Path) -> int:
-    """How many daemons died validating the file: each writes its try into MARKER first."""
+    """How many daemons died taking the file in: each writes its try into MARKER first."""
     try:
         text = marker.read_text().strip()
     except FileNotFoundError:

@@ -9,9 +9,9 @@ from click.testing import CliRunner
 from tests.conftest import MLP
 from traind.daemon.cli import cli
 from traind.daemon.home import Home
-from traind.daemon.validator import Verdict
 from traind.daemon.intake import CLAIMED, MAX_DEATHS, Intake
 from traind.daemon.jobstate import JobState, read_state
+from traind.daemon.validator import Verdict
 
 GOOD = '[model]\nlayers = [["Linear", 20, 10]]\n[data]\nsamples = 100\n'
 
@@ -205,3 +205,11 @@ def test_a_bug_on_one_file_rejects_it_and_intake_goes_on(home, monkeypatch):
     outcomes = {o.file: o for o in Intake(home).scan(closed={"a.toml", "b.toml"})}
     assert "traind failed on this file (KeyError" in outcomes["a.toml"].error
     assert outcomes["b.toml"].job == "b"
+
+
+def test_a_death_count_whose_file_was_taken_is_tidied_away(home):
+    (home.inbox / CLAIMED).mkdir()
+    (home.inbox / CLAIMED / ".gone.toml.attempt").write_text("1")  # its file became a job; a fault stopped the tidy-up
+    (home.inbox / CLAIMED / ".gone.toml.tmp").write_text("")  # not a death count: left alone
+    Intake(home).scan()
+    assert sorted(p.name for p in (home.inbox / CLAIMED).iterdir()) == [".gone.toml.tmp"]
