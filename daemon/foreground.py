@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from traind.daemon.home import SPEC_FILE
+from traind.daemon.requests import RequestHook
 from traind.jobs.build import build_job
 from traind.jobs.checkpoint import Checkpointer
 from traind.jobs.errors import JobSpecError, NonFiniteLoss, OutOfMemory, TrainingError, is_out_of_memory
@@ -94,14 +95,21 @@ Hook = Callable[[Trainer, Checkpointer, threading.Event], bool]
 def run_job(job_file: JobFile, folder: Path, echo: Callable[[str], None]) -> bool:
     """Train JOB_FILE to the end (True) or until a signal stops it (False), continuing from
     FOLDER's newest good save if it has one."""
+    hook = RequestHook(folder)  # `traind pause --dir FOLDER` and the like reach this run too
     with holding(folder):
         prepare_folder(job_file, folder)
-        done, trainer = train_in_folder(job_file.spec, job_file.name, folder, echo, job_file.locate)
+        done, trainer = train_in_folder(job_file.spec, job_file.name, folder, echo, job_file.locate, hook)
+    hook.ended()
     p, total = trainer.progress, trainer.job.total_steps
     if done:
         echo(f"done: step {p.step}/{total}; folder {folder}")
+    elif hook.ending == "cancelled":
+        echo(f"cancelled at step {p.step}/{total}; the saves stay")
+    elif hook.ending == "stopped":
+        echo(f"stopped at step {p.step}/{total} for a load request; run again to continue from that save")
     else:
-        echo(f"stopped by signal at step {p.step}/{total}, saved; run again to continue")
+        why = "paused" if hook.ending == "paused" else "stopped by signal"
+        echo(f"{why} at step {p.step}/{total}, saved; run again to continue")
     return done
 
 

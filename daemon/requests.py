@@ -1,12 +1,20 @@
 """Requests to a job (pause, cancel, a quicksave with a note, reload: stop without saving so
-that a "load game" request takes effect) as files in its folder,
-so that they survive a crash of the daemon or of the CLI that made them: written
-durably, taken by the job's worker at its next step boundary, removed once acted on.
+that a "load game" request takes effect) as files in its folder, so that they survive a
+crash of the daemon or of the CLI that made them: written durably, taken by the process
+that trains the job (a daemon's worker or `traind run`) at its next step boundary, and
+acted on exactly once.
+
+Exactly once, across crashes too: a process acts on each request file once; a quicksave's
+request is removed as soon as its save is committed, and the save names the request
+(`request` in its manifest), so that a crash between the two cannot make a second save.
+The requests that end the run (pause, cancel, reload) are removed when it has ended; a
+crash before that repeats them, which ends the run the same way again.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +23,7 @@ from traind.store.fs import FileSystem, write_durably
 
 REQUESTS = "requests"
 KINDS = ("pause", "cancel", "save", "reload")
+LOOK_EVERY = 0.2  # seconds between looks at the requests folder (one listing each)
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,57 @@ def pending(folder: Path) -> list[Request]:
 
 
 def done(request: Request) -> None:
-    """Forget REQUEST once acted on (after a crash before this, it is acted on again:
-    every kind of request may safely be)."""
+    """Forget REQUEST: it was acted on."""
     request.path.unlink(missing_ok=True)
+
+
+class RequestHook:
+    """The step-boundary hook that acts on a job's requests, each once; `ending` says which
+    request ended the run ("paused", "cancelled" or "stopped"), if one did."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.ending = folder, None
+        self._acted: set[str] = set()
+        self._ending_requests: list[Request] = []
+        self._next_look = 0.0
+        self._first = True
+
+    def __call__(self, trainer, checkpoints, stop: threading.Event) -> bool:
+        now = time.monotonic()
+        if now < self._next_look:
+            return False
+        self._next_look = now + LOOK_EVERY
+        if self._first:  # quicksaves a crash cut short after their commit: their save exists
+            self._first = False
+            answered = {s.request for s in checkpoints.store.saves() if s.request}
+        else:
+            answered = set()
+        for request in pending(self.folder):
+            if request.path.name in self._acted:
+                continue
+            self._acted.add(request.path.name)
+            if request.kind == "save":
+                if request.path.name in answered:
+                    done(request)
+                    continue
+                save_id = checkpoints.save({"manual"}, request.note, request=request.path.name,
+                                           after=lambda r=request: done(r))
+                checkpoints.recorder.say(f"quicksave {save_id} at step {trainer.progress.step}"
+                                         + (f": {request.note}" if request.note else ""))
+                continue
+            self._ending_requests.append(request)
+            if request.kind == "pause":
+                self.ending = "paused"
+                stop.set()  # the checkpointer saves, then the loop stops
+            elif request.kind == "cancel":
+                self.ending = "cancelled"
+                return True  # stop now; the saves stay as they are
+            elif request.kind == "reload":
+                self.ending = "stopped"  # queued again: the next run takes the requested save
+                return True  # no save: one would be newer than the requested one, and win
+        return False
+
+    def ended(self) -> None:
+        """The run has ended (its saves committed): forget the requests that ended it."""
+        for request in self._ending_requests:
+            done(request)

@@ -12,24 +12,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
-import time
 from enum import IntEnum
 from pathlib import Path
 
 from traind.daemon import requests
 from traind.daemon.foreground import JobBusy, holding, train_in_folder
 from traind.daemon.home import SPEC_FILE, Home
-from traind.jobs.checkpoint import Checkpointer
 from traind.jobs.errors import JobSpecError, OutOfMemory
 from traind.jobs.spec import JobSpec
-from traind.jobs.train import Trainer
 from traind.store.errors import DiskFull, TraindError
 from traind.store.fs import FileSystem, write_durably
 
 ERROR_FILE = "worker.error"
 LOCK_WAIT = 120.0
-REQUEST_EVERY = 0.2  # seconds between looks at the requests folder (one listing each)
 
 
 class Exit(IntEnum):
@@ -48,39 +43,12 @@ class Exit(IntEnum):
     """A save did not fit; queued again once the disk has room."""
 
 
-class RequestHook:
-    """Acts on the job's requests at step boundaries; remembers which ended the run."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.ending, self.taken = folder, None, []
-        self._next_look = 0.0
-
-    def __call__(self, trainer: Trainer, checkpoints: Checkpointer, stop: threading.Event) -> bool:
-        now = time.monotonic()
-        if now < self._next_look:
-            return False
-        self._next_look = now + REQUEST_EVERY
-        for request in requests.pending(self.folder):
-            self.taken.append(request)
-            if request.kind == "save":
-                save_id = checkpoints.save({"manual"}, request.note)
-                checkpoints.recorder.say(f"quicksave {save_id} at step {trainer.progress.step}"
-                                         + (f": {request.note}" if request.note else ""))
-            elif request.kind == "pause":
-                self.ending = Exit.PAUSED
-                stop.set()  # the checkpointer saves, then the loop stops
-            elif request.kind == "cancel":
-                self.ending = Exit.CANCELLED
-                return True  # stop now; the saves stay as they are
-            elif request.kind == "reload":
-                self.ending = Exit.STOPPED  # queued again: the next worker takes the requested save
-                return True  # no save: one would be newer than the requested one, and win
-        return False
+ENDINGS = {"paused": Exit.PAUSED, "cancelled": Exit.CANCELLED, "stopped": Exit.STOPPED}  # a request ended the run
 
 
 def run(home: Home, name: str) -> Exit:
     folder = home.job_dir(name)
-    hook = RequestHook(folder)
+    hook = requests.RequestHook(folder)
     try:
         spec = JobSpec.model_validate_json((folder / SPEC_FILE).read_text())
         with holding(folder, wait=LOCK_WAIT):  # a worker of a dead daemon may still be saving
@@ -95,11 +63,10 @@ def run(home: Home, name: str) -> Exit:
         return _failed(folder, Exit.FAILED, str(e))
     except (OSError, ValueError) as e:  # spec.json missing or unreadable
         return _failed(folder, Exit.BAD_JOB, f"{folder / SPEC_FILE}: {e}")
-    for request in hook.taken:
-        requests.done(request)  # acted on, and the saves they asked for are committed
+    hook.ended()
     if done:
         return Exit.DONE
-    return hook.ending or Exit.STOPPED
+    return ENDINGS.get(hook.ending, Exit.STOPPED)
 
 
 def _failed(folder: Path, code: Exit, why: str) -> Exit:

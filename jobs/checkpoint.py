@@ -13,6 +13,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from traind.jobs import state
@@ -68,8 +69,10 @@ class Checkpointer:
             self.writer.wait()
         return stopping
 
-    def save(self, kinds: set[str], note: str | None = None) -> str:
-        """Snapshot now, persist in the background; return the save's id."""
+    def save(self, kinds: set[str], note: str | None = None, request: str | None = None,
+             after: Callable[[], None] | None = None) -> str:
+        """Snapshot now, persist in the background; return the save's id. REQUEST names
+        what asked for it (kept in its manifest); AFTER runs once it is committed."""
         started = time.perf_counter()
         self.writer.wait()  # the previous save's buffers are about to be reused
         waited = time.perf_counter() - started
@@ -78,19 +81,23 @@ class Checkpointer:
         seq, save_id = self.store.reserve(p.step)
         meta = {"step": p.step, "epoch": p.epoch, "batch": p.batch, "kinds": sorted(kinds, key=retention.KINDS.index),
                 "metrics": dict(p.last), "note": note, "job": self.trainer.job.name}
+        if request is not None:
+            meta["request"] = request
         protect = {self.resumed_from, requested_save(self.folder)} - {None}  # never rotate these out
         stall = time.perf_counter() - started
-        self.writer.submit(lambda: self._persist(seq, save_id, files, doc, meta, protect, stall))
+        self.writer.submit(lambda: self._persist(seq, save_id, files, doc, meta, protect, stall, after))
         self.last_save = time.monotonic()
         self.recorder.metric({"kind": "save", "id": save_id, "step": p.step, "kinds": meta["kinds"],
                               "stall_s": round(stall, 6), "waited_s": round(waited, 6)})
         return save_id
 
     def _persist(self, seq: int, save_id: str, files: dict, doc: dict, meta: dict, protect: set[str],
-                 stall: float) -> SaveInfo:
+                 stall: float, after: Callable[[], None] | None) -> SaveInfo:
         info = self.store.write(seq, save_id, files, {state.STATE: doc}, meta, protect)
         self.recorder.log(f"saved {info.id} ({', '.join(info.kinds)}) at step {info.step}, {info.bytes:,} bytes; "
                           f"training waited {stall * 1e3:.1f} ms")
+        if after is not None:
+            after()
         return info
 
     def close(self) -> None:

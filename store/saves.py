@@ -37,12 +37,15 @@ class SaveInfo:
     path: Path
     sizes: tuple[tuple[str, int], ...] = ()
     """Each file the manifest lists, with its size in bytes."""
+    request: str | None = None
+    """The request this save answered (a quicksave's), so that it is answered once."""
 
     @classmethod
     def from_manifest(cls, path: Path, m: dict) -> SaveInfo:
         return cls(m["id"], int(m["seq"]), int(m["step"]), int(m["epoch"]), tuple(m.get("kinds", ())),
                    dict(m.get("metrics", {})), str(m.get("created", "")), int(m.get("bytes", 0)),
-                   m.get("note"), path, tuple((name, f.get("bytes")) for name, f in m["files"].items()))
+                   m.get("note"), path, tuple((name, f.get("bytes")) for name, f in m["files"].items()),
+                   m.get("request"))
 
     def looks_whole(self) -> bool:
         """Every file its manifest lists is there, a plain file of the listed size (a stat

@@ -68,6 +68,7 @@ def test_pause_save_resume_and_cancel(daemons, tmp_path, reference):
     wait_for(lambda: rows(daemons.home)["soak"]["state"] == "done", "the job to finish")
     assert f"at step {paused_at}" in (folder / "log").read_text()
     assert_equal(final_weights(folder), reference)  # a manual save and a pause change nothing
+    assert [s.note for s in list_saves(folder / "saves")[0] if "manual" in s.kinds] == ["before lunch"]  # once
     assert traind(daemons.home, "resume", "soak").exit_code == 1  # done: nothing to resume
     submit(daemons.home, tmp_path, JOB.replace("name: soak", "name: other"), "other.yaml")
     wait_for(lambda: rows(daemons.home).get("other", {}).get("state") == "running", "the second job to start")

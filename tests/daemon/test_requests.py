@@ -1,0 +1,99 @@
+"""Requests to a running job act exactly once: a quicksave makes one save, even when the
+hook looks again before it is committed, or after a crash between commit and removal."""
+
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+
+from tests.conftest import MLP
+from tests.daemon.live import wait_for
+from traind.daemon import requests
+from traind.daemon.requests import RequestHook
+from traind.store.saves import list_saves
+
+
+@dataclass
+class FakeSave:
+    request: str | None
+
+
+@dataclass
+class FakeStore:
+    found: list = field(default_factory=list)
+
+    def saves(self):
+        return list(self.found)
+
+
+class FakeCheckpoints:
+    """Records the saves asked for; commits them only when told (as the writer thread would)."""
+
+    def __init__(self, store=None):
+        self.store, self.made, self.uncommitted = store or FakeStore(), [], []
+        self.recorder = type("R", (), {"say": lambda self, text: None})()
+
+    def save(self, kinds, note=None, request=None, after=None):
+        self.made.append((kinds, note, request))
+        self.uncommitted.append(after)
+        return f"{len(self.made):06d}-s0"
+
+    def commit(self):
+        for after in self.uncommitted:
+            after()
+        self.uncommitted = []
+
+
+class FakeTrainer:
+    progress = type("P", (), {"step": 7})()
+
+
+def look(hook, checkpoints, stop=None):
+    hook._next_look = 0.0  # the hook looks at most every LOOK_EVERY seconds; a test looks now
+    return hook(FakeTrainer(), checkpoints, stop or threading.Event())
+
+
+def test_a_quicksave_request_makes_one_save_however_often_the_hook_looks(tmp_path):
+    requests.send(tmp_path, "save", "once")
+    hook, checkpoints = RequestHook(tmp_path), FakeCheckpoints()
+    for _ in range(5):
+        look(hook, checkpoints)  # the save is still being written: the request is still there
+    assert checkpoints.made == [({"manual"}, "once", checkpoints.made[0][2])]
+    assert len(requests.pending(tmp_path)) == 1
+    checkpoints.commit()
+    assert requests.pending(tmp_path) == []  # removed once its save is committed
+    look(hook, checkpoints)
+    assert len(checkpoints.made) == 1
+
+
+def test_a_quicksave_whose_save_a_crash_left_committed_is_not_made_again(tmp_path):
+    path = requests.send(tmp_path, "save", "before the crash")
+    checkpoints = FakeCheckpoints(FakeStore([FakeSave(None), FakeSave(path.name)]))
+    look(RequestHook(tmp_path), checkpoints)
+    assert checkpoints.made == [] and requests.pending(tmp_path) == []
+
+
+def test_pause_stops_after_a_save_and_its_request_goes_once_the_run_ended(tmp_path):
+    requests.send(tmp_path, "pause")
+    hook, checkpoints, stop = RequestHook(tmp_path), FakeCheckpoints(), threading.Event()
+    assert look(hook, checkpoints, stop) is False and stop.is_set() and hook.ending == "paused"
+    assert len(requests.pending(tmp_path)) == 1  # a crash before the run ends pauses it again
+    hook.ended()
+    assert requests.pending(tmp_path) == []
+
+
+def test_one_quicksave_of_a_real_run_is_one_manual_save(write_job, tmp_path):
+    path = write_job(MLP.replace("samples = 300", "samples = 4000").replace("epochs = 3", "epochs = 12"))
+    folder = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "traind.daemon.cli", "run", str(path), "--dir", str(folder)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: "training 'job'" in ((folder / "log").read_text() if (folder / "log").exists() else ""),
+                 "training to start")
+        requests.send(folder, "save", "once")
+        assert proc.wait(300) == 0
+    finally:
+        proc.kill()
+    manual = [s for s in list_saves(folder / "saves")[0] if "manual" in s.kinds]
+    assert [s.note for s in manual] == ["once"]
+    assert requests.pending(folder) == []
