@@ -3,8 +3,14 @@
 - `deliver` (what `traind submit` does): a hidden temp file in inbox/, fsynced, renamed
   into place, inbox/ fsynced. A file appears there whole or not at all.
 - `Intake.scan` (the daemon's rescan, the truth; watchdog events only wake it up early):
-  a file is complete once known closed after writing (`closed`), or once its size and
-  mtime have not changed for `settle` seconds; then it is claimed by renaming it into
+  a file renamed into inbox/ (`delivered`: the maildir way, as `traind submit` and mail
+  tools deliver) is complete at once. A file written in place (`cp`, `scp`, an editor,
+  `>>` in pieces) is complete only when all of these hold: no process has it open for
+  writing (the kernel refuses us a read lease while one does), its size and mtime have
+  stayed put for `settle` seconds, and, if it changed in the last GROWING seconds, it
+  parses as a whole document (a half-written JSON, or an empty file, is still growing).
+  A close is no sign of completeness: `>>` closes after every piece.
+  Then it is claimed: its bytes fsynced (the writer may not have), then renamed into
   inbox/.claimed/, so that no other scan takes it, and accepted as jobs/NAME/ or moved
   to rejected/ with NAME.error beside it. A claim a crash left behind is finished at
   the next scan.
@@ -12,7 +18,10 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +31,7 @@ from traind.daemon.home import SPEC_FILE, Home
 from traind.daemon.jobstate import JobRecord, JobState, write_state
 from traind.jobs.build import build_job
 from traind.jobs.errors import JobSpecError
-from traind.jobs.jobfile import FORMATS, JobFile, load_job
+from traind.jobs.jobfile import FORMATS, JobFile, load_job, parse_text
 from traind.jobs.spec import JobSpec
 from traind.store.errors import TraindError
 from traind.store.fs import FileSystem, write_durably, write_new
@@ -32,6 +41,8 @@ ATTEMPT = ".attempt"  # .NAME.attempt beside a claimed file: how many daemons di
 log = logging.getLogger("traind.daemon.intake")
 MAX_DEATHS = 3  # daemons that died taking one file in before it is rejected
 IGNORED_ENDINGS = (".tmp", ".part", "~")
+SETTLE = 2.0  # seconds a file written in place must stay unchanged (and closed) to count as complete
+GROWING = 60.0  # seconds after its last change in which a file that does not parse is taken as still growing
 
 
 def ignored(name: str) -> bool:
@@ -75,16 +86,16 @@ class Outcome:
 @dataclass
 class Intake:
     home: Home
-    settle: float = 1.0
+    settle: float = SETTLE
     """Seconds a file's size and mtime must stay put before it counts as complete."""
     fs: FileSystem = field(default_factory=FileSystem)
     check: Callable[[Path, Path], object] | None = None
     """Validates a file elsewhere (the daemon's validator process), returning a Verdict; default in-process."""
     _seen: dict[str, tuple[tuple[int, int], float]] = field(default_factory=dict)
 
-    def scan(self, now: float | None = None, closed: set[str] | frozenset = frozenset()) -> list[Outcome]:
-        """One pass over inbox/: take every complete file. CLOSED names files known to be
-        complete (closed after writing, or renamed in)."""
+    def scan(self, now: float | None = None, delivered: set[str] | frozenset = frozenset()) -> list[Outcome]:
+        """One pass over inbox/: take every complete file. DELIVERED names files known to be
+        complete: renamed into inbox/ whole."""
         now = time.monotonic() if now is None else now
         for d in (self.home.inbox / CLAIMED, self.home.rejected, self.home.jobs):
             d.mkdir(parents=True, exist_ok=True)
@@ -99,7 +110,7 @@ class Intake:
             if ignored(entry.name) or not entry.is_file():
                 continue
             present.add(entry.name)
-            if entry.name in closed or self._settled(entry, now):
+            if entry.name in delivered or self._complete(entry, now):
                 outcome = self._safely(self._claim, entry)
                 if outcome is not None:
                     outcomes.append(outcome)
@@ -117,6 +128,22 @@ class Intake:
             log.warning("could not take %s yet (%s); it stays for the next scan", path.name, e)
             return None
 
+    def _complete(self, entry: Path, now: float) -> bool:
+        """Whether ENTRY, written in place, is whole: settled, closed by every writer, and
+        parsing as a document if it changed lately."""
+        if not self._settled(entry, now) or open_for_writing(entry):
+            return False
+        try:
+            if time.time() - entry.stat().st_mtime >= GROWING:
+                return True  # still for a minute: whole, even if it is not a job file
+            text = entry.read_text(encoding="utf-8")
+            if not text.strip():
+                return False
+            parse_text(text, FORMATS[entry.suffix.lower()], entry)
+        except (OSError, UnicodeDecodeError, JobSpecError):
+            return False  # not a whole document yet: wait for more, or for GROWING to pass
+        return True
+
     def _settled(self, entry: Path, now: float) -> bool:
         try:
             st = entry.stat()
@@ -133,6 +160,7 @@ class Intake:
     def _claim(self, entry: Path) -> Outcome | None:
         claimed = self.home.inbox / CLAIMED / entry.name
         try:
+            self.fs.fsync_file(entry)  # its writer may not have: the bytes durable before the new name
             self.fs.rename(entry, claimed)
         except FileNotFoundError:
             return None  # taken in the meantime
@@ -216,6 +244,24 @@ class Intake:
         error = why.replace(str(claimed), target.name) + "\n"
         write_durably(self.fs, target.with_name(target.name + ".error"), error.encode())
         write_durably(self.fs, target, claimed.read_bytes())
+
+
+def open_for_writing(path: Path) -> bool:
+    """Whether some process has PATH open for writing: the kernel grants a read lease only
+    while none has. Where leases are not to be had (another owner, a network file
+    system), False: stillness alone decides."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    except OSError as e:
+        return e.errno == errno.EAGAIN
+    finally:
+        os.close(fd)
 
 
 def _marker(claimed: Path) -> Path:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from traind.daemon import notify
 from traind.daemon.home import SPEC_FILE, Home, check_private
-from traind.daemon.intake import Intake
+from traind.daemon.intake import SETTLE, Intake
 from traind.daemon.jobstate import (STATE_FILE, BadTransition, JobRecord, JobState, read_state, signature,
                                     transition, write_state)
 from traind.daemon.validator import Validator
@@ -130,7 +130,7 @@ class Worker:
 class Daemon:
     home: Home
     workers: int = 1
-    settle: float = 1.0
+    settle: float = SETTLE
     running: dict[str, Worker] = field(default_factory=dict)
     fast_fails: dict[str, int] = field(default_factory=dict)
     retry_at: dict[str, float] = field(default_factory=dict)
@@ -161,8 +161,8 @@ class Daemon:
             raise DaemonBusy(f"another traind daemon serves {self.home.root}") from None
         self.validator.start()  # ready by the time a file lands
 
-    def loop(self, now: float, closed: frozenset = frozenset()) -> None:
-        if self.intake.scan(now, closed):
+    def loop(self, now: float, delivered: frozenset = frozenset()) -> None:
+        if self.intake.scan(now, delivered):
             self._rescan_at = 0.0
         for name, worker in list(self.running.items()):
             code = worker.proc.poll()

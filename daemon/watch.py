@@ -23,9 +23,9 @@ class _Handler(FileSystemEventHandler):
         try:
             if event.is_directory:
                 return
-            if event.event_type == "closed":  # closed after writing: complete
-                self.watch.complete(Path(event.src_path).name)
-            elif event.event_type == "moved":  # renamed in (as `traind submit` does): complete
+            # renamed in (as `traind submit` does): complete. A close is not: `>>` closes
+            # after every piece; it only wakes the loop, whose rescan judges the file.
+            if event.event_type == "moved":
                 self.watch.complete(Path(event.dest_path).name)
             self.watch.wake.set()
         except Exception:  # noqa: BLE001 - a handler must never raise (it would kill the dispatcher)
@@ -35,18 +35,18 @@ class _Handler(FileSystemEventHandler):
 class InboxWatch:
     def __init__(self, inbox: Path, wake: threading.Event):
         self.inbox, self.wake = inbox, wake
-        self._closed: set[str] = set()
+        self._delivered: set[str] = set()
         self._lock = threading.Lock()
         self._observer = None
         self.restarts = -1
 
     def complete(self, name: str) -> None:
         with self._lock:
-            self._closed.add(name)
+            self._delivered.add(name)
 
     def take_complete(self) -> frozenset:
         with self._lock:
-            names, self._closed = frozenset(self._closed), set()
+            names, self._delivered = frozenset(self._delivered), set()
         return names
 
     def ensure_running(self) -> None:

@@ -25,6 +25,14 @@ class FileSystem:
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
 
+    def fsync_file(self, path: Path) -> None:
+        """Make the bytes of a file that another program wrote (and maybe never fsynced) durable."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def close(self, fd: int) -> None:
         os.close(fd)
 

@@ -75,7 +75,7 @@ def test_a_job_file_naming_itself_outside_the_home_is_rejected(tmp_path, name):
     home = Home(tmp_path / "home")
     home.inbox.mkdir(parents=True)
     (home.inbox / "attack.toml").write_text(f"name = {json.dumps(name)}\n" + MLP)
-    outcome = Intake(home).scan(closed={"attack.toml"})[0]
+    outcome = Intake(home).scan(delivered={"attack.toml"})[0]
     assert outcome.job is None and "name" in outcome.error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
     assert list(home.jobs.iterdir()) == []

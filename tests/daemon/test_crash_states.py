@@ -52,7 +52,7 @@ def test_a_file_taken_from_the_inbox_cut_anywhere_becomes_exactly_one_job(tmp_pa
     before = tmp_path / "before"
     shutil.copytree(base, before)
     fs = RecordingFS()
-    outcome = Intake(home, fs=fs).scan(closed={"job.toml"})[0]
+    outcome = Intake(home, fs=fs).scan(delivered={"job.toml"})[0]
     assert outcome.job == "job"
     ops = fs.log
     endings = set()
@@ -82,14 +82,14 @@ def test_a_fault_at_any_step_of_intake_loses_nothing_and_the_next_scan_takes_the
     probe = Home(tmp_path / "probe")
     Intake(probe).scan()
     (probe.inbox / "job.toml").write_text(MLP)
-    Intake(probe, fs=counting).scan(closed={"job.toml"})
+    Intake(probe, fs=counting).scan(delivered={"job.toml"})
     steps = len(counting.log)
     assert steps >= 10
     for n in range(steps):
         home = Home(tmp_path / f"home-{n}")
         Intake(home).scan()
         (home.inbox / "job.toml").write_text(MLP)
-        failed = Intake(home, fs=FailingFS(n, code)).scan(closed={"job.toml"})  # never raises
+        failed = Intake(home, fs=FailingFS(n, code)).scan(delivered={"job.toml"})  # never raises
         assert all(o.error is None for o in failed), f"fault at step {n}: the file was rejected for our own I/O error"
         outcomes = failed + Intake(home, settle=0.0).scan(now=1e9)
         assert [o.job for o in outcomes if o.job] in (["job"], []), f"fault at step {n}"
@@ -107,7 +107,7 @@ def test_an_fsync_that_failed_is_never_retried_into_success(tmp_path):
     Intake(home).scan()
     (home.inbox / "job.toml").write_text(MLP)
     first_fsync = next(i for i, op in enumerate(_ops_of_one_file(tmp_path)) if op[0] == "fsync")
-    Intake(home, fs=FailingFS(first_fsync, errno.EIO)).scan(closed={"job.toml"})
+    Intake(home, fs=FailingFS(first_fsync, errno.EIO)).scan(delivered={"job.toml"})
     again = RecordingFS()
     Intake(home, fs=again).scan()
     stage_files = [op[1] for op in again.log if op[0] == "create"]
@@ -121,5 +121,5 @@ def _ops_of_one_file(tmp_path):
     Intake(home).scan()
     (home.inbox / "job.toml").write_text(MLP)
     fs = RecordingFS()
-    Intake(home, fs=fs).scan(closed={"job.toml"})
+    Intake(home, fs=fs).scan(delivered={"job.toml"})
     return fs.log

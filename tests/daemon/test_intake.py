@@ -34,14 +34,14 @@ def test_submit_validates_delivers_and_one_scan_accepts_it_once(home, write_job)
     assert result.exit_code == 0 and result.output == "small\n"
     assert [p.name for p in home.inbox.iterdir() if not p.name.startswith(".")] == ["small.json"]
     intake = Intake(home)
-    outcomes = intake.scan(closed={"small.json"})
+    outcomes = intake.scan(delivered={"small.json"})
     assert [(o.job, o.error) for o in outcomes] == [("small", None)]
     folder = home.job_dir("small")
     record = read_state(folder)
     assert record.state == JobState.QUEUED and record.name == "small"
     assert json.loads((folder / "spec.json").read_text())["train"]["epochs"] == 3
     assert (folder / "job.json").exists()
-    assert intake.scan(closed={"small.json"}) == []
+    assert intake.scan(delivered={"small.json"}) == []
     assert [p.name for p in home.inbox.iterdir() if not p.name.startswith(".")] == []
     assert list((home.inbox / CLAIMED).iterdir()) == []
 
@@ -94,9 +94,34 @@ def test_a_slow_hand_copy_is_taken_only_once_complete(home):
     assert intake.scan(now=9.0) == []
 
 
-def test_a_file_closed_after_writing_is_taken_at_once(home):
+def test_a_file_renamed_into_the_inbox_is_taken_at_once(home):
     drop(home, "quick.toml", GOOD)
-    assert [o.job for o in Intake(home, settle=60).scan(now=0.0, closed={"quick.toml"})] == ["quick"]
+    assert [o.job for o in Intake(home, settle=60).scan(now=0.0, delivered={"quick.toml"})] == ["quick"]
+
+
+def test_a_file_still_open_for_writing_is_not_taken_however_long_it_is_still(home):
+    path = drop(home, "open.toml", "")
+    intake = Intake(home, settle=0.0)
+    with open(path, "a") as writer:
+        writer.write(GOOD[:30])
+        writer.flush()
+        assert intake.scan(now=0.0) == [] and intake.scan(now=100.0) == []  # the writer pauses, file open
+        writer.write(GOOD[30:])
+    assert intake.scan(now=200.0) == []  # closed now, but it changed: it settles first
+    assert [(o.job, o.error) for o in intake.scan(now=201.0)] == [("open", None)]
+
+
+def test_a_file_that_does_not_parse_yet_is_growing_until_a_minute_passed(home):
+    import os
+
+    path = drop(home, "half.json", '{"model": {"layers": [["Linear", 20')  # a writer paused between pieces
+    intake = Intake(home, settle=0.0)
+    assert intake.scan(now=0.0) == [] and intake.scan(now=5.0) == []
+    assert path.exists()
+    old = path.stat().st_mtime - 120
+    os.utime(path, (old, old))  # still for two minutes: whole, and rejected as what it is
+    outcomes = intake.scan(now=10.0) + intake.scan(now=11.0)
+    assert [o.error is not None for o in outcomes] == [True]
 
 
 def test_two_hundred_files_dropped_at_once_are_each_accepted_exactly_once(home):
@@ -104,7 +129,7 @@ def test_two_hundred_files_dropped_at_once_are_each_accepted_exactly_once(home):
     for name in names:
         drop(home, name, GOOD)
     intake = Intake(home)
-    outcomes = intake.scan(closed=names) + intake.scan(closed=names)
+    outcomes = intake.scan(delivered=names) + intake.scan(delivered=names)
     assert sorted(o.job for o in outcomes) == sorted(n[:-5] for n in names)
     assert all(o.error is None for o in outcomes)
     assert len(list(home.jobs.iterdir())) == 200
@@ -112,7 +137,7 @@ def test_two_hundred_files_dropped_at_once_are_each_accepted_exactly_once(home):
 
 def test_a_bad_file_is_rejected_with_its_error_beside_it(home):
     drop(home, "bad.toml", GOOD + "[optimizer]\nlrr = 1\n")
-    outcomes = Intake(home).scan(closed={"bad.toml"})
+    outcomes = Intake(home).scan(delivered={"bad.toml"})
     assert outcomes[0].job is None and "did you mean 'lr'" in outcomes[0].error
     assert (home.rejected / "bad.toml").read_text() == GOOD + "[optimizer]\nlrr = 1\n"
     error = (home.rejected / "bad.toml.error").read_text()
@@ -124,9 +149,9 @@ def test_a_bad_file_is_rejected_with_its_error_beside_it(home):
 
 def test_a_name_in_use_is_rejected(home):
     drop(home, "twin.toml", GOOD)
-    Intake(home).scan(closed={"twin.toml"})
+    Intake(home).scan(delivered={"twin.toml"})
     drop(home, "twin.toml", GOOD.replace("samples = 100", "samples = 200"))
-    outcome = Intake(home).scan(closed={"twin.toml"})[0]
+    outcome = Intake(home).scan(delivered={"twin.toml"})[0]
     assert outcome.job is None and "a job named 'twin' exists already" in outcome.error
     assert (home.rejected / "twin.toml.error").exists()
 
@@ -134,7 +159,7 @@ def test_a_name_in_use_is_rejected(home):
 @pytest.mark.parametrize("name", [".hidden.toml", "job.toml.tmp", "job.part", "job.toml~", "notes.txt"])
 def test_hidden_temporary_and_partial_names_are_left_alone(home, name):
     drop(home, name, GOOD)
-    assert Intake(home, settle=0).scan(now=100.0, closed={name}) == []
+    assert Intake(home, settle=0).scan(now=100.0, delivered={name}) == []
     assert (home.inbox / name).exists() and list(home.jobs.iterdir()) == []
 
 
@@ -152,7 +177,7 @@ def test_a_claim_left_by_a_crash_is_finished_once(home):
 def test_relative_paths_in_a_dropped_file_start_at_the_inbox(home):
     (home.inbox / "d.csv").write_text("a,b\n" + "".join(f"{i},{i % 2}\n" for i in range(40)))
     drop(home, "csv.toml", '[model]\nlayers = [["Linear", 1, 2]]\n[data]\nsource = "csv"\npath = "d.csv"\n')
-    outcome = Intake(home).scan(closed={"csv.toml"})[0]
+    outcome = Intake(home).scan(delivered={"csv.toml"})[0]
     assert outcome.error is None
     spec = json.loads((home.job_dir("csv") / "spec.json").read_text())
     assert spec["data"]["path"] == str((home.inbox / "d.csv").resolve())
@@ -160,7 +185,7 @@ def test_relative_paths_in_a_dropped_file_start_at_the_inbox(home):
 
 def test_logs_and_rm_of_a_job_that_is_not_running(home, tmp_path):
     drop(home, "gone.toml", GOOD)
-    Intake(home).scan(closed={"gone.toml"})
+    Intake(home).scan(delivered={"gone.toml"})
     folder = home.job_dir("gone")
     (folder / "log").write_text("line one\nline two\n")
     (folder / "saves" / "000001-s1").mkdir(parents=True)
@@ -186,7 +211,7 @@ def test_a_file_whose_validation_took_the_daemon_down_twice_is_rejected_not_retr
 
 def test_a_file_whose_stem_is_not_a_job_name_is_rejected_with_the_fix(home):
     drop(home, "name with spaces.toml", GOOD)
-    outcome = Intake(home).scan(closed={"name with spaces.toml"})[0]
+    outcome = Intake(home).scan(delivered={"name with spaces.toml"})[0]
     assert outcome.job is None and "is not a job name" in outcome.error and "rename the file" in outcome.error
     assert (home.rejected / "name with spaces.toml.error").exists()
 
@@ -202,7 +227,7 @@ def test_a_bug_on_one_file_rejects_it_and_intake_goes_on(home, monkeypatch):
         return real(self, job_file)
 
     monkeypatch.setattr(Intake, "_accept", accept)
-    outcomes = {o.file: o for o in Intake(home).scan(closed={"a.toml", "b.toml"})}
+    outcomes = {o.file: o for o in Intake(home).scan(delivered={"a.toml", "b.toml"})}
     assert "traind failed on this file (KeyError" in outcomes["a.toml"].error
     assert outcomes["b.toml"].job == "b"
 
