@@ -15,6 +15,7 @@ import select
 import signal
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,28 @@ class Validator:
         self._proc = None
 
 
+def _traind_code() -> list[Path]:
+    """The folders of traind's own packages (not torch's, not the job's)."""
+    import traind.daemon
+    import traind.jobs
+    import traind.store
+
+    return [Path(m.__file__).resolve().parent for m in (traind.daemon, traind.jobs, traind.store)]
+
+
+def unexpected(path: str, error: Exception) -> str:
+    """An exception validation did not expect, in words that say whose code raised it."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = frames[-1] if frames else None
+    ours = where is not None and any(Path(where.filename).resolve().is_relative_to(p) for p in _traind_code())
+    place = f" at {where.filename}:{where.lineno}" if where else ""
+    if ours:
+        return (f"{Path(path).name}: traind failed validating this file ({type(error).__name__}: {error}{place}); "
+                "this is traind's bug, not the file's: please report it, with the file")
+    return (f"{Path(path).name}: validating it raised {type(error).__name__}: {error}{place}; "
+            "try it with `traind validate` for the whole traceback")
+
+
 def serve() -> None:
     for line in sys.stdin:
         request = json.loads(line)
@@ -88,6 +111,8 @@ def serve() -> None:
             answer = {"name": job_file.name, "spec_json": spec.model_dump_json(indent=2), "error": None}
         except TraindError as e:
             answer = {"name": None, "spec_json": None, "error": str(e)}
+        except Exception as e:  # noqa: BLE001 - an answer, never a dead child blamed on the file
+            answer = {"name": None, "spec_json": None, "error": unexpected(request["path"], e)}
         sys.stdout.write(json.dumps(answer) + "\n")
         sys.stdout.flush()
 

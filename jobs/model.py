@@ -219,13 +219,33 @@ def dry_forward(model: nn.Module, inputs: torch.Tensor, spec: ModelSpec) -> torc
     model.eval()
     try:
         with torch.no_grad():
-            return model(inputs)
+            out = model(inputs)
     except Exception as e:  # user or torch code: becomes a located job-file problem
         raise JobSpecError([_forward_problem(stack, e, spec)]) from e
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
+    check_output(out, inputs, spec)
+    return out
+
+
+def check_output(out: object, inputs: torch.Tensor, spec: ModelSpec) -> None:
+    """The loss takes one tensor with a row per sample: say so when the model returns
+    anything else (a scalar such as `X.sum()`, a `(logits, aux)` tuple, a dict)."""
+    path = ("model", "target") if spec.target else ("model", "layers")
+    if torch.is_tensor(out) and out.dim() >= 1 and out.shape[0] == inputs.shape[0]:
+        return
+    if torch.is_tensor(out):
+        what = f"a tensor of shape {tuple(out.shape)}"
+        why = "a scalar" if out.dim() == 0 else f"its first dimension is not the batch's {inputs.shape[0]} samples"
+        message = f"the model's forward returns {what} ({why}) for input of shape {tuple(inputs.shape)}"
+    else:
+        kinds = f" of {', '.join(type(o).__name__ for o in out)}" if isinstance(out, (tuple, list)) else ""
+        message = f"the model's forward returns a {type(out).__name__}{kinds}, not a tensor"
+    raise JobSpecError([Problem(path, message + "; the loss needs one tensor of shape (batch, outputs...)",
+                                fix="make forward return the predictions as one tensor with a row per sample "
+                                    "(for (logits, aux) return logits; do not reduce with .sum() or .mean())")])
 
 
 def _forward_problem(stack: list[tuple[str, tuple]], error: Exception, spec: ModelSpec) -> Problem:

@@ -44,3 +44,39 @@ def test_code_that_hangs_is_cut_off(tmp_path):
         assert "took longer than 8 s" in v.check(tmp_path / "hang.toml", tmp_path).error
     finally:
         v.close()
+
+
+def test_an_unexpected_exception_is_an_answer_that_says_whose_code_raised_it(tmp_path):
+    from traind.daemon import validator as module
+
+    in_traind = compile("[][1]", module.__file__, "exec")  # an IndexError raised in traind's own file
+    answer = module.unexpected(str(tmp_path / "x.toml"), _raised(lambda: exec(in_traind)))
+    assert "traind failed validating this file (IndexError" in answer and "traind's bug" in answer
+    answer = module.unexpected(str(tmp_path / "x.toml"), _raised(lambda: [][1]))
+    assert "validating it raised IndexError" in answer and "traind's bug" not in answer
+
+
+def _raised(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        return e
+
+
+OUTPUTS = {
+    "a scalar": "return x.sum()",
+    "a tuple": "return self.net(x), x",
+    "a dict": "return {'logits': self.net(x)}",
+}
+
+
+@pytest.mark.parametrize("what", OUTPUTS)
+def test_a_model_whose_output_is_not_a_batch_tensor_is_rejected_with_why_not_as_a_crash(validator, tmp_path, what):
+    (tmp_path / "nets.py").write_text(
+        "import torch\nfrom torch import nn\nclass Net(nn.Module):\n    def __init__(self):\n"
+        "        super().__init__()\n        self.net = nn.Linear(20, 10)\n"
+        f"    def forward(self, x):\n        {OUTPUTS[what]}\n")
+    (tmp_path / "odd.toml").write_text('python_path = ["."]\n[model]\ntarget = "nets:Net"\n[data]\nsamples = 100\n')
+    verdict = validator.check(tmp_path / "odd.toml", tmp_path)
+    assert "the model's forward returns" in verdict.error and "model.target" in verdict.error
+    assert "ended the validating process" not in verdict.error
