@@ -117,12 +117,16 @@ def submit(home: Home, files: tuple[Path, ...]) -> None:
             problems.append(e)
     names = [j.name for j in valid]
     twice = sorted({n for n in names if names.count(n) > 1})
-    if problems or twice:
+    taken = [(j, why) for j in valid if (why := intake.name_in_use(home, j.name))]
+    if problems or twice or taken:
         for e in problems:
             click.echo(str(e), err=True)
+        for job_file, why in taken:
+            click.echo(f"{job_file.path}: {why}", err=True)
         if twice:
             click.echo(f"job names given twice: {', '.join(twice)}; name each job once (name = \"...\")", err=True)
-        click.echo(f"nothing delivered: {len(problems) + len(twice)} of {len(files)} files cannot be accepted", err=True)
+        count = len(problems) + len(twice) + len(taken)
+        click.echo(f"nothing delivered: {count} of {len(files)} files cannot be accepted", err=True)
         raise click.exceptions.Exit(2)
     for job_file in valid:
         intake.deliver(home, job_file)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from traind.daemon.home import SPEC_FILE, Home
-from traind.daemon.jobstate import JobRecord, JobState, write_state
+from traind.daemon.jobstate import JobRecord, JobState, read_state, write_state
 from traind.jobs.build import build_job
 from traind.jobs.errors import JobSpecError
 from traind.jobs.jobfile import FORMATS, JobFile, load_job, parse_text
@@ -57,6 +57,20 @@ def validate(job_file: JobFile) -> JobFile:
     except JobSpecError as e:
         raise job_file.locate(e) from e
     return job_file
+
+
+def name_in_use(home: Home, name: str) -> str | None:
+    """Why a new job may not be called NAME in HOME (a job of that name, or a file for one
+    waiting in inbox/), or None."""
+    if home.jobs.is_dir() and (home.job_dir(name)).exists():
+        return (f"a job named '{name}' exists already in {home.jobs}; give this one another name "
+                f"(name = \"...\"), or `traind rm {name}` the old one first")
+    for folder in (home.inbox, home.inbox / CLAIMED):
+        waiting = sorted(p.name for p in folder.glob(f"{name}.*") if not ignored(p.name)) if folder.is_dir() else []
+        if waiting:
+            return (f"a file for a job named '{name}' waits in {folder} ({waiting[0]}); "
+                    "give this one another name (name = \"...\")")
+    return None
 
 
 def deliver(home: Home, job_file: JobFile, fs: FileSystem | None = None) -> Path:
@@ -219,10 +233,16 @@ class Intake:
     def _accept(self, job_file: JobFile) -> None:
         folder = self.home.job_dir(job_file.name)
         copy = f"job{job_file.path.suffix.lower()}"
+        origin = _origin(job_file.path)
         if folder.exists():
-            if (folder / copy).is_file() and (folder / copy).read_text() == job_file.text:
+            record = read_state(folder)
+            if record is not None and record.origin == origin:
                 return  # accepted before a crash; the claim is all that was left
-            raise NameInUse(f"{job_file.path.name}: a job named '{job_file.name}' exists already "
+            same = (folder / copy).is_file() and (folder / copy).read_text() == job_file.text
+            if record is not None and record.origin is None and same:
+                return  # the same, from a traind that kept no origin: taken for a leftover as it did
+            again = " (the same file again: it has been accepted already)" if same else ""
+            raise NameInUse(f"{job_file.path.name}: a job named '{job_file.name}' exists already{again} "
                             f"({folder}); give this one another name (name = \"...\") or `traind rm` the old one")
         stage = self.home.jobs / f".new-{job_file.name}"
         self.fs.remove_tree(stage)
@@ -231,7 +251,7 @@ class Intake:
         write_new(self.fs, stage / copy, job_file.text.encode())
         write_new(self.fs, stage / SPEC_FILE, job_file.spec.model_dump_json(indent=2).encode())
         write_state(stage, JobRecord(job_file.name, JobState.QUEUED, job_file.spec.priority, time.time(),
-                                     changed=time.time()), self.fs, staged=True)
+                                     changed=time.time(), origin=origin), self.fs, staged=True)
         self.fs.fsync_dir(stage)
         self.fs.rename(stage, folder)
         self.fs.fsync_dir(self.home.jobs)
@@ -244,6 +264,13 @@ class Intake:
         error = why.replace(str(claimed), target.name) + "\n"
         write_durably(self.fs, target.with_name(target.name + ".error"), error.encode())
         write_durably(self.fs, target, claimed.read_bytes())
+
+
+def _origin(claimed: Path) -> str:
+    """What tells this file from another with the same name and text: its size and mtime,
+    which the claim's rename keeps."""
+    st = claimed.stat()
+    return f"{claimed.name}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def open_for_writing(path: Path) -> bool:

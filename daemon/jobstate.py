@@ -72,6 +72,9 @@ class JobRecord:
     """What kind of end last_error tells of: one of CAUSES, or None."""
     changed: float = 0.0
     """When the state last changed."""
+    origin: str | None = None
+    """The inbox file it was accepted from (name, size, mtime): a claim a crash left behind is
+    told from a new file that repeats the job by this."""
 
     def as_json(self) -> dict:
         return {**asdict(self), "state": self.state.value}

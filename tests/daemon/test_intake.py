@@ -2,6 +2,7 @@
 in inbox/ is taken exactly once, and nothing else is."""
 
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -166,10 +167,11 @@ def test_hidden_temporary_and_partial_names_are_left_alone(home, name):
 def test_a_claim_left_by_a_crash_is_finished_once(home):
     (home.inbox / CLAIMED).mkdir()
     (home.inbox / CLAIMED / "orphan.toml").write_text(GOOD)
+    shutil.copy2(home.inbox / CLAIMED / "orphan.toml", home.root / "kept")
     intake = Intake(home)
     assert [o.job for o in intake.scan()] == ["orphan"]
     # crashed after accepting, before dropping the claim: finishing again adds nothing
-    (home.inbox / CLAIMED / "orphan.toml").write_text(GOOD)
+    shutil.copy2(home.root / "kept", home.inbox / CLAIMED / "orphan.toml")
     assert [(o.job, o.error) for o in intake.scan()] == [("orphan", None)]
     assert list(home.jobs.iterdir()) == [home.job_dir("orphan")] and list(home.rejected.iterdir()) == []
 
@@ -238,3 +240,28 @@ def test_a_death_count_whose_file_was_taken_is_tidied_away(home):
     (home.inbox / CLAIMED / ".gone.toml.tmp").write_text("")  # not a death count: left alone
     Intake(home).scan()
     assert sorted(p.name for p in (home.inbox / CLAIMED).iterdir()) == [".gone.toml.tmp"]
+
+
+def test_a_file_that_repeats_an_accepted_job_is_rejected_with_the_reason_never_dropped(home):
+    drop(home, "again.toml", GOOD)
+    assert [o.job for o in Intake(home).scan(delivered={"again.toml"})] == ["again"]
+    drop(home, "again.toml", GOOD)  # the very same text, dropped in a second time
+    outcome = Intake(home).scan(delivered={"again.toml"})[0]
+    assert outcome.job is None and "a job named 'again' exists already (the same file again" in outcome.error
+    assert (home.rejected / "again.toml").read_text() == GOOD
+    assert "exists already" in (home.rejected / "again.toml.error").read_text()
+
+
+def test_submit_refuses_a_name_in_use_and_delivers_nothing(home, write_job):
+    runner = CliRunner()
+    first = write_job(MLP, name="taken")
+    assert runner.invoke(cli, ["--home", str(home.root), "submit", str(first)]).exit_code == 0
+    result = runner.invoke(cli, ["--home", str(home.root), "submit", str(first)])  # it waits in inbox/
+    assert result.exit_code == 2 and "a file for a job named 'taken' waits in" in result.output
+    Intake(home).scan(delivered={"taken.json"})
+    assert home.job_dir("taken").is_dir()
+    other = write_job(MLP, name="other")
+    result = runner.invoke(cli, ["--home", str(home.root), "submit", str(first), str(other)])
+    assert result.exit_code == 2 and "a job named 'taken' exists already" in result.output
+    assert "`traind rm taken`" in result.output and "nothing delivered: 1 of 2" in result.output
+    assert list(home.inbox.glob("*.json")) == []
