@@ -93,6 +93,9 @@ def build_job(spec: JobSpec, name: str) -> Job:
                (tuple(x.shape), tuple(out.shape)))
 
 
+CLASS_LOSSES = ("CrossEntropyLoss", "NLLLoss", "MultiMarginLoss", "MultiLabelMarginLoss", "MultiLabelSoftMarginLoss")
+
+
 def _check_loss(loss_fn: Callable, out: torch.Tensor, y: torch.Tensor, spec: JobSpec, largest: int | None) -> None:
     """The loss and the metrics of validation, tried on the dry run's batch; class labels
     against the outputs over all of the data where it is in memory (LARGEST)."""
@@ -100,6 +103,10 @@ def _check_loss(loss_fn: Callable, out: torch.Tensor, y: torch.Tensor, spec: Job
         return JobSpecError([Problem(("train", "loss"), message, fix=fix)])
 
     shapes = f"the model's output of shape {tuple(out.shape)} with targets of shape {tuple(y.shape)} ({y.dtype})"
+    if spec.data.task == "regression" and spec.train.loss in CLASS_LOSSES:
+        raise problem(f"{spec.train.loss} takes class labels, but data.task = 'regression' gives real-valued "
+                      "targets", "use a regression loss such as MSELoss, L1Loss or HuberLoss (or remove "
+                      "train.loss: regression defaults to MSELoss), or set data.task = 'classification'")
     if spec.data.task == "regression" and out.shape != y.shape:  # MSELoss would broadcast, silently wrong
         raise problem(f"regression compares {shapes}: they must be equal", _loss_fix(spec, out))
     if largest is None and spec.data.task == "classification" and not y.is_floating_point() and len(y):
@@ -119,6 +126,26 @@ def _check_loss(loss_fn: Callable, out: torch.Tensor, y: torch.Tensor, spec: Job
         raise problem(f"{spec.train.loss} returned {type(loss).__name__} of shape "
                       f"{tuple(getattr(loss, 'shape', ()))}, not a single number",
                       "use a loss with reduction 'mean' or 'sum'")
+    if _blind(loss_fn, out, y):
+        raise problem(f"{spec.train.loss} is {float(loss):g} whatever the model outputs ({shapes}): "
+                      "training would learn nothing", _loss_fix(spec, out))
+
+
+def _blind(loss_fn: Callable, out: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether the loss ignores the output: no gradient at all reaches it (CrossEntropyLoss
+    over a single output, say, is 0 for every input)."""
+    if not out.is_floating_point():
+        return False
+    probe = out.detach().clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            loss = loss_fn(probe, y)
+            if not loss.requires_grad:
+                return True
+            (grad,) = torch.autograd.grad(loss, probe, allow_unused=True)
+    except Exception:  # noqa: BLE001 - a loss that cannot be differentiated here fails in training, with its traceback
+        return False
+    return grad is None or not bool(grad.abs().sum() > 0)
 
 
 def _loss_fix(spec: JobSpec, out: torch.Tensor) -> str:

@@ -241,7 +241,7 @@ class TrainSpec(Section):
     max_steps: PositiveInt | None = None
     """Stop after this many optimizer steps (with epochs: whichever comes first)."""
     loss: str = "CrossEntropyLoss"
-    """Any torch.nn loss class by name, or 'package.module:callable' taking (output, target)."""
+    """Any torch.nn loss class by name, or 'package.module:callable' taking (output, target); default CrossEntropyLoss, or MSELoss when data.task = 'regression'."""
     loss_kwargs: dict[str, Any] = {}
     """Keyword arguments of the loss class."""
     grad_clip: Annotated[float, Field(ge=0.0)] = 0.0
@@ -349,6 +349,18 @@ class JobSpec(Section):
         if isinstance(section, dict) and section.get("val_fraction") == 0 and isinstance(checkpoint, dict) \
                 and "monitor" not in checkpoint:
             data = {**data, "checkpoint": {**checkpoint, "monitor": "train_loss"}}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_loss_follows_the_task(cls, data: Any) -> Any:
+        """An unset loss is CrossEntropyLoss for classification and MSELoss for regression."""
+        if not isinstance(data, dict):
+            return data
+        section, train = data.get("data"), data.get("train", {})
+        if isinstance(section, dict) and section.get("task") == "regression" and isinstance(train, dict) \
+                and "loss" not in train:
+            data = {**data, "train": {**train, "loss": "MSELoss"}}
         return data
 
     @field_validator("device")

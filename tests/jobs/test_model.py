@@ -191,3 +191,26 @@ def test_deterministic_turns_on_deterministic_algorithms_and_off_again(spec_of, 
         assert not torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+REGRESSION = '[model]\nlayers = [["Linear", 4, 1]]\n[data]\ntask = "regression"\nfeatures = 4\nsamples = 100\n'
+
+
+def test_a_regression_job_without_a_loss_trains_on_mse(spec_of):
+    job = built(spec_of, REGRESSION)
+    assert job.spec.train.loss == "MSELoss" and isinstance(job.loss_fn, torch.nn.MSELoss)
+    assert spec_of(TIED).train.loss == "CrossEntropyLoss"  # classification keeps its default
+
+
+def test_a_classification_loss_on_regression_targets_is_refused(spec_of):
+    with pytest.raises(JobSpecError) as caught:
+        built(spec_of, REGRESSION + '[train]\nloss = "CrossEntropyLoss"\n')
+    p = caught.value.problems[0]
+    assert p.path == ("train", "loss") and "takes class labels" in p.message and "MSELoss" in p.fix
+
+
+def test_a_loss_that_no_output_can_change_is_refused(spec_of, tmp_path):
+    (tmp_path / "d.csv").write_text("x,label\n" + "".join(f"{i},0\n" for i in range(100)))
+    text = '[model]\nlayers = [["Linear", 1, 1]]\n[data]\nsource = "csv"\npath = "d.csv"\n'
+    with pytest.raises(JobSpecError, match="is 0 whatever the model outputs"):  # softmax over one output is 1
+        built(spec_of, text)
