@@ -73,13 +73,42 @@ def load_splits(spec: DataSpec, seed: int, python_path: list[str]) -> Splits:
         x, y = read_csv(spec)
     elif spec.source in ("npz", "pt"):
         x, y = read_arrays(spec)
+        _check_finite(x, y, spec)
     else:
         return _factory_splits(spec, seed, python_path)
     x, y = _shape_for_task(x, y, spec)
     whole = TensorPairs(x, y)
     train, val = split(whole, spec.val_fraction, seed)
     what = f"{spec.source} {spec.task}, {len(train)} train / {len(val) if val else 0} val samples"
+    if spec.source == "csv":
+        what += f", target {csv_target(spec)}"
     return Splits(train, val, what)
+
+
+def _check_finite(x: torch.Tensor, y: torch.Tensor, spec: DataSpec) -> None:
+    """NaN or infinity in the data trains into NaN losses (or a val_loss of nan every epoch,
+    and no best save): refuse it, naming the first sample that holds one."""
+    for key, t in (("x", x), ("y", y)):
+        if not t.is_floating_point() or not len(t):
+            continue
+        rows = t.reshape(len(t), -1)
+        finite = torch.isfinite(rows)
+        bad = (~finite).any(dim=1).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            value = rows[i][~finite[i]][0].item()
+            raise _problem(key, f"{spec.path}: sample {i} of '{getattr(spec, key)}' holds {value} "
+                           f"({len(bad)} samples hold NaN or infinity)",
+                           "clean the data (drop or fill those samples) before training on it")
+
+
+def csv_target(spec: DataSpec) -> str:
+    """Which column of a CSV the targets come from, in words (said when data.target is unset)."""
+    with open(spec.path, newline="") as f:
+        first = next((r for r in csv.reader(f) if r), [])
+    col = _target_column(spec, first if spec.header else None, max(len(first), 1))
+    name = f"'{first[col]}' (column {col})" if spec.header and first else f"column {col}"
+    return name + (" (the last; set data.target to pick another)" if spec.target is None else "")
 
 
 def largest_label(splits: Splits) -> int | None:
@@ -120,11 +149,30 @@ def read_csv(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
                            "give every row the same number of columns")
         ys.append(row[col])
         try:
-            xs.append([float(v) for i, v in enumerate(row) if i != col])
+            values = [float(v) for i, v in enumerate(row) if i != col]
         except ValueError as e:
             raise _problem("path", f"{spec.path} line {number}: {e}",
                            "every column but the target must be a number") from e
+        xs.append(values)
+        if not all(map(math.isfinite, values)) or row[col].strip().lower().lstrip("+-") in NON_FINITE:
+            _refuse_row(spec, number, row, header)
     return torch.tensor(xs, dtype=torch.float32), _labels(ys, spec)
+
+
+NON_FINITE = ("nan", "inf", "infinity")  # how float() spells them, whatever the case and sign
+
+
+def _refuse_row(spec: DataSpec, number: int, row: list[str], header: list[str] | None) -> None:
+    """JobSpecError naming the first column of ROW (line NUMBER) that holds NaN or infinity."""
+    for i, text in enumerate(row):
+        try:
+            finite = math.isfinite(float(text))
+        except ValueError:
+            continue  # a text label
+        if not finite:
+            column = f"'{header[i]}'" if header else f"{i}"
+            raise _problem("path", f"{spec.path} line {number}, column {column}: {text.strip()} is not a finite "
+                           "number", "clean the data (drop or fill that row) before training on it")
 
 
 def _target_column(spec: DataSpec, header: list[str] | None, width: int) -> int:

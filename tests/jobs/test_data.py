@@ -167,3 +167,35 @@ def test_tensor_pairs_batches_match_default_collation():
     fast = list(data.train_loader(ds, DataSpec(batch_size=7), seed=0, epoch=0))
     slow = list(data.train_loader(TensorDataset(ds.x, ds.y), DataSpec(batch_size=7), seed=0, epoch=0))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(fast, slow))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-Infinity", "1e999"])
+def test_a_csv_value_that_is_not_finite_is_refused_with_its_line_and_column(spec_of, tmp_path, value):
+    rows = [f"{i},{i % 2}" for i in range(30)]
+    rows[17] = f"{value},1"
+    (tmp_path / "d.csv").write_text("a,label\n" + "\n".join(rows) + "\n")
+    with pytest.raises(JobSpecError) as caught:
+        splits(spec_of, "source = 'csv'\npath = 'd.csv'")
+    p = caught.value.problems[0]
+    assert p.path == ("data", "path") and "line 19, column 'a'" in p.message and "not a finite number" in p.message
+
+
+def test_a_regression_target_that_is_not_finite_is_refused(spec_of, tmp_path):
+    (tmp_path / "d.csv").write_text("a,t\n" + "".join(f"{i},{i}\n" for i in range(20)) + "3,nan\n")
+    with pytest.raises(JobSpecError, match="line 22, column 't': nan is not a finite number"):
+        splits(spec_of, "source = 'csv'\npath = 'd.csv'\ntask = 'regression'")
+
+
+def test_arrays_that_hold_nan_are_refused_naming_the_first_sample(spec_of, tmp_path):
+    x = torch.randn(50, 3)
+    x[31, 2] = float("nan")
+    x[40, 0] = float("inf")
+    torch.save({"x": x, "y": torch.zeros(50, dtype=torch.long)}, tmp_path / "d.pt")
+    with pytest.raises(JobSpecError, match=r"sample 31 of 'x' holds nan \(2 samples hold NaN or infinity\)"):
+        splits(spec_of, "source = 'pt'\npath = 'd.pt'")
+
+
+def test_the_csv_target_column_is_named_when_it_was_not_given(spec_of, tmp_path):
+    (tmp_path / "d.csv").write_text("a,b,kind\n" + "".join(f"{i},{i},{'xy'[i % 2]}\n" for i in range(20)))
+    found = splits(spec_of, "source = 'csv'\npath = 'd.csv'")
+    assert "target 'kind' (column 2) (the last; set data.target to pick another)" in found.description
