@@ -280,11 +280,12 @@ def logs(home: Home, name: str, follow: bool) -> None:
 @cli.command()
 @click.argument("name")
 @click.option("--keep-saves", is_flag=True, help="Keep its saves (moved to HOME/kept/NAME).")
+@click.option("--force", is_flag=True, help="Delete its manual saves too, without asking.")
 @home_option
 @pass_home
-def rm(home: Home, name: str, keep_saves: bool) -> None:
+def rm(home: Home, name: str, keep_saves: bool, force: bool) -> None:
     """Forget a job that is not running."""
-    click.echo(jobs_cli.remove(home, name, keep_saves))
+    click.echo(jobs_cli.remove(home, name, keep_saves, force))
 
 
 @cli.command()

@@ -11,9 +11,12 @@ from pathlib import Path
 
 from traind.jobs.jobname import is_job_name
 from traind.store.errors import TraindError
+from traind.store.fs import FileSystem
 from traind.store.saves import SAVES
 
 SPEC_FILE = "spec.json"  # in a job folder: the job's spec as resolved (defaults filled in, paths absolute)
+REMOVING = ".removing-"  # jobs/.removing-NAME: a job being forgotten (`traind rm`), gone from every listing
+KEPT = "kept"  # HOME/kept/NAME: the saves of a job forgotten with --keep-saves
 
 
 def default_home() -> Path:
@@ -39,6 +42,20 @@ class Home:
     @property
     def jobs(self) -> Path:
         return self.root / "jobs"
+
+    def job_folders(self) -> list[Path]:
+        """The folders of jobs/ that are jobs (not one being made, removed, or a stray)."""
+        if not self.jobs.is_dir():
+            return []
+        return sorted(p for p in self.jobs.iterdir() if is_job_name(p.name) and p.is_dir())
+
+    def kept_place(self, name: str) -> Path:
+        """Where the saves of job NAME go when it is forgotten with --keep-saves: kept/NAME,
+        or kept/NAME.N when an earlier job of that name left its saves there."""
+        place, n = self.root / KEPT / name, 1
+        while place.exists():
+            place, n = self.root / KEPT / f"{name}.{n}", n + 1
+        return place
 
     def job_dir(self, name: str) -> Path:
         """The folder of job NAME; BadJobName for a name that is not one (`..`, `a/b`...),
@@ -103,3 +120,24 @@ def job_folder(home: Home, name: str | None, folder: Path | None) -> Path:
         raise NoSuchJob(f"no job folder at {path} (no {SAVES}/ and no {SPEC_FILE} {where}); "
                         "check the name with `traind ls`, or the path")
     return path
+
+
+def finish_removals(home: Home) -> None:
+    """Finish the removals a crash cut short (jobs/.removing-NAME). Their saves are kept
+    (in kept/): whether the user wanted them is not known any more, and a save is worth more
+    than the disk it takes."""
+    for trash in sorted(home.jobs.glob(f"{REMOVING}*")) if home.jobs.is_dir() else ():
+        finish_removal(home, trash, keep_saves=True)
+
+
+def finish_removal(home: Home, trash: Path, keep_saves: bool) -> Path | None:
+    fs = FileSystem()
+    kept = None
+    if keep_saves and (trash / SAVES).is_dir():
+        kept = home.kept_place(trash.name[len(REMOVING):])
+        kept.parent.mkdir(exist_ok=True)
+        fs.rename(trash / SAVES, kept)
+        fs.fsync_dir(kept.parent)
+    fs.remove_tree(trash)
+    fs.fsync_dir(home.jobs)
+    return kept

@@ -5,13 +5,14 @@ at the next step boundary; the others by a state change."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 import click
 
 from traind.daemon import requests
-from traind.daemon.home import Home, NoSuchJob
+from traind.daemon.home import KEPT, REMOVING, Home, NoSuchJob, finish_removal, finish_removals
 from traind.daemon.index import Index, row
 from traind.daemon.jobstate import JobState, read_state, transition
 from traind.jobs.loadgame import request_load
@@ -139,21 +140,24 @@ def logs(home: Home, name: str, follow: bool) -> None:
         time.sleep(0.2)
 
 
-def remove(home: Home, name: str, keep_saves: bool) -> str:
-    """Forget job NAME: its folder goes (with KEEP_SAVES, its saves stay, in kept/NAME)."""
+def remove(home: Home, name: str, keep_saves: bool, force: bool = False) -> str:
+    """Forget job NAME: its folder goes (with KEEP_SAVES, its saves stay, in kept/NAME).
+    Manual saves are never rotated out, so a job that has some is removed only with
+    FORCE (or a yes at the terminal) unless its saves are kept."""
+    finish_removals(home)
     folder = folder_of(home, name)
     state = read_state(folder).state
     if state == JobState.RUNNING:
         raise NotRunning(f"job '{name}' is running; `traind cancel {name}` first")
+    manual = [s.id for s in list_saves(folder / SAVES)[0] if "manual" in s.kinds]
+    if manual and not (keep_saves or force):
+        question = f"job '{name}' has {len(manual)} manual save(s) ({', '.join(manual[:3])}); delete them too?"
+        if not (sys.stdin.isatty() and click.confirm(question)):
+            raise NotRunning(f"job '{name}' has {len(manual)} manual save(s) ({', '.join(manual[:3])}); "
+                             f"`traind rm {name} --keep-saves` keeps them in {home.root / KEPT}, --force deletes them")
+    trash = home.jobs / f"{REMOVING}{name}"
     fs = FileSystem()
-    trash = home.jobs / f".removing-{name}"
     fs.rename(folder, trash)  # the job is gone from the daemon's view at once, whole
     fs.fsync_dir(home.jobs)
-    kept = None
-    if keep_saves and (trash / SAVES).is_dir():
-        kept = home.root / "kept" / name
-        kept.parent.mkdir(exist_ok=True)
-        fs.rename(trash / SAVES, kept)
-        fs.fsync_dir(kept.parent)
-    fs.remove_tree(trash)
+    kept = finish_removal(home, trash, keep_saves)
     return f"{name}: removed" + (f"; its saves are in {kept}" if kept else "")

@@ -45,7 +45,7 @@ def show_saves(home: Home, name: str | None, folder: Path | None, as_json: bool)
 
 def verify_saves(home: Home, name: str | None, folder: Path | None) -> None:
     """Re-hash every save of one job (or of every job in HOME); CorruptFound if any fails."""
-    folders = [job_folder(home, name, folder)] if name or folder else sorted(p for p in home.jobs.glob("*") if p.is_dir())
+    folders = [job_folder(home, name, folder)] if name or folder else home.job_folders()
     corrupt = 0
     for job in folders:
         found, broken = list_saves(job / SAVES)

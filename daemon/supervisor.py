@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from traind.daemon import notify
-from traind.daemon.home import SPEC_FILE, Home, check_private
+from traind.daemon.home import SPEC_FILE, Home, check_private, finish_removals
 from traind.daemon.intake import SETTLE, Intake
 from traind.daemon.jobstate import (STATE_FILE, BadTransition, JobRecord, JobState, read_state, signature,
                                     transition, write_state)
@@ -154,6 +154,7 @@ class Daemon:
         for d in (self.home.inbox, self.home.jobs, self.home.rejected):
             d.mkdir(mode=0o755, parents=True, exist_ok=True)
         check_private(self.home)
+        finish_removals(self.home)
         self._lock_fd = os.open(self.home.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

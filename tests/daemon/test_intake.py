@@ -13,6 +13,7 @@ from traind.daemon.home import Home
 from traind.daemon.intake import CLAIMED, MAX_DEATHS, Intake
 from traind.daemon.jobstate import JobState, read_state
 from traind.daemon.validator import Verdict
+from traind.store.commit import FORMAT
 
 GOOD = '[model]\nlayers = [["Linear", 20, 10]]\n[data]\nsamples = 100\n'
 
@@ -265,3 +266,47 @@ def test_submit_refuses_a_name_in_use_and_delivers_nothing(home, write_job):
     assert result.exit_code == 2 and "a job named 'taken' exists already" in result.output
     assert "`traind rm taken`" in result.output and "nothing delivered: 1 of 2" in result.output
     assert list(home.inbox.glob("*.json")) == []
+
+
+def _manual_save(folder, seq=1):
+    save = folder / "saves" / f"{seq:06d}-s{seq}"
+    save.mkdir(parents=True)
+    (save / "manifest.json").write_text(json.dumps({"format": FORMAT, "id": save.name, "seq": seq,
+                                                   "step": seq, "epoch": 0, "kinds": ["manual"], "files": {}}))
+    return save
+
+
+def test_rm_keep_saves_of_a_second_job_of_the_same_name_keeps_both_and_leaves_nothing_half_done(home):
+    run = lambda *a: CliRunner().invoke(cli, ["--home", str(home.root), *a])  # noqa: E731
+    for n in range(2):
+        drop(home, "twice.toml", GOOD.replace("samples = 100", f"samples = {100 + n}"))
+        Intake(home).scan(delivered={"twice.toml"})
+        (home.job_dir("twice") / "saves" / f"00000{n + 1}-s1").mkdir(parents=True)
+        result = run("rm", "twice", "--keep-saves")
+        assert result.exit_code == 0, result.output
+    assert (home.root / "kept" / "twice" / "000001-s1").is_dir()
+    assert (home.root / "kept" / "twice.1" / "000002-s1").is_dir()
+    assert [p.name for p in home.jobs.iterdir()] == []
+
+
+def test_a_removal_cut_short_is_finished_keeping_its_saves_and_verify_never_sees_it(home):
+    (home.jobs / ".removing-old" / "saves" / "000001-s1").mkdir(parents=True)
+    (home.jobs / ".new-half").mkdir()
+    run = lambda *a: CliRunner().invoke(cli, ["--home", str(home.root), *a])  # noqa: E731
+    result = run("verify")
+    assert result.exit_code == 0 and ".removing" not in result.output and ".new" not in result.output
+    drop(home, "other.toml", GOOD)
+    Intake(home).scan(delivered={"other.toml"})
+    assert run("rm", "other").exit_code == 0
+    assert not (home.jobs / ".removing-old").exists() and (home.root / "kept" / "old" / "000001-s1").is_dir()
+
+
+def test_rm_of_a_job_with_manual_saves_needs_force_or_keep_saves(home):
+    run = lambda *a: CliRunner().invoke(cli, ["--home", str(home.root), *a])  # noqa: E731
+    drop(home, "precious.toml", GOOD)
+    Intake(home).scan(delivered={"precious.toml"})
+    _manual_save(home.job_dir("precious"))
+    result = run("rm", "precious")
+    assert result.exit_code == 1 and "1 manual save(s)" in result.output and "--force" in result.output
+    assert home.job_dir("precious").is_dir()
+    assert run("rm", "precious", "--force").exit_code == 0 and not home.job_dir("precious").exists()
