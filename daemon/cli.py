@@ -7,6 +7,7 @@ job file; 3 no such job or save.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -17,6 +18,7 @@ import click
 
 from traind.daemon import jobs_cli, saves_cli, units
 from traind.daemon.home import Home, default_home, job_folder
+from traind.daemon.liveness import serving
 from traind.jobs.errors import JobSpecError
 from traind.store.errors import TraindError
 
@@ -131,6 +133,9 @@ def submit(home: Home, files: tuple[Path, ...]) -> None:
     for job_file in valid:
         intake.deliver(home, job_file)
         click.echo(job_file.name)
+    if serving(home.root) is None:
+        click.echo(f"warning: no daemon serves {home.root}; the jobs wait in its inbox/ until one starts "
+                   "(`traind daemon`, or `systemctl start traind`)", err=True)
 
 
 dir_option = click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path),
@@ -214,6 +219,10 @@ def daemon(home: Home, workers: int) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    # Events (accepted, rejected, started, restarted, finished, failed) go to stderr, and so
+    # to the journal under systemd, which stamps the time itself.
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+    logging.basicConfig(level=logging.INFO, format=f"{stamp}traind: %(message)s", stream=sys.stderr)
     click.echo(f"traind daemon serving {home.root}", err=True)
     Daemon(home, workers=workers).serve(stop)
 

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from traind.daemon.home import SPEC_FILE
+from traind.daemon.liveness import JOB_LOCK, stamp
 from traind.daemon.requests import RequestHook
 from traind.jobs.build import build_job
 from traind.jobs.checkpoint import Checkpointer
@@ -25,7 +26,7 @@ from traind.jobs.train import Trainer
 from traind.store.errors import StoreError, TraindError
 from traind.store.fs import FileSystem, write_durably
 
-LOCK_FILE = "lock"
+LOCK_FILE = JOB_LOCK
 
 
 def prepare_folder(job_file: JobFile, folder: Path) -> None:
@@ -76,12 +77,11 @@ def holding(folder: Path, wait: float = 0.0):
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+                    holder = (os.pread(fd, 32, 0).decode(errors="replace").split() or ["another process"])[0]
                     raise JobBusy(f"{folder} is being trained by pid {holder}; stop that run first, "
                                   "or use another --dir") from None
                 time.sleep(0.1)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        stamp(fd)
         yield
     finally:
         os.close(fd)

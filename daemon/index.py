@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from traind.daemon.home import SPEC_FILE, Home
-from traind.daemon.jobstate import STATE_FILE, read_state, signature
+from traind.daemon.jobstate import STATE_FILE, JobState, read_state, signature
+from traind.daemon.liveness import held_locks, trained
 from traind.jobs.metrics import METRICS_FILE, direction
 
 INDEX_FILE = "index.sqlite"
@@ -113,7 +114,16 @@ def row(folder: Path) -> dict | None:
     """The `ls` row of the job in FOLDER, read afresh; None if FOLDER holds no job."""
     tally = Tally(*_monitor(folder))
     tally.read_on(folder / METRICS_FILE)
-    return _row(folder, tally)
+    found = _row(folder, tally)
+    return found if found is None else live(found, folder)
+
+
+def live(found: dict, folder: Path, locks: dict | None = None) -> dict:
+    """FOUND as it is now: a job whose state says running while no process trains it (its
+    daemon died or stopped) is queued: the next daemon resumes it from its newest save."""
+    if found["state"] == JobState.RUNNING.value and not trained(folder, locks):
+        return {**found, "state": JobState.QUEUED.value, "stale": True}
+    return found
 
 
 def _cached_tally(db: sqlite3.Connection | None, name: str) -> Tally | None:
@@ -163,6 +173,11 @@ class Index:
         if db is not None:
             self._store(db, changed, set(cached) - set(names))
             db.close()
+        running = [i for i, text in enumerate(rows) if '"state": "running"' in text]
+        locks = held_locks() if running else None
+        for i in running:  # a few at most: decoded and judged alive one by one
+            found = json.loads(rows[i])
+            rows[i] = json.dumps(live(found, Path(jobs) / found["name"], locks))
         return rows
 
     @staticmethod

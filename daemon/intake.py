@@ -42,7 +42,7 @@ log = logging.getLogger("traind.daemon.intake")
 MAX_DEATHS = 3  # daemons that died taking one file in before it is rejected
 IGNORED_ENDINGS = (".tmp", ".part", "~")
 SETTLE = 2.0  # seconds a file written in place must stay unchanged (and closed) to count as complete
-GROWING = 60.0  # seconds after its last change in which a file that does not parse is taken as still growing
+GROWING = 15.0  # seconds after its last change in which a file that does not parse is taken as still growing
 
 
 def ignored(name: str) -> bool:
@@ -149,7 +149,7 @@ class Intake:
             return False
         try:
             if time.time() - entry.stat().st_mtime >= GROWING:
-                return True  # still for a minute: whole, even if it is not a job file
+                return True  # still for GROWING seconds: whole, even if it is not a job file
             text = entry.read_text(encoding="utf-8")
             if not text.strip():
                 return False

@@ -15,6 +15,7 @@ from traind.daemon import requests
 from traind.daemon.home import KEPT, REMOVING, Home, NoSuchJob, finish_removal, finish_removals
 from traind.daemon.index import Index, row
 from traind.daemon.jobstate import JobState, read_state, transition
+from traind.daemon.liveness import serving
 from traind.jobs.loadgame import request_load
 from traind.store.errors import TraindError
 from traind.store.fs import FileSystem
@@ -42,6 +43,7 @@ def show_ls(home: Home, as_json: bool) -> None:
         click.echo("[\n" + ",\n".join(f"  {t}" for t in texts) + "\n]" if texts else "[]")
         return
     rows = Index(home).rows()
+    click.echo(daemon_line(home))
     num = lambda v: f"{v:.4g}" if isinstance(v, (int, float)) else "-"  # noqa: E731
     lines = [f"{'name':<24} {'state':<10} {'epoch':>5} {'step':>14} {'loss':>9} {'best':>9} {'device':<8} restarts"]
     for r in rows:
@@ -49,6 +51,18 @@ def show_ls(home: Home, as_json: bool) -> None:
         lines.append(f"{r['name']:<24} {r['state']:<10} {r['epoch']:>5} {step:>14} {num(r['loss']):>9} "
                      f"{num(r['best']):>9} {r['device'] or '-':<8} {r['restarts']}")
     click.echo("\n".join(lines))
+
+
+def daemon_line(home: Home) -> str:
+    """Whether a daemon serves HOME, in one line."""
+    daemon = serving(home.root)
+    if daemon is None:
+        return f"no daemon serves {home.root}: queued jobs wait (start one: `traind daemon`, or systemd)"
+    return f"daemon pid {daemon.pid}, up {daemon.uptime()}, serving {home.root}"
+
+
+STALE = ("it was running, but no process trains it now (the daemon stopped or died); it resumes from "
+         "its newest save when a daemon serves this home")
 
 
 def watch_status(home: Home, name: str) -> None:
@@ -77,6 +91,10 @@ def show_status(home: Home, name: str, as_json: bool) -> None:
     record = read_state(folder)
     info = {**row(folder), "saves": len(list_saves(folder / SAVES)[0]), "last_error": record.last_error,
             "cause": record.cause}
+    if info.pop("stale", False):
+        info["last_error"], info["cause"] = STALE, "interrupted"
+    daemon = serving(home.root)
+    info["daemon"] = None if daemon is None else {"pid": daemon.pid, "started": daemon.started}
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -89,6 +107,7 @@ def show_status(home: Home, name: str, as_json: bool) -> None:
     for key in ("epoch", "loss", "best", "device", "restarts", "saves", "last_error", "cause"):
         if info[key] is not None:
             click.echo(f"  {key}: {info[key]}")
+    click.echo(f"  {daemon_line(home)}")
 
 
 def steer(home: Home, name: str, action: str, note: str | None = None) -> str:

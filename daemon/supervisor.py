@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from traind.daemon import notify
+from traind.daemon import liveness, notify
 from traind.daemon.home import SPEC_FILE, Home, check_private, finish_removals
 from traind.daemon.intake import SETTLE, Intake
 from traind.daemon.jobstate import (STATE_FILE, BadTransition, JobRecord, JobState, read_state, signature,
@@ -47,7 +47,7 @@ TICK = 0.25
 ADOPT_SETTLE = 5.0  # seconds a job folder copied in must stay unchanged before it is adopted
 DISK_RETRY = 5.0  # seconds between looks at the free space, for jobs a full disk stopped
 RESCAN = 1.0  # seconds between looks at every job's state (the CLI changes some: resume, load)
-LOCK_FILE = "daemon.lock"
+LOCK_FILE = liveness.DAEMON_LOCK
 WORKER_LOG = "worker.out"
 
 
@@ -160,10 +160,18 @@ class Daemon:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise DaemonBusy(f"another traind daemon serves {self.home.root}") from None
+        liveness.stamp(self._lock_fd)  # `traind ls` tells who serves the home, and since when
         self.validator.start()  # ready by the time a file lands
 
     def loop(self, now: float, delivered: frozenset = frozenset()) -> None:
-        if self.intake.scan(now, delivered):
+        outcomes = self.intake.scan(now, delivered)
+        for outcome in outcomes:
+            if outcome.job is not None:
+                log.info("%s: accepted from inbox/%s", outcome.job, outcome.file)
+            else:
+                log.warning("rejected inbox/%s (see rejected/%s.error): %s", outcome.file, outcome.file,
+                            outcome.error)
+        if outcomes:
             self._rescan_at = 0.0
         for name, worker in list(self.running.items()):
             code = worker.proc.poll()
@@ -259,15 +267,17 @@ class Daemon:
             proc = subprocess.Popen([sys.executable, "-m", "traind.daemon.worker", "--home", str(self.home.root), name],
                                     stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
         self.running[name] = Worker(name, proc, now, slot, count, _newest_seq(folder))
+        log.info("%s: started on %s (worker pid %d)", name, slot, proc.pid)
 
     def _ended(self, worker: Worker, code: int, now: float) -> None:
         folder = self.home.job_dir(worker.name)
         error_file = folder / ERROR_FILE
         why = error_file.read_text().strip() if error_file.exists() else None
+        self._say_ended(worker.name, code, why)
         if code in (Exit.DONE, Exit.STOPPED) and load_pending(folder):
             transition(folder, JobState.QUEUED)  # a "load game" came in as it ended: play it
         elif code == Exit.DONE:
-            transition(folder, JobState.DONE)  # last_error stays: why it had to restart, if it did
+            transition(folder, JobState.DONE, last_error=None, cause=None)  # the log and `restarts` keep the history
         elif code == Exit.PAUSED:
             transition(folder, JobState.PAUSED)
         elif code == Exit.CANCELLED:
@@ -286,6 +296,17 @@ class Daemon:
             return
         self.fast_fails.pop(worker.name, None)
 
+    @staticmethod
+    def _say_ended(name: str, code: int, why: str | None) -> None:
+        """One line to the daemon's log (stderr, the journal) of how a worker ended; deaths
+        are told by `_crashed`, with what follows."""
+        said = {Exit.DONE: "finished", Exit.PAUSED: "paused", Exit.CANCELLED: "cancelled",
+                Exit.STOPPED: "stopped (queued, to resume)"}
+        if code in said:
+            log.info("%s: %s", name, said[code])
+        elif code in (Exit.BAD_JOB, Exit.FAILED, Exit.DISK_FULL):
+            log.warning("%s: %s: %s", name, "waits for disk space" if code == Exit.DISK_FULL else "failed", why)
+
     def _crashed(self, worker: Worker, code: int, now: float, folder: Path, why: str | None) -> None:
         """Out of memory, killed or crashed: try again from the newest good save, after a backoff."""
         how, cause = _judge(code, why, worker.oom_kills)
@@ -302,8 +323,11 @@ class Daemon:
                       else f"{tries - 1} restarts without a new save")
             transition(folder, JobState.FAILED, restarts=restarts - 1, cause=cause,
                        last_error=f"the worker {how}; given up after {reason}")
+            log.warning("%s: failed: the worker %s; given up after %s", worker.name, how, reason)
             return
-        self.retry_at[worker.name] = now + min(BACKOFF[0] * 2 ** (tries - 1), BACKOFF[1])
+        delay = min(BACKOFF[0] * 2 ** (tries - 1), BACKOFF[1])
+        log.warning("%s: the worker %s; restarting in %.0f s (restart %d)", worker.name, how, delay, restarts)
+        self.retry_at[worker.name] = now + delay
         transition(folder, JobState.QUEUED, restarts=restarts, cause=cause, last_error=f"the worker {how}; restarting")
 
     def stop(self, timeout: float = 600.0) -> None:

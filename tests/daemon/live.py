@@ -46,12 +46,17 @@ class Daemons:
 
     def __init__(self, home):
         self.home, self.procs = home, []
+        self.log = home.parent / "daemons.err"  # every daemon's stderr, in order (a pipe nobody reads could fill)
 
     def start(self):
-        proc = subprocess.Popen([sys.executable, "-m", "traind.daemon.cli", "--home", str(self.home), "daemon"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        with open(self.log, "a") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "traind.daemon.cli", "--home", str(self.home), "daemon"],
+                                    stdout=subprocess.DEVNULL, stderr=err, text=True)
         self.procs.append(proc)
         return proc
+
+    def events(self):
+        return self.log.read_text() if self.log.exists() else ""
 
     def close(self):
         for proc in self.procs:
@@ -62,7 +67,6 @@ class Daemons:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-            proc.stderr.close()
 
 
 def locked(path):

@@ -113,7 +113,7 @@ def test_a_file_still_open_for_writing_is_not_taken_however_long_it_is_still(hom
     assert [(o.job, o.error) for o in intake.scan(now=201.0)] == [("open", None)]
 
 
-def test_a_file_that_does_not_parse_yet_is_growing_until_a_minute_passed(home):
+def test_a_file_that_does_not_parse_yet_is_growing_until_it_was_still_for_a_while(home):
     import os
 
     path = drop(home, "half.json", '{"model": {"layers": [["Linear", 20')  # a writer paused between pieces

@@ -42,13 +42,17 @@ def test_a_worker_sigkilled_is_restarted_and_finishes_the_same(daemons, tmp_path
     submit(daemons.home, tmp_path)
     folder = daemons.home / "jobs" / "soak"
     wait_for(lambda: rows(daemons.home).get("soak", {}).get("step", 0) > 40, "progress")
-    pid = int((folder / "lock").read_text())
+    pid = int((folder / "lock").read_text().split()[0])
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: rows(daemons.home)["soak"]["state"] == "done", "the job to finish")
     assert_equal(final_weights(folder), reference)
     assert rows(daemons.home)["soak"]["restarts"] == 1
     status = json.loads(traind(daemons.home, "status", "soak", "--json").output)
-    assert "killed by SIGKILL" in status["last_error"]
+    assert status["last_error"] is None and status["cause"] is None  # done: an old error no longer applies
+    events = daemons.events()
+    assert "soak: accepted from inbox/soak.json" in events and "soak: started on cpu0" in events
+    assert "soak: the worker was killed by SIGKILL" in events and "restarting in 1 s" in events
+    assert "soak: finished" in events
 
 
 def test_pause_save_resume_and_cancel(daemons, tmp_path, reference):
@@ -106,7 +110,7 @@ def test_one_daemon_per_home(daemons):
     wait_for(lambda: (daemons.home / "daemon.lock").exists(), "the first daemon")
     second = daemons.start()
     assert second.wait(60) == 1
-    assert "another traind daemon serves" in second.stderr.read()
+    assert "another traind daemon serves" in daemons.events()
     assert first.poll() is None
 
 
@@ -192,3 +196,27 @@ def test_a_file_whose_code_kills_its_process_is_rejected_and_the_daemon_serves_o
     wait_for(lambda: (daemons.home / "rejected" / "poison.toml.error").exists(), "the rejection")
     assert "ended the validating process" in (daemons.home / "rejected" / "poison.toml.error").read_text()
     assert proc.poll() is None
+
+
+def test_ls_and_status_tell_a_dead_daemon_and_its_jobs_are_queued_not_running(daemons, tmp_path):
+    proc = daemons.start()
+    wait_for(lambda: (daemons.home / "daemon.lock").exists(), "the daemon")
+    submit(daemons.home, tmp_path)
+    wait_for(lambda: rows(daemons.home).get("soak", {}).get("state") == "running", "the job to start")
+    assert f"daemon pid {proc.pid}, up 00m" in traind(daemons.home, "ls").output.splitlines()[0]
+    status = json.loads(traind(daemons.home, "status", "soak", "--json").output)
+    assert status["daemon"]["pid"] == proc.pid and status["state"] == "running"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    folder = daemons.home / "jobs" / "soak"
+    wait_for(lambda: not locked(folder / "lock"), "the orphaned worker to save and exit", 60)
+    assert json.loads((folder / "state.json").read_text())["state"] == "running"  # as the dead daemon left it
+    assert rows(daemons.home)["soak"]["state"] == "queued"
+    listing = traind(daemons.home, "ls").output
+    assert listing.startswith("no daemon serves") and "running" not in listing
+    status = json.loads(traind(daemons.home, "status", "soak", "--json").output)
+    assert status["daemon"] is None and status["state"] == "queued" and "no process trains it" in status["last_error"]
+    other = tmp_path / "other.yaml"
+    other.write_text(JOB.replace("name: soak", "name: other"))
+    result = traind(daemons.home, "submit", other)
+    assert result.exit_code == 0 and "warning: no daemon serves" in result.output
