@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from traind.jobs.errors import Problem
+
 IMPORT_PATH_HELP = "write it as 'package.module:name', importable from python_path or the environment"
 
 
@@ -124,6 +126,46 @@ def parameter_names(obj: Callable) -> list[str]:
                 if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     except (TypeError, ValueError):
         return []
+
+
+def _kind(value: Any) -> str | None:
+    """The kind of a default value that an argument given for it must share, in words."""
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (tuple, list)):
+        return "a list"
+    return None
+
+
+def _fits(value: Any, kind: str) -> bool:
+    if kind == "true or false":
+        return isinstance(value, bool)
+    if kind == "a number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "text":
+        return isinstance(value, str)
+    return isinstance(value, (tuple, list))
+
+
+def argument_types(obj: Callable, kwargs: dict, where: tuple) -> list:
+    """Problems with KWARGS whose values are not of the kind of OBJ's defaults for them
+    (lr = "fast" where lr defaults to 0.001): each at its own key, WHERE + (key,)."""
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return []
+    problems = []
+    for key, value in kwargs.items():
+        default = params[key].default if key in params else inspect.Parameter.empty
+        kind = None if default is inspect.Parameter.empty or default is None else _kind(default)
+        if kind and not _fits(value, kind):
+            problems.append(Problem((*where, key), f"expected {kind}, got {value!r}",
+                                    fix=f"{key} of {getattr(obj, '__name__', obj)} defaults to {default!r}"))
+    return problems
 
 
 def check_call(obj: Callable, args: tuple = (), kwargs: dict | None = None) -> str | None:

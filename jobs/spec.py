@@ -42,7 +42,8 @@ def resolve_path(path: str, info: ValidationInfo) -> str:
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # strict: "32" for a whole number is a mistake to report, never a value to coerce
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, strict=True)
 
 
 class KwargsSection(Section):
@@ -67,6 +68,7 @@ class KwargsSection(Section):
             Problem((section, key), f"unknown key '{key}' in [{section}]{names.suggest(key, accepted + list(own))}",
                     fix=f"[{section}] takes {', '.join(own)} and the arguments of {names.signature_text(cls)}")
             for key in self.kwargs if key not in accepted]
+        problems += names.argument_types(cls, self.kwargs, (section,))
         why = None if problems else names.check_call(cls, (first_arg,), self.kwargs)
         if why:
             problems.append(Problem((section, "name"), f"{self.name}: {why}",
@@ -267,13 +269,23 @@ class TrainSpec(Section):
                                       "or 'package.module:callable'")])
         return value
 
+    @field_validator("loss_kwargs")
+    @classmethod
+    def _loss_argument_types(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Checked as a field, so that it is reported even when another key of [train] is wrong."""
+        loss = names.nn_losses().get(info.data.get("loss", ""))
+        if loss:
+            report(info, names.argument_types(loss, value, ("train", "loss_kwargs")))
+        return value
+
     @model_validator(mode="after")
     def _loss_arguments(self, info: ValidationInfo) -> TrainSpec:
         problems = []
         if self.epochs is None and self.max_steps is None:
             problems.append(Problem(("train", "epochs"), "give epochs or max_steps", fix="epochs = 10"))
         cls = names.nn_losses().get(self.loss)
-        why = cls and names.check_call(cls, (), self.loss_kwargs)
+        typed = cls and not names.argument_types(cls, self.loss_kwargs, ("train", "loss_kwargs"))
+        why = typed and names.check_call(cls, (), self.loss_kwargs)
         if why:
             problems.append(Problem(("train", "loss_kwargs"), f"{self.loss}: {why}",
                                     fix=f"give the arguments of {names.signature_text(cls)}"))

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from traind.jobs.errors import JobSpecError
+from traind.jobs.errors import JobSpecError, field_name
 from traind.jobs.jobfile import load_job
 
 GOOD = """
@@ -303,3 +303,18 @@ def test_deep_nesting_is_refused_not_crashed(write_job, depth, words):
     text = '{"model": {"layers": ' + "[" * depth + '"ReLU"' + "]" * depth + "}}"
     error = problems_of(write_job(text, ".json"))
     assert any(words in p.message for p in error.problems), error.render()
+
+
+def test_every_wrong_value_type_is_reported_at_once_at_its_own_key_and_line(write_job):
+    text = ('[model]\nlayers = [["Linear", 20, 10]]\n[data]\nbatch_size = "32"\n[optimizer]\nlr = "fast"\n'
+            'betas = 0.9\n[train]\nepochs = "ten"\nloss_kwargs = { label_smoothing = "lots" }\n')
+    with pytest.raises(JobSpecError) as caught:
+        load_job(write_job(text))
+    found = {field_name(p.path): (p.line, p.message) for p in caught.value.problems}
+    assert found == {
+        "data.batch_size": (4, "expected a whole number, got '32'"),  # never coerced to 32
+        "optimizer.lr": (6, "expected a number, got 'fast'"),
+        "optimizer.betas": (7, "expected a list, got 0.9"),
+        "train.epochs": (9, "expected a whole number, got 'ten'"),
+        "train.loss_kwargs.label_smoothing": (10, "expected a number, got 'lots'"),
+    }
