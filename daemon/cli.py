@@ -147,11 +147,13 @@ name_argument = click.argument("name", required=False)
 @name_argument
 @dir_option
 @click.option("--json", "as_json", is_flag=True, help="Machine output: a list of saves, oldest first.")
+@click.option("--verify", "rehash", is_flag=True, help="Re-hash every file (reads every byte) to fill 'verified'.")
 @home_option
 @pass_home
-def saves(home: Home, name: str | None, folder: Path | None, as_json: bool) -> None:
-    """Every save of a job: id, step, epoch, kinds, bytes, created, verified, metrics."""
-    saves_cli.show_saves(home, name, folder, as_json)
+def saves(home: Home, name: str | None, folder: Path | None, as_json: bool, rehash: bool) -> None:
+    """Every save of a job: id, step, epoch, kinds, bytes, created, files whole, metrics
+    (and verified, with --verify)."""
+    saves_cli.show_saves(home, name, folder, as_json, rehash)
 
 
 @cli.command()

@@ -23,24 +23,34 @@ def saves_of(folder: Path) -> list[SaveInfo]:
     return list_saves(folder / SAVES)[0]
 
 
-def show_saves(home: Home, name: str | None, folder: Path | None, as_json: bool) -> None:
+def show_saves(home: Home, name: str | None, folder: Path | None, as_json: bool, rehash: bool = False) -> None:
+    """The saves of a job. `whole`: every file its manifest lists is there at its size (a
+    stat each, fast). `verified`: re-hashed against the manifest, only with REHASH (it
+    reads every byte); None without."""
     folder = job_folder(home, name, folder)
     found, broken = list_saves(folder / SAVES)
-    rows = [s.as_json(verified=s.looks_whole()) for s in found]
+    rows = [{**s.as_json(verified=(not verify(s.path)) if rehash else None), "whole": s.looks_whole()}
+            for s in found]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'id':<14} {'step':>7} {'epoch':>5}  {'kinds':<24} {'bytes':>12}  {'created':<24} ok  metrics")
+    checked = "verified " if rehash else ""
+    click.echo(f"{'id':<14} {'step':>7} {'epoch':>5}  {'kinds':<24} {'bytes':>12}  {'created':<24} files  "
+               f"{checked}metrics")
     for r in rows:
         metrics = "  ".join(f"{k} {v:.4g}" for k, v in r["metrics"].items() if isinstance(v, (int, float)))
         note = f"  ({r['note']})" if r["note"] else ""
+        verdict = f"{'yes' if r['verified'] else 'CORRUPT':<8} " if rehash else ""
         click.echo(f"{r['id']:<14} {r['step']:>7} {r['epoch']:>5}  {','.join(r['kinds']):<24} {r['bytes']:>12,}  "
-                   f"{r['created']:<24} {'yes' if r['verified'] else 'NO':<3} {metrics}{note}")
+                   f"{r['created']:<24} {'whole' if r['whole'] else 'BAD':<6} {verdict}{metrics}{note}")
     for path, why in broken:
         click.echo(f"not a save: {path.name}: {why}")
     quarantined = folder / SAVES / QUARANTINE
     if quarantined.is_dir() and any(quarantined.iterdir()):
         click.echo(f"quarantined (never loaded): {', '.join(sorted(p.name for p in quarantined.iterdir()))}")
+    if not rehash:
+        click.echo("files: every file there at its size (a stat each); `traind saves --verify` or "
+                   "`traind verify` re-hash every byte")
 
 
 def verify_saves(home: Home, name: str | None, folder: Path | None) -> None:

@@ -31,7 +31,7 @@ def test_saves_json_has_the_contract_keys_oldest_first(folder):
     assert rows and all({"id", "step", "epoch", "kinds", "metrics", "bytes", "created", "verified"} <= r.keys()
                         for r in rows)
     assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
-    assert all(r["verified"] is True for r in rows)
+    assert all(r["whole"] is True and r["verified"] is None for r in rows)  # not re-hashed: not claimed
     assert "final" in rows[-1]["kinds"] and set(rows[-1]["kinds"]) <= {"auto", "best", "manual", "milestone", "final"}
 
 
@@ -57,6 +57,12 @@ def test_verify_ok_then_corrupt_exits_1(folder, tmp_path):
     data = bytearray((victim.path / "optimizer.safetensors").read_bytes())
     data[-1] ^= 1
     (victim.path / "optimizer.safetensors").write_bytes(bytes(data))
+    rows = {r["id"]: r for r in json.loads(invoke("saves", "--dir", copy, "--json", "--verify").output)}
+    assert rows[victim.id]["whole"] is True and rows[victim.id]["verified"] is False  # same size, other bytes
+    assert all(r["verified"] for i, r in rows.items() if i != victim.id)
+    table = invoke("saves", "--dir", copy).output
+    assert " yes " not in table and "re-hash every byte" in table  # the plain table claims no verification
+    assert "CORRUPT" in invoke("saves", "--dir", copy, "--verify").output
     bad = invoke("verify", "--dir", copy)
     assert bad.exit_code == 1
     assert f"copy/{victim.id}: CORRUPT: optimizer.safetensors: contents changed" in bad.output
