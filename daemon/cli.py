@@ -316,12 +316,18 @@ def plot(home: Home, name: str | None, folder: Path | None, out: Path | None) ->
 
 @cli.command(name="systemd-unit")
 @click.option("--user", is_flag=True, help="The unit for `systemctl --user` (the default home).")
-@home_option
-def systemd_unit(user: bool) -> None:
-    """Print a systemd unit whose ExecStart is this installation of traind."""
+@click.option("--home", "sub_home", type=click.Path(file_okay=False, path_type=Path), help=HOME_HELP)
+@click.pass_context
+def systemd_unit(ctx: click.Context, user: bool, sub_home: Path | None) -> None:
+    """Print a systemd unit whose ExecStart is this installation of traind; with --home
+    (or TRAIND_HOME), one that serves that home.
+
+    \b
+    Example:  traind systemd-unit --user > ~/.config/systemd/user/traind.service"""
     script = Path(sys.executable).parent / "traind"
     exe = str(script) if script.exists() else f"{sys.executable} -m traind.daemon.cli"
-    click.echo(units.unit(user=user, exe=exe), nl=False)
+    home = sub_home or ctx.parent.params.get("home") or os.environ.get("TRAIND_HOME") or None
+    click.echo(units.unit(user=user, exe=exe, home=str(Path(home).resolve()) if home else None), nl=False)
 
 
 @cli.command()

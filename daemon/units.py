@@ -53,7 +53,26 @@ WantedBy=default.target
 """
 
 DEFAULT_EXE = "/usr/local/bin/traind"
+SYSTEM_HOME = "/var/lib/traind"
 
 
-def unit(user: bool = False, exe: str = DEFAULT_EXE) -> str:
-    return (USER if user else SYSTEM).format(exe=exe, shared=SHARED)
+def _quoted(path: str) -> str:
+    """PATH as one word of a unit file: % doubled (specifiers), quoted where it has spaces."""
+    path = path.replace("%", "%%")
+    if any(c in path for c in " \t\"'\\"):
+        return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return path
+
+
+def unit(user: bool = False, exe: str = DEFAULT_EXE, home: str | None = None) -> str:
+    """The unit; HOME (absolute) serves that home instead of the default one. The system
+    unit then lets the daemon write there (ProtectSystem=strict makes the rest read-only)
+    instead of having systemd make /var/lib/traind."""
+    text = (USER if user else SYSTEM).format(exe=exe, shared=SHARED)
+    if home is None or (not user and home == SYSTEM_HOME):
+        return text
+    home = _quoted(home)
+    if user:
+        return text.replace(f"ExecStart={exe} daemon", f"ExecStart={exe} --home {home} daemon")
+    return text.replace(f"--home {SYSTEM_HOME} daemon", f"--home {home} daemon").replace(
+        "StateDirectory=traind\nStateDirectoryMode=0750\n", f"ReadWritePaths={home}\n")
