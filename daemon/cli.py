@@ -239,25 +239,28 @@ def ls_command(home: Home, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("name")
+@name_argument
+@dir_option
 @click.option("--json", "as_json", is_flag=True, help="Machine output.")
 @click.option("--watch", is_flag=True, help="Refresh every second, with an ETA, while the job runs.")
 @home_option
 @pass_home
-def status(home: Home, name: str, as_json: bool, watch: bool) -> None:
+def status(home: Home, name: str | None, folder: Path | None, as_json: bool, watch: bool) -> None:
     """One job in detail, with a progress bar."""
+    folder = jobs_cli.folder_of(home, name, folder)
     if watch:
-        jobs_cli.watch_status(home, name)
+        jobs_cli.watch_status(home, folder)
     else:
-        jobs_cli.show_status(home, name, as_json)
+        jobs_cli.show_status(home, folder, as_json)
 
 
 def _steering(action: str, doc: str):
-    @click.argument("name")
+    @name_argument
+    @dir_option
     @home_option
     @pass_home
-    def command(home: Home, name: str) -> None:
-        click.echo(jobs_cli.steer(home, name, action))
+    def command(home: Home, name: str | None, folder: Path | None) -> None:
+        click.echo(jobs_cli.steer(home, jobs_cli.folder_of(home, name, folder), action))
 
     command.__doc__ = doc
     return cli.command(name=action)(command)
@@ -269,34 +272,37 @@ _steering("cancel", "Stop the job; its saves stay.")
 
 
 @cli.command(name="save")
-@click.argument("name")
+@name_argument
+@dir_option
 @click.option("--note", help="Kept with the save.")
 @home_option
 @pass_home
-def save_command(home: Home, name: str, note: str | None) -> None:
+def save_command(home: Home, name: str | None, folder: Path | None, note: str | None) -> None:
     """Quicksave: a manual save at the next step boundary, never rotated out."""
-    click.echo(jobs_cli.steer(home, name, "save", note))
+    click.echo(jobs_cli.steer(home, jobs_cli.folder_of(home, name, folder), "save", note))
 
 
 @cli.command()
-@click.argument("name")
+@name_argument
+@dir_option
 @click.option("-f", "--follow", is_flag=True, help="Keep printing while the job runs.")
 @home_option
 @pass_home
-def logs(home: Home, name: str, follow: bool) -> None:
+def logs(home: Home, name: str | None, folder: Path | None, follow: bool) -> None:
     """The job's log."""
-    jobs_cli.logs(home, name, follow)
+    jobs_cli.logs(jobs_cli.folder_of(home, name, folder), follow)
 
 
 @cli.command()
-@click.argument("name")
+@name_argument
+@dir_option
 @click.option("--keep-saves", is_flag=True, help="Keep its saves (moved to HOME/kept/NAME).")
 @click.option("--force", is_flag=True, help="Delete its manual saves too, without asking.")
 @home_option
 @pass_home
-def rm(home: Home, name: str, keep_saves: bool, force: bool) -> None:
+def rm(home: Home, name: str | None, folder: Path | None, keep_saves: bool, force: bool) -> None:
     """Forget a job that is not running."""
-    click.echo(jobs_cli.remove(home, name, keep_saves, force))
+    click.echo(jobs_cli.remove(home, jobs_cli.folder_of(home, name, folder), keep_saves, force))
 
 
 @cli.command()

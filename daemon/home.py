@@ -135,9 +135,9 @@ def finish_removal(home: Home, trash: Path, keep_saves: bool) -> Path | None:
     kept = None
     if keep_saves and (trash / SAVES).is_dir():
         kept = home.kept_place(trash.name[len(REMOVING):])
-        kept.parent.mkdir(exist_ok=True)
+        kept.parent.mkdir(parents=True, exist_ok=True)
         fs.rename(trash / SAVES, kept)
         fs.fsync_dir(kept.parent)
     fs.remove_tree(trash)
-    fs.fsync_dir(home.jobs)
+    fs.fsync_dir(trash.parent)
     return kept

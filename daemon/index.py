@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from traind.daemon.home import SPEC_FILE, Home
-from traind.daemon.jobstate import STATE_FILE, JobState, read_state, signature
+from traind.daemon.jobstate import STATE_FILE, JobRecord, JobState, read_state, signature
 from traind.daemon.liveness import held_locks, trained
 from traind.jobs.metrics import METRICS_FILE, direction
+from traind.store.saves import SAVES, list_saves
 
 INDEX_FILE = "index.sqlite"
 TAIL = 64
@@ -100,8 +101,8 @@ def _monitor(folder: Path) -> tuple[str | None, str]:
         return None, "min"
 
 
-def _row(folder: Path, tally: Tally) -> dict | None:
-    record = read_state(folder)
+def _row(folder: Path, tally: Tally, record: JobRecord | None = None) -> dict | None:
+    record = record or read_state(folder)
     if record is None:
         return None
     step = tally.last_step if tally.last_step is not None else tally.start_step
@@ -111,11 +112,23 @@ def _row(folder: Path, tally: Tally) -> dict | None:
 
 
 def row(folder: Path) -> dict | None:
-    """The `ls` row of the job in FOLDER, read afresh; None if FOLDER holds no job."""
+    """The `ls` row of the job in FOLDER, read afresh; None if FOLDER holds no job. A
+    folder of `traind run` (no state.json) gets the state its files tell: running while a
+    process trains it, done once its newest save is final, else paused (run it again to go on)."""
     tally = Tally(*_monitor(folder))
     tally.read_on(folder / METRICS_FILE)
-    found = _row(folder, tally)
+    record = read_state(folder)
+    if record is None and (folder / SPEC_FILE).is_file():
+        record = JobRecord(folder.name, JobState.RUNNING if trained(folder) else
+                           JobState.DONE if _ended(folder) else JobState.PAUSED)
+    found = _row(folder, tally, record)
     return found if found is None else live(found, folder)
+
+
+def _ended(folder: Path) -> bool:
+    """Whether the newest save of FOLDER is its run's final one."""
+    found = list_saves(folder / SAVES)[0]
+    return bool(found) and "final" in found[-1].kinds
 
 
 def live(found: dict, folder: Path, locks: dict | None = None) -> dict:

@@ -12,10 +12,10 @@ from pathlib import Path
 import click
 
 from traind.daemon import requests
-from traind.daemon.home import KEPT, REMOVING, Home, NoSuchJob, finish_removal, finish_removals
+from traind.daemon.home import KEPT, REMOVING, Home, NoSuchJob, finish_removal, finish_removals, job_folder
 from traind.daemon.index import Index, row
 from traind.daemon.jobstate import JobState, read_state, transition
-from traind.daemon.liveness import serving
+from traind.daemon.liveness import serving, trained
 from traind.jobs.loadgame import request_load
 from traind.store.errors import TraindError
 from traind.store.fs import FileSystem
@@ -29,12 +29,22 @@ class NotRunning(TraindError):
     exit_code = 1
 
 
-def folder_of(home: Home, name: str) -> Path:
+def folder_of(home: Home, name: str | None, folder: Path | None = None) -> Path:
+    """The folder of job NAME in HOME, or FOLDER (`--dir`: any job folder, such as one
+    `traind run --dir` made); NoSuchJob when there is none."""
+    if folder is not None or not name:
+        return job_folder(home, None, folder)
     folder = home.job_dir(name)
     if read_state(folder) is None:
         known = ", ".join(sorted(p.name for p in home.jobs.glob("*") if (p / "state.json").exists())[:8]) or "none"
         raise NoSuchJob(f"no job '{name}' in {home.jobs}; jobs there: {known}")
     return folder
+
+
+def _run_folder(folder: Path) -> bool:
+    """Whether FOLDER is a job folder of `traind run` (no daemon's state.json): steered by
+    requests to the process that trains it, or by running it again."""
+    return read_state(folder) is None
 
 
 def show_ls(home: Home, as_json: bool) -> None:
@@ -65,9 +75,8 @@ STALE = ("it was running, but no process trains it now (the daemon stopped or di
          "its newest save when a daemon serves this home")
 
 
-def watch_status(home: Home, name: str) -> None:
+def watch_status(home: Home, folder: Path) -> None:
     """show_status again every second while the job is queued or running, with an ETA."""
-    folder = folder_of(home, name)
     seen: list[tuple[float, int]] = []
     while True:
         info = row(folder)
@@ -78,19 +87,18 @@ def watch_status(home: Home, name: str) -> None:
             left = (info["total_steps"] - s1) / ((s1 - s0) / (t1 - t0))
             eta = f"  ETA {int(left // 60)}m{int(left % 60):02d}s"
         click.clear()
-        show_status(home, name, as_json=False)
+        show_status(home, folder, as_json=False)
         if eta:
             click.echo(eta.strip())
-        if read_state(folder).state not in (JobState.RUNNING, JobState.QUEUED):
+        if info["state"] not in (JobState.RUNNING.value, JobState.QUEUED.value):
             return
         time.sleep(1.0)
 
 
-def show_status(home: Home, name: str, as_json: bool) -> None:
-    folder = folder_of(home, name)
+def show_status(home: Home, folder: Path, as_json: bool) -> None:
     record = read_state(folder)
-    info = {**row(folder), "saves": len(list_saves(folder / SAVES)[0]), "last_error": record.last_error,
-            "cause": record.cause}
+    info = {**row(folder), "saves": len(list_saves(folder / SAVES)[0]),
+            "last_error": record.last_error if record else None, "cause": record.cause if record else None}
     if info.pop("stale", False):
         info["last_error"], info["cause"] = STALE, "interrupted"
     daemon = serving(home.root)
@@ -110,9 +118,11 @@ def show_status(home: Home, name: str, as_json: bool) -> None:
     click.echo(f"  {daemon_line(home)}")
 
 
-def steer(home: Home, name: str, action: str, note: str | None = None) -> str:
-    """pause, resume, cancel or save job NAME; what happened, in words."""
-    folder = folder_of(home, name)
+def steer(home: Home, folder: Path, action: str, note: str | None = None) -> str:
+    """pause, resume, cancel or save the job in FOLDER; what happened, in words."""
+    name = folder.name
+    if _run_folder(folder):
+        return _steer_run(folder, action, note)
     state = read_state(folder).state
     if action == "resume":
         if state not in ENDED - {JobState.DONE}:
@@ -129,6 +139,20 @@ def steer(home: Home, name: str, action: str, note: str | None = None) -> str:
     return f"{name}: {target.value}"
 
 
+def _steer_run(folder: Path, action: str, note: str | None) -> str:
+    """Steer a `traind run` folder: requests reach the process that trains it, if one does."""
+    rerun = f"`traind run {folder}/job.* --dir {folder}`"
+    if action == "resume":
+        if trained(folder):
+            raise NotRunning(f"{folder} is being trained now; there is nothing to resume")
+        raise NotRunning(f"{folder} is a folder of `traind run`, not a daemon's job: run it again to continue "
+                         f"from its newest save ({rerun})")
+    if not trained(folder):
+        raise NotRunning(f"no process trains {folder} now; its newest save is its state ({rerun} continues it)")
+    requests.send(folder, action, note)
+    return f"{folder.name}: {action} requested; the run acts on it at its next step boundary"
+
+
 def load(home: Home, name: str, save_id: str) -> str:
     folder = folder_of(home, name)
     state = read_state(folder).state
@@ -141,9 +165,8 @@ def load(home: Home, name: str, save_id: str) -> str:
     return f"{name}: continues from save {save_id}" + (" (queued again)" if state in ENDED else "")
 
 
-def logs(home: Home, name: str, follow: bool) -> None:
+def logs(folder: Path, follow: bool) -> None:
     """The job's log; with FOLLOW, keep printing what is added until the job stops running."""
-    folder = folder_of(home, name)
     path = folder / "log"
     offset = 0
     while True:
@@ -154,19 +177,18 @@ def logs(home: Home, name: str, follow: bool) -> None:
                 offset = f.tell()
             if text:
                 click.echo(text, nl=False)
-        if not follow or read_state(folder).state not in (JobState.RUNNING, JobState.QUEUED):
+        if not follow or row(folder)["state"] not in (JobState.RUNNING.value, JobState.QUEUED.value):
             return
         time.sleep(0.2)
 
 
-def remove(home: Home, name: str, keep_saves: bool, force: bool = False) -> str:
-    """Forget job NAME: its folder goes (with KEEP_SAVES, its saves stay, in kept/NAME).
-    Manual saves are never rotated out, so a job that has some is removed only with
-    FORCE (or a yes at the terminal) unless its saves are kept."""
+def remove(home: Home, folder: Path, keep_saves: bool, force: bool = False) -> str:
+    """Forget the job in FOLDER: the folder goes (with KEEP_SAVES, its saves stay, in
+    HOME/kept/NAME). Manual saves are never rotated out, so a job that has some is removed
+    only with FORCE (or a yes at the terminal) unless its saves are kept."""
     finish_removals(home)
-    folder = folder_of(home, name)
-    state = read_state(folder).state
-    if state == JobState.RUNNING:
+    name = folder.name
+    if row(folder)["state"] == JobState.RUNNING.value or trained(folder):
         raise NotRunning(f"job '{name}' is running; `traind cancel {name}` first")
     manual = [s.id for s in list_saves(folder / SAVES)[0] if "manual" in s.kinds]
     if manual and not (keep_saves or force):
@@ -174,9 +196,11 @@ def remove(home: Home, name: str, keep_saves: bool, force: bool = False) -> str:
         if not (sys.stdin.isatty() and click.confirm(question)):
             raise NotRunning(f"job '{name}' has {len(manual)} manual save(s) ({', '.join(manual[:3])}); "
                              f"`traind rm {name} --keep-saves` keeps them in {home.root / KEPT}, --force deletes them")
-    trash = home.jobs / f"{REMOVING}{name}"
+    trash = folder.parent / f"{REMOVING}{name}"
     fs = FileSystem()
+    if trash.exists():  # a removal beside a --dir folder cut short (the home's own were finished above)
+        finish_removal(home, trash, keep_saves=True)
     fs.rename(folder, trash)  # the job is gone from the daemon's view at once, whole
-    fs.fsync_dir(home.jobs)
+    fs.fsync_dir(folder.parent)
     kept = finish_removal(home, trash, keep_saves)
     return f"{name}: removed" + (f"; its saves are in {kept}" if kept else "")

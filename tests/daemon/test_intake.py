@@ -33,7 +33,7 @@ def drop(home, name, text):
 
 def test_submit_validates_delivers_and_one_scan_accepts_it_once(home, write_job):
     result = CliRunner().invoke(cli, ["--home", str(home.root), "submit", str(write_job(MLP, name="small"))])
-    assert result.exit_code == 0 and result.output == "small\n"
+    assert result.exit_code == 0 and result.stdout == "small\n" and "no daemon serves" in result.stderr
     assert [p.name for p in home.inbox.iterdir() if not p.name.startswith(".")] == ["small.json"]
     intake = Intake(home)
     outcomes = intake.scan(delivered={"small.json"})

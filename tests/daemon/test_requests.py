@@ -97,3 +97,39 @@ def test_one_quicksave_of_a_real_run_is_one_manual_save(write_job, tmp_path):
     manual = [s for s in list_saves(folder / "saves")[0] if "manual" in s.kinds]
     assert [s.note for s in manual] == ["once"]
     assert requests.pending(folder) == []
+
+
+def test_every_job_command_takes_dir_for_a_folder_of_traind_run(write_job, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from traind.daemon.cli import cli
+
+    def traind(*args):
+        return CliRunner().invoke(cli, ["--home", str(tmp_path / "home"), *map(str, args)])
+
+    path = write_job(MLP.replace("samples = 300", "samples = 4000").replace("epochs = 3", "epochs = 40"))
+    folder = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "traind.daemon.cli", "run", str(path), "--dir", str(folder)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: "training 'job'" in ((folder / "log").read_text() if (folder / "log").exists() else ""),
+                 "training to start")
+        assert json.loads(traind("status", "--dir", folder, "--json").output)["state"] == "running"
+        assert "training 'job'" in traind("logs", "--dir", folder).output
+        assert traind("rm", "--dir", folder).exit_code == 1  # running
+        assert "save requested" in traind("save", "--dir", folder, "--note", "dir").output
+        assert "pause requested" in traind("pause", "--dir", folder).output
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "paused at step" in out
+    finally:
+        proc.kill()
+    assert [s.note for s in list_saves(folder / "saves")[0] if "manual" in s.kinds] == ["dir"]
+    assert json.loads(traind("status", "--dir", folder, "--json").output)["state"] == "paused"
+    resumed = traind("resume", "--dir", folder)
+    assert resumed.exit_code == 1 and "run it again" in resumed.output
+    assert traind("pause", "--dir", folder).exit_code == 1  # nothing trains it
+    removed = traind("rm", "--dir", folder, "--keep-saves")
+    assert removed.exit_code == 0 and not folder.exists()
+    assert (tmp_path / "home" / "kept" / "run").is_dir()
