@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import EXAMPLES
+from traind.store.commit import STAGING
 from traind.store.saves import list_saves, verify
 
 KILLS = int(os.environ.get("TRAIND_TEST_KILLS", "8"))
@@ -48,6 +49,14 @@ def acknowledged(folder):
     return set(re.findall(r"saved (\d{6}-s\d+)", log.read_text())) if log.exists() else set()
 
 
+def staging(folder):
+    """The names of the saves being written (staged, not yet renamed into place)."""
+    try:
+        return {e.name for e in os.scandir(folder / "saves") if e.name.startswith(STAGING)}
+    except FileNotFoundError:
+        return set()
+
+
 def final_weights(folder):
     saves = list_saves(folder / "saves")[0]
     assert "final" in saves[-1].kinds
@@ -71,12 +80,17 @@ def test_sigkill_at_random_moments_then_finish_bitwise_equal(tmp_path, name):
             assert proc.poll() is None, f"kill {kill}: the run ended early: {proc.stderr.read()}"
             assert time.monotonic() < deadline, f"kill {kill}: no progress within 120 s"
             time.sleep(0.005)
-        time.sleep(rng.uniform(0, 0.03))
+        if kill % 2:  # every other kill is aimed inside a save: the moment a new staging folder shows
+            stale = staging(folder)
+            while not staging(folder) - stale:
+                assert proc.poll() is None and time.monotonic() < deadline, f"kill {kill}: no save began"
+        else:
+            time.sleep(rng.uniform(0, 0.03))
         acked |= acknowledged(folder)  # read before the kill: these were reported, so must survive
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stderr.close()
-        in_save_path += any((folder / "saves").glob(".staging-*"))
+        in_save_path += bool(staging(folder))
         found = {s.id for s in list_saves(folder / "saves")[0]}
         assert acked <= found, f"kill {kill}: acknowledged saves lost: {sorted(acked - found)}"
 
@@ -90,4 +104,5 @@ def test_sigkill_at_random_moments_then_finish_bitwise_equal(tmp_path, name):
     assert all(not verify(saves[i].path) for i in acked)
     resumed = (folder / "log").read_text().count("resumed from save")
     assert resumed == KILLS  # every restart after a kill found a save to continue from
-    assert in_save_path >= 1, "no kill landed inside the save path (before its rename); raise TRAIND_TEST_KILLS"
+    # aimed kills race the save they saw begin; a save of this model lasts milliseconds (its fsyncs)
+    assert in_save_path >= max(1, KILLS // 4), f"only {in_save_path} kills landed inside a save (before its rename)"
