@@ -8,7 +8,11 @@
   (the work no intake can skip), per file;
 - `ls`: `traind ls --json` with 10,000 job folders, as a user runs it (a new process),
   the first time (building the index) and after;
-- `saves`: `traind saves NAME --json` of a job with 1,000 saves.
+- `saves`: `traind saves NAME --json` of a job with 1,000 saves;
+- two jobs at once: a daemon with two worker slots training two CPU jobs side by side
+  (each with its share of the cores, as traind gives them), against the same two one
+  after the other (one slot, every core each), and against two at once each taking every
+  core (what traind did before it shared them: the threads fight over the cores).
 """
 
 from __future__ import annotations
@@ -39,6 +43,19 @@ samples = 512
 [train]
 epochs = 1
 log_every_steps = 1
+"""
+
+
+WIDE = """
+name = "{name}"
+seed = 1
+[model]
+layers = [["Linear", 20, 256], ["ReLU"], ["Linear", 256, 10]]
+[data]
+samples = 8192
+batch_size = 256
+[train]
+epochs = {epochs}
 """
 
 
@@ -96,6 +113,28 @@ def _latency(root: Path, runs: int, baseline_runs: int) -> tuple[list[float], li
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(120)
     return ours, theirs
+
+
+def _two_jobs(root: Path, workers: int, epochs: int, threads: int | None = None) -> float:
+    """Seconds from two jobs landing in a daemon's inbox/ to both done."""
+    home = Home(root / f"two-{workers}-{threads}")
+    extra = ["--threads", str(threads)] if threads else []
+    daemon = subprocess.Popen([sys.executable, "-m", "traind.daemon.cli", "--home", str(home.root), "daemon",
+                               "--workers", str(workers), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not home.inbox.is_dir():
+            time.sleep(0.01)
+        for name in ("a", "b"):
+            (home.inbox / f".{name}.tmp").write_text(WIDE.format(name=name, epochs=epochs))
+        start = time.monotonic()
+        for name in ("a", "b"):
+            os.rename(home.inbox / f".{name}.tmp", home.inbox / f"{name}.toml")
+        for name in ("a", "b"):
+            _done(home.job_dir(name), timeout=1800)
+        return time.monotonic() - start
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(120)
 
 
 def _ls(root: Path, jobs: int) -> tuple[float, float]:
@@ -199,6 +238,9 @@ def measure(quick: bool = False) -> list[dict]:
         cold, warm = _ls(root, jobs)
         listing = _saves(root, saves)
         taking, validating = _intake(root, files)
+        epochs = 2 if quick else 12
+        shared, one_by_one = _two_jobs(root, 2, epochs), _two_jobs(root, 1, epochs)
+        fighting = _two_jobs(root, 2, epochs, threads=os.cpu_count() or 1)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     p50, p50_run = statistics.median(ours), statistics.median(theirs)
@@ -222,4 +264,10 @@ def measure(quick: bool = False) -> list[dict]:
          "baseline": round(validating * 1e3, 2), "ratio": round(taking / validating, 3), "goal": "-", "verdict": "-",
          "detail": f"{files} files renamed in at once, {1 / taking:.0f} files/s to job folders; baseline: "
                    "in-process validation of 200 of them (parse + dry build)"},
+        {"case": "two CPU jobs at once (s)", "traind": round(shared, 2), "baseline": round(one_by_one, 2),
+         "ratio": round(shared / one_by_one, 3), "goal": "<= 1.0", "verdict": "met" if shared <= one_by_one else "missed",
+         "detail": f"2 slots, the cores shared; baseline: the same two jobs one after the other ({epochs} epochs each)"},
+        {"case": "two CPU jobs at once, every core each (s)", "traind": round(fighting, 2),
+         "baseline": round(one_by_one, 2), "ratio": round(fighting / one_by_one, 3), "goal": "-", "verdict": "-",
+         "detail": f"--threads {os.cpu_count()}: what two jobs cost before traind shared the cores"},
     ]

@@ -204,9 +204,11 @@ def load(home: Home, args: tuple[str, ...], folder: Path | None) -> None:
 @cli.command()
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=0),
               help="Jobs at once without a GPU (with GPUs: one per GPU); 0: take files in, start no job.")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="CPU threads for each new job (default: OMP_NUM_THREADS, else the cores shared among the workers).")
 @home_option
 @pass_home
-def daemon(home: Home, workers: int) -> None:
+def daemon(home: Home, workers: int, threads: int | None) -> None:
     """Run the service in the foreground. The first SIGTERM or SIGINT: every running job
     saves at its next step boundary and stops (queued, to resume at the next start), then
     exit 0; a second one: stop at once."""
@@ -226,7 +228,7 @@ def daemon(home: Home, workers: int) -> None:
     stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
     logging.basicConfig(level=logging.INFO, format=f"{stamp}traind: %(message)s", stream=sys.stderr)
     click.echo(f"traind daemon serving {home.root}", err=True)
-    Daemon(home, workers=workers).serve(stop)
+    Daemon(home, workers=workers, threads=threads).serve(stop)
 
 
 @cli.command(name="ls")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from traind.daemon import threads
 from traind.daemon.home import SPEC_FILE
 from traind.daemon.liveness import JOB_LOCK, stamp
 from traind.daemon.requests import RequestHook
@@ -120,6 +121,7 @@ def train_in_folder(spec: JobSpec, name: str, folder: Path, echo: Callable[[str]
     stopped; the caller holds FOLDER's lock."""
     recorder = Recorder(folder, echo, name, tensorboard=tensorboard_available())
     try:
+        threads.pin(spec.threads, folder, recorder.say)
         try:
             job = build_job(spec, name)
         except JobSpecError as e:

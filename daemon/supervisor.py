@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from traind.daemon import liveness, notify
+from traind.daemon import liveness, notify, threads
 from traind.daemon.home import SPEC_FILE, Home, check_private, finish_removals
 from traind.daemon.intake import SETTLE, Intake
 from traind.daemon.jobstate import (STATE_FILE, BadTransition, JobRecord, JobState, read_state, signature,
@@ -130,6 +130,8 @@ class Worker:
 class Daemon:
     home: Home
     workers: int = 1
+    threads: int | None = None
+    """CPU threads per worker (`--threads`); default an explicit OMP_NUM_THREADS, else the cores shared among the slots."""
     settle: float = SETTLE
     running: dict[str, Worker] = field(default_factory=dict)
     fast_fails: dict[str, int] = field(default_factory=dict)
@@ -260,6 +262,7 @@ class Daemon:
             return  # paused, cancelled or removed since the last look at it
         (folder / ERROR_FILE).unlink(missing_ok=True)
         env = dict(os.environ, CUDA_DEVICE_ORDER="PCI_BUS_ID")
+        env[threads.ENV] = str(threads.share(len(self.slots), self.threads))  # a new job's count; see threads.py
         if slot.startswith("cuda:"):
             env["CUDA_VISIBLE_DEVICES"] = slot.split(":")[1]
         count = oom_kills()

@@ -29,8 +29,6 @@ from traind.store.saves import SAVES, SaveInfo
 from traind.store.snapshot import Snapshot, Writer
 from traind.store.store import SaveStore
 
-MAX_ROLLBACKS = 3
-
 
 def policy_of(spec: CheckpointSpec) -> retention.Policy:
     return retention.Policy(spec.every_steps, spec.every_epochs, spec.every_minutes, spec.keep_last, spec.keep_best,
@@ -76,8 +74,10 @@ class Checkpointer:
         started = time.perf_counter()
         self.writer.wait()  # the previous save's buffers are about to be reused
         waited = time.perf_counter() - started
-        files, doc = state.capture(self.trainer, self.snapshot.capture)
         p = self.trainer.progress
+        if p.rollbacks and p.skip and [p.epoch, p.batch] > p.skip[-1]:
+            p.rollbacks = 0  # trained past the batch it skipped: healthy again, the tries start anew
+        files, doc = state.capture(self.trainer, self.snapshot.capture)
         seq, save_id = self.store.reserve(p.step)
         meta = {"step": p.step, "epoch": p.epoch, "batch": p.batch, "kinds": sorted(kinds, key=retention.KINDS.index),
                 "metrics": dict(p.last), "note": note, "job": self.trainer.job.name}
@@ -161,12 +161,12 @@ class Checkpointer:
     def rollback(self, error: NonFiniteLoss) -> None:
         """After a non-finite loss: reload the newest healthy save and never train on the
         batch that produced it; re-raise when not allowed or out of tries."""
-        p = self.trainer.progress
+        p, most = self.trainer.progress, self.trainer.spec.train.max_rollbacks
         if self.trainer.spec.train.on_nonfinite == "stop":
             raise error
-        if p.rollbacks >= MAX_ROLLBACKS:
+        if p.rollbacks >= most:
             raise NonFiniteLoss(error.step, error.epoch, error.batch, error.loss,
-                                f"gave up after {MAX_ROLLBACKS} rollbacks") from error
+                                f"gave up after {most} rollbacks in a row") from error
         self.writer.wait()
         healthy = self.store.newest_good(lambda s: all(_finite(v) for v in s.metrics.values()), self.recorder.say)
         if healthy is None:
@@ -175,7 +175,7 @@ class Checkpointer:
         skip, tries = [*p.skip, [error.epoch, error.batch]], p.rollbacks + 1
         self._restore(healthy)
         self.trainer.progress.skip, self.trainer.progress.rollbacks = skip, tries
-        self.recorder.say(f"{error}; rolled back to save {healthy.id} (try {tries} of {MAX_ROLLBACKS}), "
+        self.recorder.say(f"{error}; rolled back to save {healthy.id} (try {tries} of {most}), "
                           f"and will skip batch {error.batch + 1} of epoch {error.epoch + 1}")
 
 

@@ -250,6 +250,8 @@ class TrainSpec(Section):
     """Clip the gradients' total norm to this; 0 = off."""
     on_nonfinite: Literal["rollback", "stop"] = "rollback"
     """On a NaN or infinite loss: reload the newest healthy save (bounded tries), or stop the job."""
+    max_rollbacks: NonNegativeInt = 3
+    """Rollbacks in a row before the job stops; the count starts anew once a save is made past the skipped batch."""
     log_every_steps: PositiveInt = 10
     """Write the training loss to the metrics file every this many steps."""
 
@@ -336,6 +338,8 @@ class JobSpec(Section):
     """auto = try_gpu(); or cpu, cuda, cuda:N."""
     deterministic: bool = False
     """Deterministic algorithms only (torch.use_deterministic_algorithms): exact resume on a GPU, at some speed."""
+    threads: PositiveInt | None = None
+    """CPU threads to train with; default the machine's cores divided among the daemon's workers. Fixed when the job first starts (for exact resume)."""
     python_path: list[str] = []
     """Folders put first on sys.path for `target` imports; relative ones start at the job file's folder."""
     model: ModelSpec

@@ -19,3 +19,7 @@ def test_ls_and_saves_are_measured_through_the_real_cli(tmp_path):
     cold, warm = daemon._ls(tmp_path, 30)
     assert cold > 0 and warm > 0
     assert daemon._saves(tmp_path, 12) > 0
+
+
+def test_two_jobs_at_once_are_measured_through_a_real_daemon(tmp_path):
+    assert daemon._two_jobs(tmp_path, 2, 1) > 0

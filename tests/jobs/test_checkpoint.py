@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import EXAMPLES
 from traind.jobs.build import build_job
-from traind.jobs.checkpoint import MAX_ROLLBACKS, Checkpointer
+from traind.jobs.checkpoint import Checkpointer
 from traind.jobs.loadgame import request_load
 from traind.jobs.errors import NonFiniteLoss
 from traind.jobs.jobfile import load_job
@@ -177,7 +177,7 @@ def test_nonfinite_loss_rolls_back_and_skips_the_batch(tmp_path):
     train.x[poisoned] = float("nan")  # in batch 6 of epoch 2 (step 14), and nowhere else still to come
     assert run.go()
     p = run.trainer.progress
-    assert p.skip == [[1, 5]] and p.rollbacks == 1
+    assert p.skip == [[1, 5]] and p.rollbacks == 0  # the final save came after the skip: healthy again
     assert p.step == 15  # 16 batches, one never trained on
     log = (folder / "log").read_text()
     assert "non-finite loss nan at step 14 (epoch 2, batch 6)" in log
@@ -199,7 +199,7 @@ def test_a_rollback_survives_a_restart(tmp_path):
     again = Run(jf, folder)
     again.trainer.job.splits.train.x[poisoned] = float("nan")  # the same data in the new "process"
     assert again.resumed.step == 12 and again.trainer.progress.skip == [[0, 5]]
-    assert again.trainer.progress.rollbacks == 1
+    assert again.trainer.progress.rollbacks == 0  # saved past the skipped batch: the tries start anew
     assert again.go() and again.trainer.progress.skip == [[0, 5], [1, 5]]
 
 
@@ -212,7 +212,12 @@ def test_nonfinite_loss_gives_up_after_bounded_tries_or_stops(tmp_path):
     assert not Run(jf, tmp_path / "b", 10).go()
     run = Run(jf, tmp_path / "b")
     run.trainer.job.splits.train.x[:] = float("nan")  # every batch: each rollback meets another
-    with pytest.raises(NonFiniteLoss, match=f"gave up after {MAX_ROLLBACKS} rollbacks"):
+    with pytest.raises(NonFiniteLoss, match="gave up after 3 rollbacks in a row"):
+        run.go()
+    assert not Run(with_train(jf, max_rollbacks=1), tmp_path / "d", 10).go()
+    run = Run(with_train(jf, max_rollbacks=1), tmp_path / "d")
+    run.trainer.job.splits.train.x[:] = float("nan")
+    with pytest.raises(NonFiniteLoss, match="gave up after 1 rollbacks in a row"):
         run.go()
     assert not Run(with_train(jf, on_nonfinite="stop"), tmp_path / "c", 10).go()
     run = Run(with_train(jf, on_nonfinite="stop"), tmp_path / "c")
@@ -308,3 +313,16 @@ def test_rotation_never_removes_a_save_a_load_request_waits_for(tmp_path):
     going.go()
     assert oldest.id in {s.id for s in list_saves(folder / "saves")[0]}
     assert Run(jf, folder).resumed.id == oldest.id
+
+
+def test_rollbacks_far_apart_never_add_up_to_giving_up(tmp_path):
+    from traind.jobs.data import EpochBatches
+
+    jf, folder = with_train(job_file("mlp.toml", tmp_path, every_steps=1), epochs=2), tmp_path / "run"
+    run = Run(jf, folder)
+    train = run.trainer.job.splits.train
+    first_epoch = list(EpochBatches(len(train), 64, jf.spec.seed, 0, True))
+    for batch in (1, 3, 5, 7):  # four bad samples in batches of their own: a rollback each, 1 in a row
+        train.x[int(first_epoch[batch][0])] = float("nan")
+    assert run.go()  # once the run has saved past a skipped batch, the tries start anew
+    assert len(run.trainer.progress.skip) > 3 and run.trainer.progress.rollbacks == 0  # more than 3 in all

@@ -1,0 +1,68 @@
+"""How many CPU threads a job trains with, and why that number never changes.
+
+On a CPU a different thread count changes how sums are split, and so the result bits: the
+count is part of the job, for exact resume. It is fixed when the job first starts and
+recorded in its folder (THREADS_FILE); every later run of the folder, by a daemon with
+other slots or by `traind run`, trains with the recorded count, whatever else runs then.
+
+The first start picks, in this order: the job's `threads` key; the count the daemon hands
+its workers (TRAIND_THREADS: its `--threads`, else an explicit OMP_NUM_THREADS, else the
+machine's cores divided among its worker slots, so that two jobs at once do not fight over
+the cores); an explicit OMP_NUM_THREADS (`traind run`); all cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from traind.store.fs import FileSystem, write_durably
+
+THREADS_FILE = "threads.json"
+ENV = "TRAIND_THREADS"
+
+
+def cores() -> int:
+    """The cores this process may run on (its affinity mask: a cgroup or taskset may limit it)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _env(name: str) -> int | None:
+    text = os.environ.get(name, "").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def share(slots: int, override: int | None = None) -> int:
+    """The threads each of a daemon's SLOTS workers gets: OVERRIDE (`--threads`), else an
+    explicit OMP_NUM_THREADS, else its share of the cores (at least one)."""
+    return override or _env("OMP_NUM_THREADS") or max(1, cores() // max(slots, 1))
+
+
+def recorded(folder: Path) -> int | None:
+    try:
+        n = json.loads((folder / THREADS_FILE).read_text())["threads"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def pin(wanted: int | None, folder: Path, say: Callable[[str], None]) -> int:
+    """Fix the job's thread count (WANTED: its `threads` key) in FOLDER, and train with it."""
+    import torch
+
+    known = recorded(folder)
+    n = wanted or known or _env(ENV) or _env("OMP_NUM_THREADS") or cores()
+    if known is not None and n != known:
+        say(f"note: threads = {n} now, {known} before: from here on results differ in their last bits from a "
+            "run that kept one count")
+    if n != known:
+        write_durably(FileSystem(), folder / THREADS_FILE, json.dumps({"threads": n}).encode())
+    if n > cores():
+        say(f"note: {n} threads (fixed when the job first started) on {cores()} cores: kept, for exact resume")
+    torch.set_num_threads(n)
+    return n
