@@ -16,9 +16,9 @@ from pathlib import Path
 
 import click
 
-from traind.daemon import jobs_cli, saves_cli, units
+from traind.daemon import jobs_cli, saves_cli, spec_cli, units
+from traind.daemon.completion import complete_job, complete_job_or_save, complete_save
 from traind.daemon.home import Home, default_home, job_folder
-from traind.daemon.liveness import serving
 from traind.jobs.errors import JobSpecError
 from traind.store.errors import TraindError
 
@@ -60,30 +60,15 @@ def cli(ctx: click.Context, home: Path | None) -> None:
 
 @cli.command()
 @job_file_argument
+@click.option("--json", "as_json", is_flag=True, help="Machine output: the summary, or {valid: false, problems}.")
 @home_option
-def validate(file: Path) -> None:
-    """Validate FILE and dry-build it: module tree, parameters, device, one forward pass."""
-    from traind.jobs import devices
-    from traind.jobs.build import build_job
-    from traind.jobs.jobfile import load_job
-    from traind.jobs.model import count_parameters
+def validate(file: Path, as_json: bool) -> None:
+    """Validate FILE and dry-build it: module tree, parameters and their optimizer groups,
+    device, one forward pass, warnings.
 
-    job_file = load_job(file)
-    try:
-        job = build_job(job_file.spec, job_file.name)
-    except JobSpecError as e:
-        raise job_file.locate(e) from e
-    (x_shape, out_shape), d = job.sample_shapes, job.spec.data
-    click.echo(f"{file}: valid job '{job.name}'")
-    click.echo(str(job.model))
-    unique = count_parameters(job.model)
-    uses = sum(p.numel() for _, p in job.model.named_parameters(remove_duplicate=False))
-    click.echo(f"parameters: {unique:,}" + (f" (tied: {uses - unique:,} reused, counted once)" if uses > unique else ""))
-    click.echo(f"device: {devices.describe(job.device)}")
-    click.echo(f"data: {job.splits.description}; batch {d.batch_size}, {job.steps_per_epoch} steps per epoch")
-    click.echo(f"forward: input {x_shape} -> output {out_shape}")
-    epochs = job.spec.train.epochs
-    click.echo(f"training: {job.total_steps} steps" + (f" ({epochs} epochs)" if epochs else ""))
+    \b
+    Example:  traind validate examples/mlp.toml"""
+    spec_cli.validate(file, as_json)
 
 
 @cli.command()
@@ -98,49 +83,26 @@ def run(file: Path, folder: Path | None) -> None:
     from traind.jobs.jobfile import load_job
 
     job_file = load_job(file)
-    run_job(job_file, folder or Path(job_file.name), click.echo)
+    run_job(job_file, folder or Path(job_file.name), click.echo, sys.stderr if sys.stderr.isatty() else None)
 
 
 @cli.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine output: [{file, name, delivered}] or {problems}.")
 @home_option
 @pass_home
-def submit(home: Home, files: tuple[Path, ...]) -> None:
+def submit(home: Home, files: tuple[Path, ...], as_json: bool) -> None:
     """Validate FILES in full (a dry build each), then deliver them atomically into the
-    home's inbox/ and print each job's name. If any is invalid, none is delivered."""
-    from traind.daemon import intake
-    from traind.jobs.jobfile import load_job
+    home's inbox/ and print each job's name. If any is invalid, none is delivered.
 
-    valid, problems = [], []
-    for path in files:
-        try:
-            valid.append(intake.validate(load_job(path)))
-        except JobSpecError as e:
-            problems.append(e)
-    names = [j.name for j in valid]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    taken = [(j, why) for j in valid if (why := intake.name_in_use(home, j.name))]
-    if problems or twice or taken:
-        for e in problems:
-            click.echo(str(e), err=True)
-        for job_file, why in taken:
-            click.echo(f"{job_file.path}: {why}", err=True)
-        if twice:
-            click.echo(f"job names given twice: {', '.join(twice)}; name each job once (name = \"...\")", err=True)
-        count = len(problems) + len(twice) + len(taken)
-        click.echo(f"nothing delivered: {count} of {len(files)} files cannot be accepted", err=True)
-        raise click.exceptions.Exit(2)
-    for job_file in valid:
-        intake.deliver(home, job_file)
-        click.echo(job_file.name)
-    if serving(home.root) is None:
-        click.echo(f"warning: no daemon serves {home.root}; the jobs wait in its inbox/ until one starts "
-                   "(`traind daemon`, or `systemctl start traind`)", err=True)
+    \b
+    Example:  traind submit examples/mlp.toml examples/tied.yaml"""
+    spec_cli.submit(home, files, as_json)
 
 
 dir_option = click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path),
                           help="Act on this job folder (as `traind run --dir` made) instead of a job NAME.")
-name_argument = click.argument("name", required=False)
+name_argument = click.argument("name", required=False, shell_complete=complete_job)
 
 
 @cli.command()
@@ -159,17 +121,22 @@ def saves(home: Home, name: str | None, folder: Path | None, as_json: bool, reha
 @cli.command()
 @name_argument
 @dir_option
+@click.option("-q", "--quiet", is_flag=True, help="Print only corrupt saves (nothing when all are whole).")
+@click.option("--json", "as_json", is_flag=True, help="Machine output: [{job, save, ok, problems}].")
 @home_option
 @pass_home
-def verify(home: Home, name: str | None, folder: Path | None) -> None:
-    """Re-hash saves (of NAME, or of every job) and list each corrupt one; exit 1 if any."""
-    saves_cli.verify_saves(home, name, folder)
+def verify(home: Home, name: str | None, folder: Path | None, quiet: bool, as_json: bool) -> None:
+    """Re-hash saves (of NAME, or of every job) and list each corrupt one; exit 1 if any.
+
+    \b
+    Example (cron, a monitor):  traind verify --quiet || mail -s "traind: corrupt saves" me"""
+    saves_cli.verify_saves(home, name, folder, quiet, as_json)
 
 
 @cli.command()
 @name_argument
 @dir_option
-@click.option("--save", "save_id", help="The save to export (default: the newest).")
+@click.option("--save", "save_id", shell_complete=complete_save, help="The save to export (default: the newest).")
 @click.option("--best", is_flag=True, help="The best save by the job's monitored metric.")
 @click.option("--last", is_flag=True, help="The newest save (the default).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -186,7 +153,7 @@ def export(home: Home, name: str | None, folder: Path | None, save_id: str | Non
 
 
 @cli.command()
-@click.argument("args", nargs=-1, required=True, metavar="[NAME] SAVE")
+@click.argument("args", nargs=-1, required=True, metavar="[NAME] SAVE", shell_complete=complete_job_or_save)
 @dir_option
 @home_option
 @pass_home
@@ -231,13 +198,28 @@ def daemon(home: Home, workers: int, threads: int | None) -> None:
     Daemon(home, workers=workers, threads=threads).serve(stop)
 
 
+STATES = ("queued", "running", "paused", "done", "failed", "cancelled")
+
+
 @cli.command(name="ls")
 @click.option("--json", "as_json", is_flag=True, help="Machine output.")
+@click.option("--state", "states", multiple=True, type=click.Choice(STATES),
+              help="Only jobs in this state (give it again for more states).")
+@click.option("--watch", is_flag=True, help="Refresh every second, until Ctrl-C.")
 @home_option
 @pass_home
-def ls_command(home: Home, as_json: bool) -> None:
-    """A row per job: name, state, epoch, step of total, last loss, best metric, device, restarts."""
-    jobs_cli.show_ls(home, as_json)
+def ls_command(home: Home, as_json: bool, states: tuple[str, ...], watch: bool) -> None:
+    """A row per job, in queue order (running, then what runs next, then the rest): name,
+    state, epoch, step of total, last loss, best by the monitored metric, steps/s, elapsed
+    training time, device, restarts.
+
+    \b
+    Examples:  traind ls --state running --state queued
+               traind ls --json | jq '.[] | select(.state == "failed") | .name'"""
+    if watch:
+        jobs_cli.watch_ls(home, states)
+    else:
+        jobs_cli.show_ls(home, as_json, states)
 
 
 @cli.command()
@@ -254,6 +236,18 @@ def status(home: Home, name: str | None, folder: Path | None, as_json: bool, wat
         jobs_cli.watch_status(home, folder)
     else:
         jobs_cli.show_status(home, folder, as_json)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine output: [{file, why, rejected}], oldest first.")
+@home_option
+@pass_home
+def rejected(home: Home, as_json: bool) -> None:
+    """The job files the home turned down, each with why (the whole of it in rejected/FILE.error).
+
+    \b
+    Example:  traind rejected"""
+    jobs_cli.show_rejected(home, as_json)
 
 
 def _steering(action: str, doc: str):
@@ -288,11 +282,15 @@ def save_command(home: Home, name: str | None, folder: Path | None, note: str | 
 @name_argument
 @dir_option
 @click.option("-f", "--follow", is_flag=True, help="Keep printing while the job runs.")
+@click.option("-n", "--lines", type=click.IntRange(min=0), help="Only the last N lines (then follow, with -f).")
 @home_option
 @pass_home
-def logs(home: Home, name: str | None, folder: Path | None, follow: bool) -> None:
-    """The job's log."""
-    jobs_cli.logs(jobs_cli.folder_of(home, name, folder), follow)
+def logs(home: Home, name: str | None, folder: Path | None, follow: bool, lines: int | None) -> None:
+    """The job's log: epochs, saves, resumes, rollbacks, errors.
+
+    \b
+    Example:  traind logs mlp -n 20 -f"""
+    jobs_cli.logs(jobs_cli.folder_of(home, name, folder), follow, lines)
 
 
 @cli.command()
@@ -345,6 +343,27 @@ def schema() -> None:
     from traind.jobs.spec import JobSpec
 
     click.echo(json.dumps(JobSpec.model_json_schema(), indent=2))
+
+
+# One example per command, shown at the end of its --help (those that have their own keep it).
+EXAMPLES = {
+    "run": "traind run examples/mlp.toml --dir runs/mlp",
+    "saves": "traind saves mlp --verify",
+    "export": "traind export mlp --best -o mlp.safetensors",
+    "load": "traind load mlp 000012-s240",
+    "daemon": "traind daemon --workers 2",
+    "status": "traind status mlp --watch",
+    "pause": "traind pause mlp",
+    "resume": "traind resume mlp",
+    "cancel": "traind cancel mlp",
+    "save": "traind save mlp --note 'before the lr change'",
+    "rm": "traind rm mlp --keep-saves",
+    "plot": "traind plot mlp -o mlp.png",
+    "schema": "traind schema > traind-job.schema.json",
+}
+for _name, _example in EXAMPLES.items():
+    _command = cli.commands[_name]
+    _command.help = (_command.help or "").rstrip() + f"\n\n\b\nExample:  {_example}"
 
 
 def main() -> None:

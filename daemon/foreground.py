@@ -12,6 +12,7 @@ import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 from traind.daemon import threads
 from traind.daemon.home import SPEC_FILE
@@ -93,23 +94,69 @@ def holding(folder: Path, wait: float = 0.0):
 Hook = Callable[[Trainer, Checkpointer, threading.Event], bool]
 
 
-def run_job(job_file: JobFile, folder: Path, echo: Callable[[str], None]) -> bool:
+class ProgressLine:
+    """A progress bar on one terminal line, within the epoch, with steps/s: redrawn at most
+    twice a second from the step-boundary hook, and cleared before any other line."""
+
+    def __init__(self, stream: TextIO):
+        self.stream, self.shown, self._next = stream, False, 0.0
+        self._seen: list[tuple[float, int]] = []
+
+    def __call__(self, trainer: Trainer) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + 0.5
+        p, job = trainer.progress, trainer.job
+        self._seen = [*self._seen[-20:], (now, p.step)]
+        (t0, s0), (t1, s1) = self._seen[0], self._seen[-1]
+        rate = f", {(s1 - s0) / (t1 - t0):.1f} steps/s" if t1 > t0 else ""
+        per_epoch = job.steps_per_epoch
+        done = int(20 * min(p.batch / per_epoch, 1)) if per_epoch else 0
+        epochs = f"/{job.spec.train.epochs}" if job.spec.train.epochs else ""
+        self.stream.write(f"\r\x1b[Kepoch {p.epoch + 1}{epochs} [{'#' * done}{'.' * (20 - done)}] batch "
+                          f"{p.batch}/{per_epoch}, step {p.step}/{job.total_steps}{rate}")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+
+def run_job(job_file: JobFile, folder: Path, echo: Callable[[str], None], progress: TextIO | None = None) -> bool:
     """Train JOB_FILE to the end (True) or until a signal stops it (False), continuing from
-    FOLDER's newest good save if it has one."""
-    hook = RequestHook(folder)  # `traind pause --dir FOLDER` and the like reach this run too
+    FOLDER's newest good save if it has one; a progress line on PROGRESS (a terminal)."""
+    requests_hook = RequestHook(folder)  # `traind pause --dir FOLDER` and the like reach this run too
+    line = ProgressLine(progress) if progress is not None else None
+
+    def hook(trainer: Trainer, checkpoints: Checkpointer, stop: threading.Event) -> bool:
+        if line is not None:
+            line(trainer)
+        return requests_hook(trainer, checkpoints, stop)
+
+    def say(text: str) -> None:
+        if line is not None:
+            line.clear()
+        echo(text)
+
     with holding(folder):
         prepare_folder(job_file, folder)
-        done, trainer = train_in_folder(job_file.spec, job_file.name, folder, echo, job_file.locate, hook)
-    hook.ended()
-    p, total = trainer.progress, trainer.job.total_steps
+        done, trainer = train_in_folder(job_file.spec, job_file.name, folder, say, job_file.locate, hook)
+    if line is not None:
+        line.clear()
+    requests_hook.ended()
+    p, total, ending = trainer.progress, trainer.job.total_steps, requests_hook.ending
     if done:
         echo(f"done: step {p.step}/{total}; folder {folder}")
-    elif hook.ending == "cancelled":
+    elif ending == "cancelled":
         echo(f"cancelled at step {p.step}/{total}; the saves stay")
-    elif hook.ending == "stopped":
+    elif ending == "stopped":
         echo(f"stopped at step {p.step}/{total} for a load request; run again to continue from that save")
     else:
-        why = "paused" if hook.ending == "paused" else "stopped by signal"
+        why = "paused" if ending == "paused" else "stopped by signal"
         echo(f"{why} at step {p.step}/{total}, saved; run again to continue")
     return done
 

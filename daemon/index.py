@@ -26,7 +26,7 @@ from traind.store.saves import SAVES, list_saves
 
 INDEX_FILE = "index.sqlite"
 TAIL = 64
-VERSION = 1  # of the rows' shape; an index of another version is rebuilt
+VERSION = 2  # of the rows' shape; an index of another version is rebuilt
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS jobs "
            "(name TEXT PRIMARY KEY, state_sig TEXT, metrics_sig TEXT, row TEXT, tally TEXT)")
 
@@ -49,15 +49,26 @@ class Tally:
     best: float | None = None
     tail: str = ""
     """The last bytes folded in (hex), to tell a file that grew from one rewritten."""
+    run_started: float | None = None
+    """When the current run (the last start record) began, seconds since the epoch."""
+    last_time: float | None = None
+    """When the last record was written."""
+    earlier_runs: float = 0.0
+    """Seconds trained by the runs before the current one."""
 
     def fold(self, record: dict) -> None:
-        kind = record.get("kind")
+        kind, t = record.get("kind"), record.get("time")
         if kind == "start":
+            if self.run_started is not None and self.last_time is not None:
+                self.earlier_runs += max(0.0, self.last_time - self.run_started)
+            self.run_started = t if isinstance(t, (int, float)) else None
             self.start_step = record.get("step", 0)
             self.total_steps, self.device = record.get("total_steps"), record.get("device")
         elif kind in ("step", "epoch"):
             self.last_step = record.get("step")
             self.loss = record.get("loss", record.get("train_loss"))
+        if isinstance(t, (int, float)):
+            self.last_time = t
         if kind == "epoch":
             self.epoch = record.get("epoch", self.epoch)
             value = record.get(self.monitor) if self.monitor else None
@@ -106,9 +117,13 @@ def _row(folder: Path, tally: Tally, record: JobRecord | None = None) -> dict | 
     if record is None:
         return None
     step = tally.last_step if tally.last_step is not None else tally.start_step
+    this_run = (tally.last_time - tally.run_started) if tally.run_started and tally.last_time else 0.0
+    rate = (step - tally.start_step) / this_run if this_run > 0 and step > tally.start_step else None
     return {"name": record.name, "state": record.state.value, "epoch": tally.epoch, "step": step,
             "total_steps": tally.total_steps, "loss": tally.loss, "best": tally.best, "device": tally.device,
-            "restarts": record.restarts}
+            "restarts": record.restarts, "monitor": tally.monitor, "priority": record.priority,
+            "submitted": record.submitted, "elapsed": round(tally.earlier_runs + this_run, 1),
+            "steps_per_s": round(rate, 2) if rate else None}
 
 
 def row(folder: Path) -> dict | None:

@@ -36,9 +36,39 @@ def folder_of(home: Home, name: str | None, folder: Path | None = None) -> Path:
         return job_folder(home, None, folder)
     folder = home.job_dir(name)
     if read_state(folder) is None:
+        turned_down = [r for r in rejections(home) if r["file"].split(".")[0] == name]
+        if turned_down:
+            last = turned_down[-1]
+            raise NoSuchJob(f"no job '{name}': its file was rejected ({last['why']}); the whole reason is in "
+                            f"{home.rejected / (last['file'] + '.error')}")
         known = ", ".join(sorted(p.name for p in home.jobs.glob("*") if (p / "state.json").exists())[:8]) or "none"
         raise NoSuchJob(f"no job '{name}' in {home.jobs}; jobs there: {known}")
     return folder
+
+
+def rejections(home: Home) -> list[dict]:
+    """The files in rejected/, oldest first, each with the first line of its reason."""
+    found = []
+    for error in home.rejected.glob("*.error") if home.rejected.is_dir() else ():
+        try:
+            text, when = error.read_text(errors="replace"), error.stat().st_mtime
+        except OSError:
+            continue
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        found.append({"file": error.name[:-len(".error")], "why": " ".join(lines[:2])[:300], "rejected": when})
+    return sorted(found, key=lambda r: (r["rejected"], r["file"]))
+
+
+def show_rejected(home: Home, as_json: bool) -> None:
+    found = rejections(home)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        click.echo(f"no rejected files in {home.rejected}")
+    for r in found:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["rejected"]))
+        click.echo(f"{when}  {r['file']}: {r['why']}")
 
 
 def _run_folder(folder: Path) -> bool:
@@ -47,20 +77,67 @@ def _run_folder(folder: Path) -> bool:
     return read_state(folder) is None
 
 
-def show_ls(home: Home, as_json: bool) -> None:
-    if as_json:  # one row per line: cached rows are printed as stored
+QUEUE_ORDER = {"running": 0, "queued": 1, "paused": 2, "failed": 3, "cancelled": 4, "done": 5}
+
+
+def queue_order(row: dict) -> tuple:
+    """What runs now first, then what runs next (higher priority first, then the order of
+    submission, as the daemon picks), then the jobs that wait for a user, then the ended."""
+    return QUEUE_ORDER.get(row["state"], 9), -(row.get("priority") or 0), row.get("submitted") or 0, row["name"]
+
+
+def show_ls(home: Home, as_json: bool, states: tuple[str, ...] = ()) -> None:
+    if as_json and not states:  # one row per line: cached rows are printed as stored, in queue order
         texts = Index(home).rows_json()
-        click.echo("[\n" + ",\n".join(f"  {t}" for t in texts) + "\n]" if texts else "[]")
+        rows = sorted(zip(map(json.loads, texts), texts), key=lambda pair: queue_order(pair[0]))
+        click.echo("[\n" + ",\n".join(f"  {t}" for _, t in rows) + "\n]" if rows else "[]")
         return
-    rows = Index(home).rows()
+    rows = sorted((r for r in Index(home).rows() if not states or r["state"] in states), key=queue_order)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
     click.echo(daemon_line(home))
-    num = lambda v: f"{v:.4g}" if isinstance(v, (int, float)) else "-"  # noqa: E731
-    lines = [f"{'name':<24} {'state':<10} {'epoch':>5} {'step':>14} {'loss':>9} {'best':>9} {'device':<8} restarts"]
-    for r in rows:
-        step = f"{r['step']}/{r['total_steps'] or '?'}"
-        lines.append(f"{r['name']:<24} {r['state']:<10} {r['epoch']:>5} {step:>14} {num(r['loss']):>9} "
-                     f"{num(r['best']):>9} {r['device'] or '-':<8} {r['restarts']}")
-    click.echo("\n".join(lines))
+    click.echo(table(rows))
+
+
+def _num(value) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) else "-"
+
+
+def duration(seconds: float | None) -> str:
+    """SECONDS as 45s, 12m05s, 3h20m or 2d04h."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as columns as wide as their widest cell, long job names included."""
+    head = ("name", "state", "epoch", "step", "loss", "best", "steps/s", "elapsed", "device", "restarts")
+    cells = [(r["name"], r["state"], str(r["epoch"]), f"{r['step']}/{r['total_steps'] or '?'}", _num(r["loss"]),
+              f"{r['monitor']} {_num(r['best'])}" if r.get("monitor") and r["best"] is not None else "-",
+              _num(r.get("steps_per_s")), duration(r.get("elapsed")), r["device"] or "-", str(r["restarts"]))
+             for r in rows]
+    widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(head)]
+    right = {2, 3, 4, 6, 7, 9}  # numbers line up on the right
+    line = lambda cs: "  ".join(c.rjust(w) if i in right else c.ljust(w)  # noqa: E731
+                                for i, (c, w) in enumerate(zip(cs, widths))).rstrip()
+    return "\n".join([line(head), *map(line, cells)])
+
+
+def watch_ls(home: Home, states: tuple[str, ...]) -> None:
+    """The table again every second, until Ctrl-C."""
+    while True:
+        click.clear()
+        show_ls(home, False, states)
+        time.sleep(1.0)
 
 
 def daemon_line(home: Home) -> str:
@@ -76,21 +153,11 @@ STALE = ("it was running, but no process trains it now (the daemon stopped or di
 
 
 def watch_status(home: Home, folder: Path) -> None:
-    """show_status again every second while the job is queued or running, with an ETA."""
-    seen: list[tuple[float, int]] = []
+    """show_status again every second while the job is queued or running."""
     while True:
-        info = row(folder)
-        seen = [*seen[-30:], (time.monotonic(), info["step"] or 0)]
-        eta = ""
-        (t0, s0), (t1, s1) = seen[0], seen[-1]
-        if info["total_steps"] and s1 > s0 and t1 > t0:
-            left = (info["total_steps"] - s1) / ((s1 - s0) / (t1 - t0))
-            eta = f"  ETA {int(left // 60)}m{int(left % 60):02d}s"
         click.clear()
         show_status(home, folder, as_json=False)
-        if eta:
-            click.echo(eta.strip())
-        if info["state"] not in (JobState.RUNNING.value, JobState.QUEUED.value):
+        if row(folder)["state"] not in (JobState.RUNNING.value, JobState.QUEUED.value):
             return
         time.sleep(1.0)
 
@@ -103,6 +170,8 @@ def show_status(home: Home, folder: Path, as_json: bool) -> None:
         info["last_error"], info["cause"] = STALE, "interrupted"
     daemon = serving(home.root)
     info["daemon"] = None if daemon is None else {"pid": daemon.pid, "started": daemon.started}
+    rate, left = info.get("steps_per_s"), (info["total_steps"] or 0) - (info["step"] or 0)
+    info["eta_s"] = round(left / rate, 1) if info["state"] == JobState.RUNNING.value and rate and left > 0 else None
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -111,10 +180,15 @@ def show_status(home: Home, folder: Path, as_json: bool) -> None:
     if total:
         done = int(30 * min(step / total, 1))
         bar = f"  [{'#' * done}{'.' * (30 - done)}] {100 * step / total:.0f}%"
-    click.echo(f"{info['name']}: {info['state']}, step {step}/{total or '?'}{bar}")
-    for key in ("epoch", "loss", "best", "device", "restarts", "saves", "last_error", "cause"):
-        if info[key] is not None:
-            click.echo(f"  {key}: {info[key]}")
+    eta = f"  ETA {duration(info['eta_s'])}" if info["eta_s"] is not None else ""
+    click.echo(f"{info['name']}: {info['state']}, step {step}/{total or '?'}{bar}{eta}")
+    if info["best"] is not None and info.get("monitor"):
+        info["best"] = f"{info['monitor']} {_num(info['best'])}"
+    info["elapsed"] = duration(info["elapsed"]) if info.get("elapsed") else None
+    for key in ("epoch", "loss", "best", "steps_per_s", "elapsed", "device", "restarts", "saves", "last_error",
+                "cause"):
+        if info.get(key) is not None:
+            click.echo(f"  {key.replace('_per_', '/')}: {info[key]}")
     click.echo(f"  {daemon_line(home)}")
 
 
@@ -165,10 +239,17 @@ def load(home: Home, name: str, save_id: str) -> str:
     return f"{name}: continues from save {save_id}" + (" (queued again)" if state in ENDED else "")
 
 
-def logs(folder: Path, follow: bool) -> None:
-    """The job's log; with FOLLOW, keep printing what is added until the job stops running."""
+def logs(folder: Path, follow: bool, lines: int | None = None) -> None:
+    """The job's log (its last LINES lines); with FOLLOW, keep printing what is added until
+    the job stops running."""
     path = folder / "log"
     offset = 0
+    if lines is not None and path.exists():
+        with open(path, "rb") as f:
+            data = f.read()
+        offset = len(data)
+        tail = data.splitlines(keepends=True)[-lines:] if lines else []
+        click.echo(b"".join(tail).decode("utf-8", errors="replace"), nl=False)
     while True:
         if path.exists():
             with open(path, encoding="utf-8", errors="replace") as f:

@@ -53,19 +53,22 @@ def show_saves(home: Home, name: str | None, folder: Path | None, as_json: bool,
                    "`traind verify` re-hash every byte")
 
 
-def verify_saves(home: Home, name: str | None, folder: Path | None) -> None:
-    """Re-hash every save of one job (or of every job in HOME); CorruptFound if any fails."""
+def verify_saves(home: Home, name: str | None, folder: Path | None, quiet: bool = False,
+                 as_json: bool = False) -> None:
+    """Re-hash every save of one job (or of every job in HOME); CorruptFound if any fails.
+    QUIET: print only the corrupt ones; AS_JSON: a list of {job, save, ok, problems}."""
     folders = [job_folder(home, name, folder)] if name or folder else home.job_folders()
-    corrupt = 0
+    results = []
     for job in folders:
         found, broken = list_saves(job / SAVES)
-        for s in found:
-            problems = verify(s.path)
-            corrupt += bool(problems)
-            click.echo(f"{job.name}/{s.id}: " + ("ok" if not problems else "CORRUPT: " + "; ".join(problems)))
-        for path, why in broken:
-            corrupt += 1
-            click.echo(f"{job.name}/{path.name}: CORRUPT: {why}")
+        results += [{"job": job.name, "save": s.id, "problems": verify(s.path)} for s in found]
+        results += [{"job": job.name, "save": path.name, "problems": [why]} for path, why in broken]
+    corrupt = sum(bool(r["problems"]) for r in results)
+    if as_json:
+        click.echo(json.dumps([{**r, "ok": not r["problems"]} for r in results], indent=2))
+    for r in results if not as_json else ():
+        if r["problems"] or not quiet:
+            click.echo(f"{r['job']}/{r['save']}: " + ("CORRUPT: " + "; ".join(r["problems"]) if r["problems"] else "ok"))
     if corrupt:
         raise CorruptFound(f"{corrupt} corrupt save{'s' if corrupt != 1 else ''}; resume skips them "
                            "(and quarantines them when it meets them)")

@@ -66,6 +66,34 @@ class Job:
         return self.spec.data.task == "classification"
 
 
+def summary(job: Job) -> dict:
+    """What `traind validate` tells of a built job: the model, its parameters and how the
+    optimizer groups them, the device, the data, the length, and warnings."""
+    model = job.model
+    unique = model_mod.count_parameters(model)
+    uses = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
+    names_of = {id(p): n for n, p in model.named_parameters()}
+    groups = [{"tensors": len(g["params"]), "parameters": sum(p.numel() for p in g["params"]),
+               "lr": g.get("lr"), "weight_decay": g.get("weight_decay"),
+               "names": [names_of.get(id(p), "?") for p in g["params"]][:6]} for g in job.optimizer.param_groups]
+    (x_shape, out_shape), d = job.sample_shapes, job.spec.data
+    return {"name": job.name, "model": str(model), "parameters": unique, "tied": uses - unique,
+            "device": devices.describe(job.device), "data": job.splits.description, "batch_size": d.batch_size,
+            "steps_per_epoch": job.steps_per_epoch, "input_shape": list(x_shape), "output_shape": list(out_shape),
+            "total_steps": job.total_steps, "epochs": job.spec.train.epochs, "param_groups": groups,
+            "warnings": [f"{where} is a plain tensor attribute of shape {tuple(t.shape)}: no save or export carries "
+                         "it and .to(device) does not move it (a resume rebuilds it from the seed, but exported "
+                         "weights loaded elsewhere meet another one); register_buffer keeps it"
+                         for where, t in plain_tensors(model)]}
+
+
+def plain_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Tensors kept as plain attributes of the model's modules (d2l's FixedHiddenMLP keeps its
+    `rand_weight` so): not parameters, not buffers, so no state_dict holds them."""
+    return [(f"{name}.{key}" if name else key, value) for name, module in model.named_modules()
+            for key, value in vars(module).items() if torch.is_tensor(value) and not isinstance(value, nn.Parameter)]
+
+
 def build_job(spec: JobSpec, name: str) -> Job:
     """Seed, load the data, build and check the model, then its optimizer, scheduler and loss."""
     use_deterministic_algorithms(spec.deterministic)

@@ -56,7 +56,8 @@ def test_rows_follow_appends_state_changes_and_new_jobs(home):
     rows = index.rows()
     assert rows == fresh(home)
     assert rows[0] == {"name": "a", "state": "done", "epoch": 2, "step": 40, "total_steps": 100, "loss": 1.1,
-                       "best": 1.2, "device": "cpu", "restarts": 0}
+                       "best": 1.2, "device": "cpu", "restarts": 0, "monitor": "val_loss", "priority": 0,
+                       "submitted": rows[0]["submitted"], "elapsed": rows[0]["elapsed"], "steps_per_s": None}
     assert [r["name"] for r in rows] == ["a", "b", "c"]
 
 
@@ -183,3 +184,11 @@ def test_the_reading_commands_never_import_torch(home):
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_elapsed_adds_up_the_runs_and_steps_per_s_is_the_current_runs(home):
+    timed = lambda kind, step, t, **more: json.dumps({"kind": kind, "step": step, "time": t, **more}) + "\n"  # noqa: E731
+    make_job(home, "t", timed("start", 0, 1000.0, total_steps=100) + timed("step", 10, 1010.0, loss=1.0)
+             + timed("start", 10, 2000.0, total_steps=100) + timed("step", 30, 2004.0, loss=0.5))
+    row = Index(home).rows()[0]
+    assert row["elapsed"] == 14.0 and row["steps_per_s"] == 5.0  # 10 s + 4 s; 20 steps in the last 4 s
