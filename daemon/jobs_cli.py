@@ -269,7 +269,7 @@ def remove(home: Home, folder: Path, keep_saves: bool, force: bool = False) -> s
     only with FORCE (or a yes at the terminal) unless its saves are kept."""
     finish_removals(home)
     name = folder.name
-    if row(folder)["state"] == JobState.RUNNING.value or trained(folder):
+    if trained(folder):  # a state.json that says running with no trainer is a dead daemon's: removable
         raise NotRunning(f"job '{name}' is running; `traind cancel {name}` first")
     manual = [s.id for s in list_saves(folder / SAVES)[0] if "manual" in s.kinds]
     if manual and not (keep_saves or force):

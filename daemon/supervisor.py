@@ -171,8 +171,7 @@ class Daemon:
             if outcome.job is not None:
                 log.info("%s: accepted from inbox/%s", outcome.job, outcome.file)
             else:
-                log.warning("rejected inbox/%s (see rejected/%s.error): %s", outcome.file, outcome.file,
-                            outcome.error)
+                log.warning("rejected inbox/%s (`traind rejected` lists it): %s", outcome.file, outcome.error)
         if outcomes:
             self._rescan_at = 0.0
         for name, worker in list(self.running.items()):

@@ -49,6 +49,8 @@ def spec_of(write_job):
     return lambda text, suffix=".toml": load_job(write_job(text, suffix)).spec
 
 
+TINY = '[model]\nlayers = [["Linear", 20, 10]]\n[data]\nsamples = 100\n'  # the smallest job that trains
+
 MLP = """
 seed = 0
 [model]

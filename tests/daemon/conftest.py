@@ -5,6 +5,15 @@ from click.testing import CliRunner
 
 from tests.daemon.live import JOB, Daemons, final_weights, locked, wait_for
 from traind.daemon.cli import cli
+from traind.daemon.home import Home
+
+
+@pytest.fixture
+def home(tmp_path):
+    """A home with its inbox/, for tests that drive intake and the CLI directly."""
+    h = Home(tmp_path / "home")
+    h.inbox.mkdir(parents=True)
+    return h
 
 
 @pytest.fixture

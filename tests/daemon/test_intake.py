@@ -8,21 +8,13 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import MLP
+from tests.conftest import TINY as GOOD  # noqa: N811
 from traind.daemon.cli import cli
-from traind.daemon.home import Home
 from traind.daemon.intake import CLAIMED, MAX_DEATHS, Intake
 from traind.daemon.jobstate import JobState, read_state
 from traind.daemon.validator import Verdict
 from traind.store.commit import FORMAT
 
-GOOD = '[model]\nlayers = [["Linear", 20, 10]]\n[data]\nsamples = 100\n'
-
-
-@pytest.fixture
-def home(tmp_path):
-    h = Home(tmp_path / "home")
-    h.inbox.mkdir(parents=True)
-    return h
 
 
 def drop(home, name, text):

@@ -4,24 +4,15 @@ pulse, rejected files, short logs, quiet and JSON outputs, completion, examples.
 import io
 import json
 
-import pytest
 from click.testing import CliRunner
 
 from tests.conftest import MLP
+from tests.conftest import TINY as GOOD  # noqa: N811
 from traind.daemon.cli import cli
 from traind.daemon.foreground import ProgressLine
-from traind.daemon.home import Home
 from traind.daemon.intake import Intake
 from traind.daemon.jobstate import JobState, transition
 
-GOOD = '[model]\nlayers = [["Linear", 20, 10]]\n[data]\nsamples = 100\n'
-
-
-@pytest.fixture
-def home(tmp_path):
-    h = Home(tmp_path / "home")
-    h.inbox.mkdir(parents=True)
-    return h
 
 
 def traind(home, *args):
@@ -164,3 +155,17 @@ def test_submit_of_two_files_with_one_name_delivers_neither(home, write_job, tmp
     result = traind(home, "submit", a, b)
     assert result.exit_code == 2 and "job name 'a' given twice" in result.output
     assert "nothing delivered: 2 of 2 files" in result.output and list(home.inbox.glob("*.json")) == []
+
+
+def test_ls_watch_redraws_the_table_until_interrupted(home, monkeypatch):
+    accept(home, "watched")
+    draws = []
+
+    def sleep(seconds):
+        draws.append(seconds)
+        if len(draws) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("traind.daemon.jobs_cli.time.sleep", sleep)
+    result = traind(home, "ls", "--watch")
+    assert result.output.count("watched") == 2 and draws == [1.0, 1.0]

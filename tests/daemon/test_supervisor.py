@@ -204,8 +204,10 @@ def test_ls_and_status_tell_a_dead_daemon_and_its_jobs_are_queued_not_running(da
     submit(daemons.home, tmp_path)
     wait_for(lambda: rows(daemons.home).get("soak", {}).get("state") == "running", "the job to start")
     assert f"daemon pid {proc.pid}, up 00m" in traind(daemons.home, "ls").output.splitlines()[0]
-    status = json.loads(traind(daemons.home, "status", "soak", "--json").output)
-    assert status["daemon"]["pid"] == proc.pid and status["state"] == "running"
+    status = wait_for(lambda: (s := json.loads(traind(daemons.home, "status", "soak", "--json").output))["eta_s"]
+                      and s, "an ETA from the steps/s of this run")
+    assert status["daemon"]["pid"] == proc.pid and status["state"] == "running" and status["steps_per_s"] > 0
+    assert "ETA " in traind(daemons.home, "status", "soak").output.splitlines()[0]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     folder = daemons.home / "jobs" / "soak"
