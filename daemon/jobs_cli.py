@@ -123,7 +123,8 @@ def table(rows: list[dict]) -> str:
     head = ("name", "state", "epoch", "step", "loss", "best", "steps/s", "elapsed", "device", "restarts")
     cells = [(r["name"], r["state"], str(r["epoch"]), f"{r['step']}/{r['total_steps'] or '?'}", _num(r["loss"]),
               f"{r['monitor']} {_num(r['best'])}" if r.get("monitor") and r["best"] is not None else "-",
-              _num(r.get("steps_per_s")), duration(r.get("elapsed")), r["device"] or "-", str(r["restarts"]))
+              _num(r.get("steps_per_s")) if r["state"] == "running" else "-", duration(r.get("elapsed")),
+              r["device"] or "-", str(r["restarts"]))
              for r in rows]
     widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(head)]
     right = {2, 3, 4, 6, 7, 9}  # numbers line up on the right
