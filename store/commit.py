@@ -30,6 +30,7 @@ from traind.store.fs import FileSystem
 FORMAT = "traind-save/1"
 MANIFEST = "manifest.json"
 STAGING = ".staging-"
+DELETING = ".deleting-"  # a save being removed: renamed out of the listing first, whole, then its files go
 HASH = "xxh3_128"
 
 
@@ -96,9 +97,28 @@ def _write_part(fs: FileSystem, path: Path, part: Part) -> dict:
     return {"bytes": size, HASH: hasher.hexdigest()}
 
 
+def withdraw(fs: FileSystem, saves_dir: Path, save_dir: Path) -> None:
+    """Remove a committed save in one atomic step, then its files: renamed to DELETING
+    (out of every listing, whole) and made durable, only then deleted file by file. A crash
+    part-way leaves a DELETING folder, which the next sweep removes, never a half save."""
+    doomed = saves_dir / f"{DELETING}{save_dir.name}"
+    fs.rename(save_dir, doomed)
+    fs.fsync_dir(saves_dir)
+    fs.remove_tree(doomed)
+
+
+def leftover(name: str) -> bool:
+    """Whether NAME in a saves folder is a leftover of a crash: a save being written
+    (never one) or being removed (no longer one)."""
+    return name.startswith((STAGING, DELETING))
+
+
 def sweep_staging(fs: FileSystem, saves_dir: Path) -> list[str]:
-    """Remove staging folders a crash left behind (they were never saves)."""
-    swept = [p.name for p in saves_dir.glob(f"{STAGING}*")]
+    """Remove what a crash left behind: staging folders (they were never saves) and saves
+    that were being removed."""
+    swept = [p.name for p in saves_dir.iterdir() if leftover(p.name)] if saves_dir.is_dir() else []
     for name in swept:
         fs.remove_tree(saves_dir / name)
+    if swept:
+        fs.fsync_dir(saves_dir)
     return swept

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import xxhash
 
-from traind.store.commit import FORMAT, HASH, MANIFEST, STAGING
+from traind.store.commit import FORMAT, HASH, MANIFEST, leftover
 from traind.store.errors import CorruptSave
 from traind.store.fs import FileSystem
 
@@ -92,7 +92,7 @@ def list_saves(saves_dir: Path) -> tuple[list[SaveInfo], list[tuple[Path, str]]]
     if not saves_dir.is_dir():
         return good, bad
     for entry in saves_dir.iterdir():
-        if not entry.is_dir() or entry.name.startswith(STAGING) or entry.name == QUARANTINE:
+        if not entry.is_dir() or leftover(entry.name) or entry.name == QUARANTINE:
             continue
         try:
             good.append(SaveInfo.from_manifest(entry, read_manifest(entry)))

@@ -75,9 +75,7 @@ class SaveStore:
         for s in doomed:
             with self._lock:
                 self._saves.remove(s)
-            self.fs.remove_tree(s.path)
-        if doomed:
-            self.fs.fsync_dir(self.dir)
+            commit.withdraw(self.fs, self.dir, s.path)
         return [s.id for s in doomed]
 
     def newest_good(self, wanted: Callable[[SaveInfo], bool] = lambda s: True,

@@ -1,6 +1,11 @@
 """A crash simulator in the manner of ALICE and SQLite's crash tests: record the file
 operations of some code through the I/O interface (`store/fs.py`), then build every
-state a crash after any prefix of them could leave on disk."""
+state a crash after any prefix of them could leave on disk.
+
+The disk is modelled as it is: data not fsynced may be lost or torn; a directory change
+(create, rename, unlink, rmdir) not followed by an fsync of its folder may be lost; and a
+folder's removal is not one step but an unlink per file and an rmdir per folder, so a
+crash can leave it half removed."""
 
 import os
 import shutil
@@ -8,7 +13,7 @@ from pathlib import Path
 
 from traind.store.fs import FileSystem
 
-DIR_OPS = ("mkdir", "create", "rename", "unlink")
+DIR_OPS = ("mkdir", "create", "rename", "unlink", "rmdir")
 
 
 class RecordingFS(FileSystem):
@@ -48,8 +53,16 @@ class RecordingFS(FileSystem):
         super().unlink(path)
 
     def remove_tree(self, path):
-        self.log.append(("remove_tree", Path(path)))
-        super().remove_tree(path)
+        """As the real one does it: files one by one, then each folder, deepest first."""
+        path = Path(path)
+        if not path.exists():
+            return
+        for folder, dirs, files in os.walk(path, topdown=False):
+            for name in files:
+                self.log.append(("unlink", Path(folder) / name))
+                os.unlink(Path(folder) / name)
+            self.log.append(("rmdir", Path(folder)))
+            os.rmdir(folder)
 
 
 class FailingFS(FileSystem):
@@ -139,11 +152,11 @@ def crash_state(base: Path, before: Path, ops: list, mode: str, target: Path) ->
             where(path).unlink(missing_ok=True)
             synced.pop(path, None)
             pending.pop(path, None)
-        elif kind == "remove_tree":
-            shutil.rmtree(where(path), ignore_errors=True)
-            for p in [p for p in synced if path in p.parents]:
-                synced.pop(p)
-                pending.pop(p)
+        elif kind == "rmdir":
+            try:
+                where(path).rmdir()
+            except OSError:
+                pass  # not empty here (an unlink in it was lost): the real rmdir would have failed too
     for p, data in synced.items():
         if where(p).exists():
             tail = pending[p]

@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 
-from traind.store import commit
+from traind.store import commit, retention
 from traind.store.errors import SaveFailed
 from tests.crashsim import FailingFS, RecordingFS, crash_state
 from traind.store.fs import FileSystem
-from traind.store.saves import load_tensors, verify
+from traind.store.saves import list_saves, load_tensors, verify
 from traind.store.store import SaveStore
 
 def tensors(seed):
@@ -59,6 +59,34 @@ def test_every_crash_state_recovers_the_new_save_whole_or_the_one_before(recorde
             assert found.id == second.id, f"{where}: a save reported as committed did not survive"
         outcomes.add(found.id)
     assert outcomes == {first.id, second.id}  # the crash points reach both outcomes
+
+
+@pytest.mark.parametrize("mode", ["all", "drop", "torn", "lost-dirs"])
+def test_a_save_rotated_out_leaves_by_one_step_wherever_a_crash_cuts_its_removal(tmp_path, mode):
+    """keep_last = 1: the second save's commit removes the first. A folder's removal is many
+    steps (an unlink per file, an rmdir); a crash in the middle must never leave a half
+    save behind, for `traind verify` to call corrupt or for retention to never list again."""
+    policy = retention.Policy(keep_last=1, keep_best=0)
+    base = tmp_path / "base"
+    first = save(SaveStore(base / "saves", policy), 10, seed=1)
+    before = tmp_path / "before"
+    shutil.copytree(base, before)
+    fs = RecordingFS()
+    second = save(SaveStore(base / "saves", policy, fs=fs), 20, seed=2)
+    ops = fs.log
+    assert [op[0] for op in ops].count("unlink") >= 4  # the first save's files, one by one
+    for k in range(len(ops) + 1):
+        state = tmp_path / f"state-{k}"
+        crash_state(base, before, ops[:k], mode, state)
+        where = f"crash after {k} of {len(ops)} operations ({mode})"
+        store = SaveStore(state / "saves", policy)  # the next run's start-up sweep
+        found, broken = list_saves(store.dir)
+        assert broken == [], f"{where}: a half-removed save is left: {broken}"
+        assert all(not verify(s.path) for s in found), f"{where}: a listed save does not verify"
+        assert {s.id for s in found} <= {first.id, second.id} and found, where
+        assert sorted(p.name for p in store.dir.iterdir()) == sorted(s.id for s in found), f"{where}: leftovers"
+        if k == len(ops):
+            assert [s.id for s in found] == [second.id], where
 
 
 def test_states_are_built_from_the_whole_protocol(recorded):
