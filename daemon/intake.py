@@ -117,7 +117,8 @@ class Intake:
         for p in claimed:  # a marker whose file is gone: its file was taken, and a fault stopped the tidy-up
             if p.name.startswith(".") and p.name.endswith(ATTEMPT) and not _marked(p).exists():
                 p.unlink(missing_ok=True)
-        outcomes = [self._safely(self._finish, p) for p in claimed if p.is_file() and not p.name.startswith(".")]
+        outcomes = [self._safely(self._finish_leftover, p) for p in claimed
+                    if p.is_file() and not p.name.startswith(".")]
         outcomes = [o for o in outcomes if o is not None]
         present = set()
         for entry in sorted(self.home.inbox.iterdir()):
@@ -182,6 +183,23 @@ class Intake:
         self.fs.fsync_dir(self.home.inbox)
         return self._finish(claimed)
 
+    def _finish_leftover(self, claimed: Path) -> Outcome:
+        """A claim a crash left behind: if its job was accepted already (the crash came
+        after the job folder was durable), only the claim is left to drop, and the file is
+        not validated again (a file its writer never fsynced might read empty now)."""
+        origin = _origin(claimed)
+        for folder in self.home.job_folders():
+            record = read_state(folder)
+            if record is not None and record.origin == origin:
+                self._drop_claim(claimed)
+                return Outcome(claimed.name, record.name, None)
+        return self._finish(claimed)
+
+    def _drop_claim(self, claimed: Path) -> None:
+        self.fs.unlink(claimed)  # only once the job folder (or the rejection) is durable
+        self.fs.unlink(_marker(claimed))
+        self.fs.fsync_dir(claimed.parent)
+
     def _finish(self, claimed: Path) -> Outcome:
         """Accept or reject a claimed file; safe to run again after a crash at any point.
         The job's own code (imports, the dry build) runs in the validator's process, which
@@ -213,9 +231,7 @@ class Intake:
             why = f"{claimed.name}: traind failed on this file ({type(e).__name__}: {e}); please report it"
             self._reject(claimed, why)
             outcome = Outcome(claimed.name, None, why)
-        self.fs.unlink(claimed)  # only now: the job folder (or the rejection) is durable
-        self.fs.unlink(marker)
-        self.fs.fsync_dir(claimed.parent)
+        self._drop_claim(claimed)
         return outcome
 
     def _validated(self, claimed: Path, verdict) -> JobFile:

@@ -11,6 +11,7 @@ import click
 from traind.daemon.home import SPEC_FILE, Home, job_folder
 from traind.jobs.metrics import direction
 from traind.jobs.loadgame import request_load
+from traind.store.commit import DELETING, leftover
 from traind.store.errors import NoSuchSave, TraindError
 from traind.store.saves import QUARANTINE, SAVES, SaveInfo, list_saves, load_json, load_tensors, read_manifest, verify
 
@@ -59,16 +60,22 @@ def verify_saves(home: Home, name: str | None, folder: Path | None, quiet: bool 
     QUIET: print only the corrupt ones; AS_JSON: a list of {job, save, ok, problems}."""
     folders = [job_folder(home, name, folder)] if name or folder else home.job_folders()
     results = []
+    leftovers = []  # not saves, and never loaded: a save being written, or one a crash cut short in its removal
     for job in folders:
         found, broken = list_saves(job / SAVES)
         results += [{"job": job.name, "save": s.id, "problems": verify(s.path)} for s in found]
         results += [{"job": job.name, "save": path.name, "problems": [why]} for path, why in broken]
+        if (job / SAVES).is_dir():
+            leftovers += [f"{job.name}/{p.name}" for p in sorted((job / SAVES).iterdir()) if leftover(p.name)]
     corrupt = sum(bool(r["problems"]) for r in results)
     if as_json:
         click.echo(json.dumps([{**r, "ok": not r["problems"]} for r in results], indent=2))
     for r in results if not as_json else ():
         if r["problems"] or not quiet:
             click.echo(f"{r['job']}/{r['save']}: " + ("CORRUPT: " + "; ".join(r["problems"]) if r["problems"] else "ok"))
+    for name in leftovers if not (as_json or quiet) else ():
+        what = "a save being removed" if f"/{DELETING}" in name else "a save being written"
+        click.echo(f"{name}: not a save ({what}, or a crash's leftover of one; the job's next start removes it)")
     if corrupt:
         raise CorruptFound(f"{corrupt} corrupt save{'s' if corrupt != 1 else ''}; resume skips them "
                            "(and quarantines them when it meets them)")

@@ -36,6 +36,10 @@ class RecordingFS(FileSystem):
         self.log.append(("fsync", self.paths[fd]))
         super().fsync(fd)
 
+    def fsync_file(self, path):
+        self.log.append(("fsync", Path(path)))
+        super().fsync_file(path)
+
     def mkdir(self, path):
         self.log.append(("mkdir", Path(path)))
         super().mkdir(path)
@@ -88,6 +92,10 @@ class FailingFS(FileSystem):
         self._tick()
         super().fsync(fd)
 
+    def fsync_file(self, path):
+        self._tick()
+        super().fsync_file(path)
+
     def mkdir(self, path):
         self._tick()
         super().mkdir(path)
@@ -116,13 +124,17 @@ def made_durable(ops):
     return found
 
 
-def crash_state(base: Path, before: Path, ops: list, mode: str, target: Path) -> None:
+def crash_state(base: Path, before: Path, ops: list, mode: str, target: Path, unsynced=()) -> None:
     """The folder a crash after OPS could leave: `all` every operation happened; `drop`
     file data not fsynced is lost; `torn` that data is garbage; `lost-dirs` directory
-    changes not fsynced are lost too, and unsynced data with them."""
+    changes not fsynced are lost too, and unsynced data with them. UNSYNCED: files of
+    BEFORE (paths under BASE) that another program wrote and nobody fsynced yet (a job file
+    `cp` dropped in): their bytes are pending too, until an fsync in OPS."""
     shutil.copytree(before, target)
     durable = made_durable(ops) if mode == "lost-dirs" else None
     synced, pending, lost = {}, {}, set()
+    for p in map(Path, unsynced):
+        synced[p], pending[p] = b"", (before / p.relative_to(base)).read_bytes()
 
     def where(p: Path) -> Path:
         return target / p.relative_to(base)
@@ -164,4 +176,6 @@ def crash_state(base: Path, before: Path, ops: list, mode: str, target: Path) ->
                 tail = tail[:len(tail) // 2] + os.urandom(len(tail) - len(tail) // 2)
             elif mode != "all":
                 tail = b""
+            stamp = where(p).stat()
             where(p).write_bytes(data + tail)
+            os.utime(where(p), ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # a crash rewrites no mtime

@@ -118,3 +118,18 @@ def test_plot_writes_a_png_of_the_curves(folder, tmp_path):
     (empty / "saves").mkdir(parents=True)
     result = invoke("plot", "--dir", empty, "-o", tmp_path / "x.png")
     assert result.exit_code == 1 and "has no metrics yet" in result.output
+
+
+def test_verify_tells_a_removal_cut_short_from_a_corrupt_save(folder, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    victim = list_saves(copy / "saves")[0][0]
+    half = copy / "saves" / f".deleting-{victim.id}"
+    victim.path.rename(half)  # removal cut short: renamed out, some files already gone
+    (half / "model.safetensors").unlink()
+    result = invoke("verify", "--dir", copy)
+    assert result.exit_code == 0 and "CORRUPT" not in result.output
+    assert f".deleting-{victim.id}: not a save (a save being removed" in result.output
+    assert invoke("verify", "--dir", copy, "--quiet").output == ""

@@ -20,7 +20,7 @@ layers = [["Linear", 20, 256], ["ReLU"], ["Linear", 256, 10]]
 samples = 8192
 batch_size = 2048
 [train]
-epochs = 80
+epochs = 50
 [checkpoint]
 every_steps = 10
 """
