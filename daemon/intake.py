@@ -117,8 +117,9 @@ class Intake:
         for p in claimed:  # a marker whose file is gone: its file was taken, and a fault stopped the tidy-up
             if p.name.startswith(".") and p.name.endswith(ATTEMPT) and not _marked(p).exists():
                 p.unlink(missing_ok=True)
-        outcomes = [self._safely(self._finish_leftover, p) for p in claimed
-                    if p.is_file() and not p.name.startswith(".")]
+        leftovers = [p for p in claimed if p.is_file() and not p.name.startswith(".")]
+        accepted = self._accepted_origins() if leftovers else {}  # one read of the job states per scan, not per file
+        outcomes = [self._safely(lambda p: self._finish_leftover(p, accepted), p) for p in leftovers]
         outcomes = [o for o in outcomes if o is not None]
         present = set()
         for entry in sorted(self.home.inbox.iterdir()):
@@ -183,16 +184,19 @@ class Intake:
         self.fs.fsync_dir(self.home.inbox)
         return self._finish(claimed)
 
-    def _finish_leftover(self, claimed: Path) -> Outcome:
+    def _accepted_origins(self) -> dict[str, str]:
+        """The origin of every job accepted from an inbox file, and the job's name."""
+        records = (read_state(folder) for folder in self.home.job_folders())
+        return {r.origin: r.name for r in records if r is not None and r.origin}
+
+    def _finish_leftover(self, claimed: Path, accepted: dict[str, str]) -> Outcome:
         """A claim a crash left behind: if its job was accepted already (the crash came
         after the job folder was durable), only the claim is left to drop, and the file is
         not validated again (a file its writer never fsynced might read empty now)."""
-        origin = _origin(claimed)
-        for folder in self.home.job_folders():
-            record = read_state(folder)
-            if record is not None and record.origin == origin:
-                self._drop_claim(claimed)
-                return Outcome(claimed.name, record.name, None)
+        name = accepted.get(_origin(claimed))
+        if name is not None:
+            self._drop_claim(claimed)
+            return Outcome(claimed.name, name, None)
         return self._finish(claimed)
 
     def _drop_claim(self, claimed: Path) -> None:
