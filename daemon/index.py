@@ -26,9 +26,16 @@ from traind.store.saves import SAVES, list_saves
 
 INDEX_FILE = "index.sqlite"
 TAIL = 64
-VERSION = 2  # of the rows' shape; an index of another version is rebuilt
+VERSION = 3  # of the rows' shape; an index of another version is rebuilt
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS jobs "
-           "(name TEXT PRIMARY KEY, state_sig TEXT, metrics_sig TEXT, row TEXT, tally TEXT)")
+           "(name TEXT PRIMARY KEY, state_sig TEXT, metrics_sig TEXT, row TEXT, tally TEXT, rank TEXT)")
+QUEUE_ORDER = {"running": 0, "queued": 1, "paused": 2, "failed": 3, "cancelled": 4, "done": 5}
+
+
+def queue_order(row: dict) -> list:
+    """What runs now first, then what runs next (higher priority first, then the order of
+    submission, as the daemon picks), then the jobs that wait for a user, then the ended."""
+    return [QUEUE_ORDER.get(row["state"], 9), -(row.get("priority") or 0), row.get("submitted") or 0, row["name"]]
 
 
 @dataclass
@@ -168,12 +175,13 @@ class Index:
     def __init__(self, home: Home):
         self.home, self.path = home, home.root / INDEX_FILE
 
-    def rows(self) -> list[dict]:
-        """A row per job folder of the home, sorted by name."""
-        return [json.loads(text) for text in self.rows_json()]
+    def rows(self, queue: bool = False) -> list[dict]:
+        """A row per job folder of the home, sorted by name (QUEUE: in queue order)."""
+        return [json.loads(text) for text in self.rows_json(queue)]
 
-    def rows_json(self) -> list[str]:
-        """The rows as JSON texts (what `ls --json` prints, with no decoding of cached rows)."""
+    def rows_json(self, queue: bool = False) -> list[str]:
+        """The rows as JSON texts, sorted by name or (QUEUE) in queue order: what `ls --json`
+        prints. A cached row's text is printed as stored; only its small rank is decoded."""
         jobs = str(self.home.jobs)
         try:
             names = sorted(e.name for e in os.scandir(jobs) if not e.name.startswith(".") and e.is_dir())
@@ -181,7 +189,7 @@ class Index:
             return []
         db = self._open()
         cached = self._cached(db)
-        rows, changed = [], []
+        rows, changed = [], []  # rows: (rank, text)
         for name in names:
             folder = f"{jobs}/{name}"  # strings, not Paths: this loop runs 10,000 times for one ls
             state_sig, metrics_sig = signature(f"{folder}/{STATE_FILE}"), signature(f"{folder}/{METRICS_FILE}")
@@ -189,24 +197,25 @@ class Index:
                 continue  # not a job (yet): a folder being made, or a stray one
             hit = cached.get(name)
             if hit and hit[0] == state_sig and hit[1] == metrics_sig:
-                rows.append(hit[2])
+                rows.append((json.loads(hit[3]), hit[2]))
                 continue
             tally = self._tally(db, Path(folder), hit, metrics_sig)
             found = _row(Path(folder), tally)
             if found is None:
                 continue
-            rows.append(json.dumps(found))
+            rows.append((queue_order(found), json.dumps(found)))
             if tally.monitor is not None:  # an unreadable spec is read again next time
-                changed.append((name, state_sig, metrics_sig, rows[-1], json.dumps(asdict(tally))))
+                changed.append((name, state_sig, metrics_sig, rows[-1][1], json.dumps(asdict(tally)),
+                                json.dumps(rows[-1][0])))
         if db is not None:
             self._store(db, changed, set(cached) - set(names))
             db.close()
-        running = [i for i, text in enumerate(rows) if '"state": "running"' in text]
+        running = [i for i, (rank, _) in enumerate(rows) if rank[0] == QUEUE_ORDER["running"]]
         locks = held_locks() if running else None
         for i in running:  # a few at most: decoded and judged alive one by one
-            found = json.loads(rows[i])
-            rows[i] = json.dumps(live(found, Path(jobs) / found["name"], locks))
-        return rows
+            found = live(json.loads(rows[i][1]), Path(jobs) / rows[i][0][3], locks)
+            rows[i] = (queue_order(found), json.dumps(found))
+        return [text for _, text in (sorted(rows) if queue else rows)]
 
     @staticmethod
     def _tally(db: sqlite3.Connection | None, folder: Path, hit: tuple | None, metrics_sig: str | None) -> Tally:
@@ -250,7 +259,8 @@ class Index:
         if db is None:
             return {}
         try:
-            return {name: (s, m, r) for name, s, m, r in db.execute("SELECT name, state_sig, metrics_sig, row FROM jobs")}
+            return {name: (s, m, r, k) for name, s, m, r, k in
+                    db.execute("SELECT name, state_sig, metrics_sig, row, rank FROM jobs")}
         except sqlite3.DatabaseError:
             self._discard()
             return {}
@@ -262,7 +272,7 @@ class Index:
         try:
             with db:
                 db.execute("BEGIN IMMEDIATE")
-                db.executemany("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?)", changed)
+                db.executemany("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)", changed)
                 db.executemany("DELETE FROM jobs WHERE name = ?", [(n,) for n in gone])
         except sqlite3.DatabaseError:
             pass  # busy or read-only: this ls was right anyway, the next one stores it

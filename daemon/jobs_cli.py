@@ -77,22 +77,12 @@ def _run_folder(folder: Path) -> bool:
     return read_state(folder) is None
 
 
-QUEUE_ORDER = {"running": 0, "queued": 1, "paused": 2, "failed": 3, "cancelled": 4, "done": 5}
-
-
-def queue_order(row: dict) -> tuple:
-    """What runs now first, then what runs next (higher priority first, then the order of
-    submission, as the daemon picks), then the jobs that wait for a user, then the ended."""
-    return QUEUE_ORDER.get(row["state"], 9), -(row.get("priority") or 0), row.get("submitted") or 0, row["name"]
-
-
 def show_ls(home: Home, as_json: bool, states: tuple[str, ...] = ()) -> None:
     if as_json and not states:  # one row per line: cached rows are printed as stored, in queue order
-        texts = Index(home).rows_json()
-        rows = sorted(zip(map(json.loads, texts), texts), key=lambda pair: queue_order(pair[0]))
-        click.echo("[\n" + ",\n".join(f"  {t}" for _, t in rows) + "\n]" if rows else "[]")
+        texts = Index(home).rows_json(queue=True)
+        click.echo("[\n" + ",\n".join(f"  {t}" for t in texts) + "\n]" if texts else "[]")
         return
-    rows = sorted((r for r in Index(home).rows() if not states or r["state"] in states), key=queue_order)
+    rows = [r for r in Index(home).rows(queue=True) if not states or r["state"] in states]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
