@@ -69,8 +69,12 @@ def commit(fs: FileSystem, saves_dir: Path, save_id: str, parts: list[Part], met
         renamed = True
         fs.fsync_dir(saves_dir)
     except OSError as e:
-        # The save never existed as far as anyone was told: remove every trace of it.
-        fs.remove_tree(final if renamed else stage)
+        # The save never existed as far as anyone was told: remove every trace of it (once
+        # renamed into place, by one step out of every listing first, as `withdraw` does).
+        if renamed:
+            _discard(fs, saves_dir, final)
+        else:
+            fs.remove_tree(stage)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFull(f"save {save_id} failed in {saves_dir}: the disk is full; earlier saves are untouched; "
                            "free some space (or delete old saves)") from e
@@ -104,6 +108,19 @@ def withdraw(fs: FileSystem, saves_dir: Path, save_dir: Path) -> None:
     doomed = saves_dir / f"{DELETING}{save_dir.name}"
     fs.rename(save_dir, doomed)
     fs.fsync_dir(saves_dir)
+    fs.remove_tree(doomed)
+
+
+def _discard(fs: FileSystem, saves_dir: Path, save_dir: Path) -> None:
+    """Take back a save whose commit failed after its rename: renamed out first, so that a
+    crash in the removal leaves a leftover to sweep, never a half save. If even that
+    rename fails, the save stays, whole (its files and folder were fsynced), though never
+    acknowledged: the next resume may take it, as it may any save it finds whole."""
+    doomed = saves_dir / f"{DELETING}{save_dir.name}"
+    try:
+        fs.rename(save_dir, doomed)
+    except OSError:
+        return
     fs.remove_tree(doomed)
 
 

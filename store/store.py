@@ -22,7 +22,10 @@ from traind.store.saves import SaveInfo
 class SaveStore:
     def __init__(self, saves_dir: Path, policy: retention.Policy | None = None, fs: FileSystem | None = None):
         self.dir, self.policy, self.fs = Path(saves_dir), policy or retention.Policy(), fs or FileSystem()
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.dir.is_dir():  # made durable: a lost saves/ would lose every save in it
+            self.dir.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.mkdir(self.dir)
+            self.fs.fsync_dir(self.dir.parent)
         self.swept = commit.sweep_staging(self.fs, self.dir)
         self._lock = threading.Lock()  # the writer thread commits while the trainer reads the list
         self._saves, self.broken = saves.list_saves(self.dir)

@@ -2,6 +2,7 @@
 and ALICE: record the I/O of a save, build every state a crash could leave, recover."""
 
 import errno
+import os
 import shutil
 
 import pytest
@@ -105,6 +106,7 @@ def test_states_are_built_from_the_whole_protocol(recorded):
 def test_a_fault_at_any_operation_fails_the_save_and_loses_nothing(tmp_path, code):
     first = save(SaveStore(tmp_path / "saves"), 10, seed=1)
     counting = RecordingFS()
+    (tmp_path / "count" / "saves").mkdir(parents=True)  # (as the faulted store's folder is there)
     save(SaveStore(tmp_path / "count" / "saves", fs=counting), 10, seed=2)
     operations = sum(1 for op in counting.log if op[0] != "remove_tree")
     for n in range(operations):
@@ -117,6 +119,36 @@ def test_a_fault_at_any_operation_fails_the_save_and_loses_nothing(tmp_path, cod
         assert [s.id for s in reopened.saves()] == [first.id], f"fault at operation {n}"
         assert not verify(first.path)
         assert not list(reopened.dir.glob(".staging-*")), f"fault at operation {n} left its staging"
+
+
+@pytest.mark.parametrize("mode", ["all", "drop", "torn", "lost-dirs"])
+def test_a_save_whose_commit_failed_after_its_rename_is_taken_back_by_one_step(tmp_path, mode):
+    """The rename into place happened and the fsync of saves/ failed: the save was never
+    acknowledged and must go; a crash in its removal must not leave half a save."""
+    class FailsCommitting(RecordingFS):
+        def fsync_dir(self, path):
+            if path.name == "saves" and any(op[0] == "rename" for op in self.log):
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            super().fsync_dir(path)
+
+    base = tmp_path / "base"
+    first = save(SaveStore(base / "saves"), 10, seed=1)
+    before = tmp_path / "before"
+    shutil.copytree(base, before)
+    fs = FailsCommitting()
+    with pytest.raises(SaveFailed, match="Input/output error"):
+        save(SaveStore(base / "saves", fs=fs), 20, seed=2)
+    ops = fs.log
+    assert [op[0] for op in ops].count("unlink") >= 3  # taken back file by file, after a rename out
+    for k in range(len(ops) + 1):
+        state = tmp_path / f"state-{k}"
+        crash_state(base, before, ops[:k], mode, state)
+        where = f"crash after {k} of {len(ops)} operations ({mode})"
+        store = SaveStore(state / "saves")
+        found, broken = list_saves(store.dir)
+        assert broken == [], f"{where}: a half-removed save is left: {broken}"
+        assert first.id in {s.id for s in found} and all(not verify(s.path) for s in found), where
+        assert sorted(p.name for p in store.dir.iterdir()) == sorted(s.id for s in found), f"{where}: leftovers"
 
 
 def test_too_little_free_space_fails_before_writing(tmp_path):
@@ -135,3 +167,16 @@ def test_leftover_staging_is_swept_at_start(tmp_path):
     (stage / "model.safetensors").write_bytes(b"half")
     assert SaveStore(tmp_path / "saves").swept == [stage.name]
     assert list((tmp_path / "saves").iterdir()) == []
+
+
+def test_the_first_save_of_a_new_store_survives_with_the_folder_it_made(tmp_path):
+    """A new saves/ folder is a directory change like any other: lost in a crash unless its
+    parent is fsynced, and every save in it with it."""
+    base = tmp_path / "base"
+    base.mkdir()
+    before = tmp_path / "before"
+    shutil.copytree(base, before)
+    fs = RecordingFS()
+    first = save(SaveStore(base / "saves", fs=fs), 10, seed=1)
+    crash_state(base, before, fs.log, "lost-dirs", tmp_path / "state")
+    assert [s.id for s in list_saves(tmp_path / "state" / "saves")[0]] == [first.id]
