@@ -12,6 +12,8 @@
   hand script that starts, builds the model, `torch.load`s and takes a step;
 - where a save's time goes: the stall (copy), then writing, fsync, and the rest
   (hashing, manifest, commit) behind it;
+- history: what making the log and metrics.jsonl durable at each save's commit costs a
+  small job saving at every step, against the same job with that fsync left out;
 - memory: the peak RSS a save and a resume add, against the state's size (one snapshot
   is the budget) and against `torch.save` and `torch.load`.
 """
@@ -150,6 +152,7 @@ def _measure(root: Path, width: int, reps: int) -> list[dict]:
              f"{persisted / reps:.3f} s")
     ours_e2e, theirs_e2e = _resume_end_to_end(root, width, 1 if reps <= 2 else 3)
     memory = [_peak_extra(kind, width, root) for kind in ("save", "torch.save", "resume", "torch.load")]
+    synced, unsynced = _history_cost(root, 2 if reps <= 2 else 5)
     return [
         _row("save stall vs in-memory copy (s)", med(stalls), med(copies), "<= 1.2", med(stalls) / med(copies) <= 1.2,
              size),
@@ -162,6 +165,10 @@ def _measure(root: Path, width: int, reps: int) -> list[dict]:
              f"{size}; traind run vs a hand script (torch.load); both import torch"),
         {"case": "where a save's time goes", "traind": round(persisted / reps, 4), "baseline": "-", "ratio": "-",
          "goal": "-", "verdict": "-", "detail": where},
+        _row("history durable per save: a small job saving every step (s)", med(synced), med(unsynced), "<= 1.1",
+             med(synced) / med(unsynced) <= 1.1,
+             f"{HISTORY_STEPS} steps, a save at each, keep_last 3; against the same run without the log's and "
+             f"metrics' fsyncs; median of {len(synced)}"),
         _row("peak RSS added by a save vs the state's size (MB)", memory[0] / 1e6, nbytes / 1e6, "<= 1.0 (one snapshot)",
              memory[0] <= nbytes * 1.05, f"torch.save + fsync added {memory[1] / 1e6:.0f} MB"),
         _row("peak RSS added by a resume vs the state's size (MB)", memory[2] / 1e6, nbytes / 1e6, "<= 1.0",
@@ -290,6 +297,51 @@ def _memory_probe(kind: str, width: int, folder: Path) -> int:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     op()
     return _status_kb("VmHWM") - before
+
+
+HISTORY_JOB = """
+seed = 0
+[model]
+layers = [["Linear", 20, 64], ["ReLU"], ["Linear", 64, 10]]
+[data]
+samples = 2560
+batch_size = 32
+val_fraction = 0.2
+[train]
+epochs = 2
+log_every_steps = 1
+[checkpoint]
+every_steps = 1
+keep_last = 3
+"""
+HISTORY_STEPS = 128
+
+
+class _Unsynced(Recorder):
+    """The history as it was before it was made durable: written, never fsynced."""
+
+    def sync(self) -> None:
+        pass
+
+
+def _history_cost(root: Path, reps: int) -> tuple[list[float], list[float]]:
+    """Wall time of training HISTORY_JOB with its history fsynced at each save, and without."""
+    spec = parse_spec(HISTORY_JOB, "toml", Path("bench-history.toml"))
+    times: dict[type, list[float]] = {Recorder: [], _Unsynced: []}
+    for rep in range(reps):
+        for kind in (Recorder, _Unsynced) if rep % 2 else (_Unsynced, Recorder):  # alternate which goes first
+            folder = root / f"history-{rep}-{kind.__name__}"
+            recorder = kind(folder)
+            trainer = Trainer(build_job(spec, "bench-history"), recorder)
+            checkpoints = Checkpointer(trainer, folder, recorder)
+            os.sync()
+            start = time.perf_counter()
+            trainer.fit(checkpoints.boundary)
+            checkpoints.close()
+            times[kind].append(time.perf_counter() - start)
+            recorder.close()
+            shutil.rmtree(folder)
+    return times[Recorder], times[_Unsynced]
 
 
 def _torch_save(trainer: Trainer, path: Path) -> None:

@@ -23,8 +23,8 @@ from traind.jobs.metrics import Recorder
 from traind.jobs.spec import CheckpointSpec
 from traind.jobs.train import Trainer
 from traind.store import retention
-from traind.store.errors import CorruptSave, NoSuchSave
-from traind.store.fs import write_durably
+from traind.store.errors import CorruptSave, NoSuchSave, SaveFailed, StoreError
+from traind.store.fs import FileSystem, write_durably
 from traind.store.saves import SAVES, SaveInfo
 from traind.store.snapshot import Snapshot, Writer
 from traind.store.store import SaveStore
@@ -36,9 +36,10 @@ def policy_of(spec: CheckpointSpec) -> retention.Policy:
 
 
 class Checkpointer:
-    def __init__(self, trainer: Trainer, folder: Path, recorder: Recorder, stop: threading.Event | None = None):
+    def __init__(self, trainer: Trainer, folder: Path, recorder: Recorder, stop: threading.Event | None = None,
+                 fs: FileSystem | None = None):
         self.trainer, self.folder, self.recorder, self.stop = trainer, folder, recorder, stop
-        self.store = SaveStore(folder / SAVES, policy_of(trainer.spec.checkpoint))
+        self.store = SaveStore(folder / SAVES, policy_of(trainer.spec.checkpoint), fs)
         self.snapshot, self.writer = Snapshot(), Writer()
         self.resumed_from: str | None = None
         self.last_save = time.monotonic()
@@ -85,17 +86,27 @@ class Checkpointer:
             meta["request"] = request
         protect = {self.resumed_from, requested_save(self.folder)} - {None}  # never rotate these out
         stall = time.perf_counter() - started
-        self.writer.submit(lambda: self._persist(seq, save_id, files, doc, meta, protect, stall, after))
-        self.last_save = time.monotonic()
         self.recorder.metric({"kind": "save", "id": save_id, "step": p.step, "kinds": meta["kinds"],
                               "stall_s": round(stall, 6), "waited_s": round(waited, 6)})
+        self.writer.submit(lambda: self._persist(seq, save_id, files, doc, meta, protect, stall, after))
+        self.last_save = time.monotonic()
         return save_id
 
     def _persist(self, seq: int, save_id: str, files: dict, doc: dict, meta: dict, protect: set[str],
                  stall: float, after: Callable[[], None] | None) -> SaveInfo:
+        try:  # the history up to this save is on disk before the save is
+            self.recorder.sync()
+        except OSError as e:
+            raise SaveFailed(f"save {save_id} failed: the job's log and metrics.jsonl in {self.folder} could not be "
+                             f"made durable ({e.strerror or e}, errno {e.errno}); earlier saves are untouched") from e
         info = self.store.write(seq, save_id, files, {state.STATE: doc}, meta, protect)
         self.recorder.log(f"saved {info.id} ({', '.join(info.kinds)}) at step {info.step}, {info.bytes:,} bytes; "
                           f"training waited {stall * 1e3:.1f} ms")
+        try:  # the acknowledgement too
+            self.recorder.sync()
+        except OSError as e:
+            raise StoreError(f"save {save_id} is committed, but the job's log in {self.folder} could not be made "
+                             f"durable ({e.strerror or e}, errno {e.errno}); check the disk") from e
         if after is not None:
             after()
         return info

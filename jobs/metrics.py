@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from traind.store.fs import FileSystem, write_durably
+
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "log"
 TENSORBOARD_DIR = "tensorboard"
@@ -31,26 +33,77 @@ def direction(monitor: str, mode: str | None) -> str:
     return mode or ("max" if monitor == "val_acc" else "min")
 
 
+class History:
+    """One of a job's append-only records (the log, metrics.jsonl), written through FS so
+    that crash tests see every append. `sync` makes what was written durable: its bytes,
+    and the first time its name. A file a crash left mid-line is ended first, so that the
+    next line is not glued to the torn one."""
+
+    def __init__(self, fs: FileSystem, path: Path):
+        self.fs, self.path = fs, path
+        self._unnamed = not path.exists()  # created here: its name needs its folder's fsync
+        self.fd = fs.open_append(path)
+        self._dirty = False
+        if not self._unnamed and path.stat().st_size and not _ends_a_line(path):
+            self.write("\n")
+
+    def write(self, text: str) -> None:
+        self.fs.write(self.fd, memoryview(text.encode("utf-8")))
+        self._dirty = True
+
+    def sync(self) -> None:
+        if self._dirty:
+            self._dirty = False  # (a failed fsync is never retried into success: an error, once)
+            self.fs.fsync(self.fd)
+        if self._unnamed:
+            self._unnamed = False
+            self.fs.fsync_dir(self.path.parent)
+
+    def close(self) -> None:
+        self.fs.close(self.fd)
+
+
+def _ends_a_line(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+class _HistoryHandler(logging.Handler):
+    def __init__(self, history: History):
+        super().__init__()
+        self.history = history
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.history.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
 class Recorder:
     """Writes to FOLDER's metrics file and log (nowhere without a folder) and echoes
-    each epoch's line to ECHO (the terminal of `traind run`)."""
+    each epoch's line to ECHO (the terminal of `traind run`). Both are appended through FS;
+    `sync` makes them durable (at each save's commit, and at close)."""
 
     def __init__(self, folder: Path | None = None, echo: Callable[[str], None] | None = None,
-                 name: str = "job", tensorboard: bool = False):
-        self.echo, self.folder = echo, folder
+                 name: str = "job", tensorboard: bool = False, fs: FileSystem | None = None):
+        self.echo, self.folder, self.fs = echo, folder, fs or FileSystem()
         self._tensorboard = tensorboard and folder is not None
         self._events = None  # TensorBoard's SummaryWriter, opened at the first record
         self.logger = logging.getLogger(f"traind.job.{name}.{id(self)}")
         self.logger.propagate = False
         self.logger.setLevel(logging.INFO)
-        self._metrics = None
+        self._log: History | None = None
+        self._metrics: History | None = None
         self._lock = threading.Lock()  # the save writer's thread records too
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(folder / LOG_FILE, encoding="utf-8")
+            self._log = History(self.fs, folder / LOG_FILE)
+            handler = _HistoryHandler(self._log)
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             self.logger.addHandler(handler)
-            self._metrics = open(folder / METRICS_FILE, "a", encoding="utf-8", buffering=1)
+            self._metrics = History(self.fs, folder / METRICS_FILE)
 
     def metric(self, record: dict) -> None:
         line = json.dumps({**record, "time": round(time.time(), 3)}) + "\n"
@@ -82,14 +135,19 @@ class Recorder:
                 if (r.get("epoch", 0) <= epochs_done if r.get("kind") == "epoch" else r.get("step", 0) <= step)]
         with self._lock:
             self._metrics.close()
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-            tmp.replace(path)
-            self._metrics = open(path, "a", encoding="utf-8", buffering=1)
+            write_durably(self.fs, path, "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))
+            self._metrics = History(self.fs, path)
             if self._tensorboard:
                 self._close_events()
                 # TensorBoard hides the events of earlier runs from this step on: they are written again
                 self._scalars({}, purge_step=step + 1 if step else 0)
+
+    def sync(self) -> None:
+        """Make everything recorded so far durable (the caller's thread waits for the disk;
+        the training thread goes on recording meanwhile)."""
+        for history in (self._metrics, self._log):
+            if history is not None:
+                history.sync()
 
     def log(self, message: str, level: int = logging.INFO) -> None:
         self.logger.log(level, message)
@@ -108,14 +166,24 @@ class Recorder:
         self.say("  ".join(parts))
 
     def close(self) -> None:
-        for handler in list(self.logger.handlers):
-            handler.close()
-            self.logger.removeHandler(handler)
-        with self._lock:
-            if self._metrics is not None:
-                self._metrics.close()
-                self._metrics = None
-            self._close_events()
+        """Make the records durable and close them (a job that ended keeps its last lines).
+        A disk that fails that fsync is not an error here: every save's commit made the
+        history up to it durable or failed, and a close must not hide the error that ended
+        the run."""
+        try:
+            self.sync()
+        except OSError:
+            pass
+        finally:
+            for handler in list(self.logger.handlers):
+                handler.close()
+                self.logger.removeHandler(handler)
+            with self._lock:
+                for history in (self._metrics, self._log):
+                    if history is not None:
+                        history.close()
+                self._metrics = self._log = None
+                self._close_events()
 
     def _close_events(self) -> None:
         if self._events is not None:
@@ -128,10 +196,11 @@ def read_metrics(folder: Path) -> list[dict]:
     if not path.exists():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except ValueError:  # (UnicodeDecodeError too)
             continue  # a line torn by a crash mid-write; the rest still counts
+        if isinstance(record, dict):
+            records.append(record)
     return records
-

@@ -25,6 +25,11 @@ class FileSystem:
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
 
+    def open_append(self, path: Path) -> int:
+        """A file opened to append to, created if need be (its name then durable once its
+        folder is fsynced)."""
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
     def fsync_file(self, path: Path) -> None:
         """Make the bytes of a file that another program wrote (and maybe never fsynced) durable."""
         fd = os.open(path, os.O_RDONLY)

@@ -2,10 +2,11 @@
 operations of some code through the I/O interface (`store/fs.py`), then build every
 state a crash after any prefix of them could leave on disk.
 
-The disk is modelled as it is: data not fsynced may be lost or torn; a directory change
-(create, rename, unlink, rmdir) not followed by an fsync of its folder may be lost; and a
-folder's removal is not one step but an unlink per file and an rmdir per folder, so a
-crash can leave it half removed."""
+The disk is modelled as it is: data not fsynced may be lost or torn, appends to a file
+(the log, metrics.jsonl) as much as new files; a directory change (create, rename,
+unlink, rmdir) not followed by an fsync of its folder may be lost; a folder's removal is
+not one step but an unlink per file and an rmdir per folder, so a crash can leave it half
+removed; and files other programs wrote are no safer than ours (`unsynced`)."""
 
 import os
 import shutil
@@ -26,6 +27,13 @@ class RecordingFS(FileSystem):
         fd = super().create(path)
         self.paths[fd] = Path(path)
         self.log.append(("create", Path(path)))
+        return fd
+
+    def open_append(self, path):
+        new = not Path(path).exists()
+        fd = super().open_append(path)
+        self.paths[fd] = Path(path)
+        self.log.append(("create" if new else "open", Path(path)))
         return fd
 
     def write(self, fd, data):
@@ -83,6 +91,10 @@ class FailingFS(FileSystem):
     def create(self, path):
         self._tick()
         return super().create(path)
+
+    def open_append(self, path):
+        self._tick()
+        return super().open_append(path)
 
     def write(self, fd, data):
         self._tick()
@@ -151,6 +163,8 @@ def crash_state(base: Path, before: Path, ops: list, mode: str, target: Path, un
         elif kind == "create":
             where(path).touch()
             synced[path], pending[path] = b"", b""
+        elif kind == "open" and path not in synced:  # appended to: what it held before is on disk
+            synced[path], pending[path] = where(path).read_bytes(), b""
         elif kind == "write":
             pending[path] += op[2]
         elif kind == "fsync":
