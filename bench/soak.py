@@ -5,16 +5,21 @@
 It starts a daemon on a fresh home and feeds it job files (a few templates, many
 names). Then, KILLS times, it SIGKILLs the daemon or one of its workers and lets the
 daemon come back (a new daemon for a killed one; the daemon restarts a killed worker).
-Kill moments are biased toward the dangerous ones: while a save is being written (a
-staging folder that the live worker made; the kill lands a few ms into the commit), right
-after a file lands in inbox/, or at a random time (often while a worker starts).
+Jobs save every few steps and keep only the last two or three (retention removes a save
+at nearly every commit), so kills meet removals as often as writes. Kill moments are
+biased toward the dangerous ones: while a save is being written (a staging folder that
+the live worker made; the kill lands a few ms into the commit, or into the removal of the
+save it rotates out right after), right after a file lands in inbox/, or at a random time
+(often while a worker starts).
 
 At the end every job must hold, or the run fails (exit 1):
 - it finished, and its final weights equal, bit for bit, those of its template run by
   `traind run` without interruption;
-- every save its log acknowledged ("saved ID") is there and verifies (nothing rotates:
-  keep_last is large), and nothing was quarantined;
-- every save it resumed from ("resumed from save ID") is one that verifies;
+- every save its log acknowledged ("saved ID") or resumed from ("resumed from save ID")
+  is there and verifies, or was rotated out: a newer save is there (retention keeps the
+  newest); nothing was quarantined;
+- `traind verify` (every job) exits 0, and each job's saves/ folder holds saves only: no staging folder,
+  no half-removed save (`.deleting-`);
 - every job file dropped became exactly one job: none lost, none twice, none rejected.
 """
 
@@ -33,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from traind.store.commit import STAGING
+from traind.store.commit import DELETING, STAGING
 
 TEMPLATES = {
     "mlp": """
@@ -55,7 +60,8 @@ epochs = 3
 log_every_steps = 5
 [checkpoint]
 every_steps = 7
-keep_last = 100000
+keep_last = 2
+keep_best = 1
 """,
     "tied": """
 seed = {seed}
@@ -76,7 +82,8 @@ grad_clip = 1.0
 log_every_steps = 5
 [checkpoint]
 every_steps = 11
-keep_last = 100000
+keep_last = 3
+keep_best = 0
 """,
 }
 SAVED = re.compile(r"saved (\d+-s\d+) ")
@@ -93,6 +100,7 @@ class Soak:
         self.kills = {"daemon": 0, "worker": 0}
         self.moments = {"save": 0, "intake": 0, "random": 0}
         self.in_save = 0  # kills that found a save being written
+        self.removals_cut = 0  # kills that left a save half removed (a .deleting- folder), for the next start
         self.worker_in_save = 0  # of those, kills of the worker writing it (a killed daemon's worker gets
         # SIGTERM, and finishes its save before it stops)
         self.daemon_starts = 0
@@ -150,6 +158,16 @@ class Soak:
                 continue
         return False
 
+    def removing(self, names) -> bool:
+        """Whether a job of NAMES has a save half removed: a kill cut its removal."""
+        for name in names:
+            try:
+                if any(e.name.startswith(DELETING) for e in os.scandir(self.home / "jobs" / name / "saves")):
+                    return True
+            except OSError:
+                continue
+        return False
+
     def unfinished(self) -> list[str]:
         left = []
         for name in self.dropped:
@@ -190,6 +208,7 @@ class Soak:
                 return
             self.kills["worker"] += 1
             self.worker_in_save += in_save
+            self.removals_cut += self.removing(name for p, name, _ in workers if p == pid)
         else:
             self.daemon.kill()
             self.daemon.wait()
@@ -244,6 +263,21 @@ def resumes(soak: Soak) -> dict:
     return {"resumes": sum(counts), "jobs_resumed": sum(c > 0 for c in counts), "most_resumes_of_a_job": max(counts)}
 
 
+def rotated(soak: Soak) -> int:
+    """Saves acknowledged and later removed by retention, over every job."""
+    from traind.store.saves import list_saves
+
+    count = 0
+    for name in soak.dropped:
+        folder = soak.home / "jobs" / name
+        try:
+            acknowledged = set(SAVED.findall((folder / "log").read_text()))
+        except OSError:
+            continue
+        count += len(acknowledged - {s.id for s in list_saves(folder / "saves")[0]})
+    return count
+
+
 def check(soak: Soak, reference: dict[str, dict]) -> list[str]:
     import torch
     from safetensors.torch import load_file
@@ -255,6 +289,10 @@ def check(soak: Soak, reference: dict[str, dict]) -> list[str]:
     present = sorted(p.name for p in jobs.iterdir() if not p.name.startswith("."))
     if present != sorted(soak.dropped):
         failures.append(f"job folders {present} are not the files dropped {sorted(soak.dropped)}")
+    verified = subprocess.run([*PYTHON, "--home", str(soak.home), "verify", "--json"], capture_output=True, text=True)
+    if verified.returncode != 0:  # every job's every save, re-hashed, as a user's monitor would
+        bad = [r for r in json.loads(verified.stdout or "[]") if not r.get("ok")]
+        failures.append(f"traind verify exited {verified.returncode}: {bad or verified.stderr[-500:]}")
     rejected = soak.home / "rejected"
     if rejected.is_dir() and any(rejected.iterdir()):
         failures.append(f"rejected: {sorted(p.name for p in rejected.iterdir())}")
@@ -270,14 +308,19 @@ def check(soak: Soak, reference: dict[str, dict]) -> list[str]:
         want = reference[template]
         if got.keys() != want.keys() or not all(torch.equal(got[k], want[k]) for k in want):
             failures.append(f"{name}: final weights differ from the uninterrupted run")
-        for save_id in set(SAVED.findall(log)):
-            if save_id not in saves or verify(saves[save_id].path):
-                failures.append(f"{name}: acknowledged save {save_id} is lost or corrupt")
-        for save_id in set(RESUMED.findall(log)):
-            if save_id not in saves or verify(saves[save_id].path):
-                failures.append(f"{name}: resumed from {save_id}, which does not verify")
+        newest = max(s.seq for s in saves.values())
+        for what, found in (("acknowledged", SAVED.findall(log)), ("resumed from", RESUMED.findall(log))):
+            for save_id in set(found):
+                if save_id in saves:
+                    if verify(saves[save_id].path):
+                        failures.append(f"{name}: {what} save {save_id} is corrupt")
+                elif int(save_id.split("-")[0]) >= newest:
+                    failures.append(f"{name}: {what} save {save_id} is lost (no newer save replaced it)")
         if (folder / "saves" / QUARANTINE).is_dir() and any((folder / "saves" / QUARANTINE).iterdir()):
             failures.append(f"{name}: a save was quarantined (a torn save was visible)")
+        leftovers = sorted(p.name for p in (folder / "saves").iterdir() if p.name not in saves and p.name != QUARANTINE)
+        if leftovers:
+            failures.append(f"{name}: leftovers in saves/: {leftovers}")
     return failures
 
 
@@ -314,9 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         soak.stop()
     result = {"kills": sum(soak.kills.values()), "by_target": soak.kills, "by_moment": soak.moments,
               "kills_during_a_save": soak.in_save, "worker_kills_during_a_save": soak.worker_in_save,
+              "removals_cut": soak.removals_cut,
               "daemon_starts": soak.daemon_starts, "jobs": len(soak.dropped),
               "failed_jobs_resumed": soak.resumed_failed, "finished_during_kills": len(soak.dropped) - left,
-              **resumes(soak),
+              **resumes(soak), "saves_rotated_out": rotated(soak),
               "seconds": round(time.monotonic() - started, 1), "failures": failures, "home": str(soak.home)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")

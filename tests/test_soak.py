@@ -1,5 +1,6 @@
 """The kill soak of bench/soak.py, at CI size: 50 SIGKILLs of a live daemon and its
-workers, biased toward saves and intake; every job must end exactly (see its doc)."""
+workers, biased toward saves and intake, with saves rotating out at nearly every commit;
+every job must end exactly, and `traind verify` find every save whole (see its doc)."""
 
 import json
 import subprocess
@@ -20,3 +21,4 @@ def test_fifty_kills_and_every_job_ends_exactly(tmp_path):
     assert report["kills_during_a_save"] > 0  # the save path was hit, not only quiet moments
     assert report["resumes"] >= 3  # and the jobs killed went on from their saves
     assert report["jobs"] >= 3
+    assert report["saves_rotated_out"] > 100  # retention removed saves all along, kills among them
