@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 from traind.daemon.home import Home
-from traind.daemon.jobstate import STATE_FILE, JobRecord, JobState
+from traind.daemon.jobstate import JobRecord, JobState
+from traind.jobs.folder import METRICS_FILE, SAVES, SPEC_FILE, STATE_FILE
 from traind.store.retention import Policy
-from traind.store.saves import SAVES
 from traind.store.store import SaveStore
 
 JOB = """
@@ -61,7 +61,7 @@ epochs = {epochs}
 
 def _first_step(folder: Path, timeout: float = 120) -> float:
     deadline = time.monotonic() + timeout
-    metrics = folder / "metrics.jsonl"
+    metrics = folder / METRICS_FILE
     while time.monotonic() < deadline:
         if metrics.exists() and '"kind": "step"' in metrics.read_text():
             return time.monotonic()
@@ -148,8 +148,8 @@ def _ls(root: Path, jobs: int) -> tuple[float, float]:
     for i in range(jobs):  # plain writes: the durability of these made-up folders is not measured
         folder = home.job_dir(f"job{i:05d}")
         folder.mkdir(parents=True)
-        (folder / "spec.json").write_text(spec)
-        (folder / "metrics.jsonl").write_text(metrics)
+        (folder / SPEC_FILE).write_text(spec)
+        (folder / METRICS_FILE).write_text(metrics)
         record = JobRecord(folder.name, JobState.DONE, submitted=time.time())
         (folder / STATE_FILE).write_text(json.dumps(record.as_json()))
     command = [sys.executable, "-m", "traind.daemon.cli", "--home", str(home.root), "ls", "--json"]
@@ -171,7 +171,7 @@ def _saves(root: Path, count: int) -> float:
     home = Home(root / "saves-home")
     folder = home.job_dir("many-saves")
     folder.mkdir(parents=True)
-    (folder / "spec.json").write_text(json.dumps({"checkpoint": {"monitor": "val_loss", "mode": None}}))
+    (folder / SPEC_FILE).write_text(json.dumps({"checkpoint": {"monitor": "val_loss", "mode": None}}))
     (folder / STATE_FILE).write_text(json.dumps(JobRecord("many-saves", JobState.DONE).as_json()))
     store = SaveStore(folder / SAVES, Policy(keep_last=count))
     import torch

@@ -33,6 +33,7 @@ import torch
 from traind.jobs import state
 from traind.jobs.build import build_job
 from traind.jobs.checkpoint import Checkpointer
+from traind.jobs.folder import METRICS_FILE, SAVES
 from traind.jobs.jobfile import parse_spec
 from traind.jobs.metrics import Recorder
 from traind.jobs.train import Trainer
@@ -139,7 +140,7 @@ def _measure(root: Path, width: int, reps: int) -> list[dict]:
             dds.append(_dd(root / "dd.bin", nbytes))
         target = root / "torch.pt"
         blocking.append(_timed(lambda: _torch_save(trainer, target)))
-        save = list_saves(root / "job" / "saves")[0][-1]
+        save = list_saves(root / "job" / SAVES)[0][-1]
         resumes.append(_timed(lambda: state.restore(trainer, save)))
         loads.append(_timed(lambda: _torch_load(trainer, target)))
         target.unlink()
@@ -225,7 +226,7 @@ def _resume_end_to_end(root: Path, width: int, reps: int) -> tuple[list[float], 
             assert proc.poll() is None, "traind run ended before its first resumed step"
             time.sleep(0.01)
             try:
-                lines = (folder / "metrics.jsonl").read_text().splitlines()
+                lines = (folder / METRICS_FILE).read_text().splitlines()
             except FileNotFoundError:
                 continue
             for line in lines:
@@ -279,7 +280,7 @@ def _memory_probe(kind: str, width: int, folder: Path) -> int:
         ckpt.save({"auto"})
         ckpt.close()
         ckpt.snapshot = None
-        save = list_saves(folder / "saves")[0][-1]
+        save = list_saves(folder / SAVES)[0][-1]
         op = lambda: state.restore(trainer, save)  # noqa: E731
     elif kind == "torch.load":
         _torch_save(trainer, target)

@@ -38,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from traind.jobs.folder import LOG_FILE, SAVES, STATE_FILE
 from traind.store.commit import DELETING, STAGING
 
 TEMPLATES = {
@@ -151,7 +152,7 @@ class Soak:
         next worker resumes and sweeps it; that one is not a save being written.)"""
         for _, name, since in workers:
             try:
-                for entry in os.scandir(self.home / "jobs" / name / "saves"):
+                for entry in os.scandir(self.home / "jobs" / name / SAVES):
                     if entry.name.startswith(STAGING) and entry.stat().st_mtime >= since:
                         return True
             except OSError:
@@ -162,7 +163,7 @@ class Soak:
         """Whether a job of NAMES has a save half removed: a kill cut its removal."""
         for name in names:
             try:
-                if any(e.name.startswith(DELETING) for e in os.scandir(self.home / "jobs" / name / "saves")):
+                if any(e.name.startswith(DELETING) for e in os.scandir(self.home / "jobs" / name / SAVES)):
                     return True
             except OSError:
                 continue
@@ -172,7 +173,7 @@ class Soak:
         left = []
         for name in self.dropped:
             try:
-                state = json.loads((self.home / "jobs" / name / "state.json").read_text())["state"]
+                state = json.loads((self.home / "jobs" / name / STATE_FILE).read_text())["state"]
             except (OSError, ValueError):
                 state = None
             if state != "done":
@@ -224,7 +225,7 @@ class Soak:
         while self.unfinished():
             assert time.monotonic() < deadline, f"jobs left unfinished: {self.unfinished()}"
             for name in self.unfinished():
-                path = self.home / "jobs" / name / "state.json"
+                path = self.home / "jobs" / name / STATE_FILE
                 if path.exists() and json.loads(path.read_text())["state"] == "failed":
                     subprocess.run([*PYTHON, "--home", str(self.home), "resume", name], capture_output=True)
                     self.resumed_failed += 1
@@ -248,7 +249,7 @@ def references(root: Path) -> dict[str, dict]:
         path.write_text(f'name = "{template}"\n' + text.format(seed=7))
         subprocess.run([*PYTHON, "run", str(path), "--dir", str(root / f"ref-{template}")], check=True,
                        capture_output=True)
-        weights[template] = load_file(list_saves(root / f"ref-{template}" / "saves")[0][-1].path / "model.safetensors")
+        weights[template] = load_file(list_saves(root / f"ref-{template}" / SAVES)[0][-1].path / "model.safetensors")
     return weights
 
 
@@ -257,7 +258,7 @@ def resumes(soak: Soak) -> dict:
     counts = []
     for name in soak.dropped:
         try:
-            counts.append(len(RESUMED.findall((soak.home / "jobs" / name / "log").read_text())))
+            counts.append(len(RESUMED.findall((soak.home / "jobs" / name / LOG_FILE).read_text())))
         except OSError:
             counts.append(0)
     return {"resumes": sum(counts), "jobs_resumed": sum(c > 0 for c in counts), "most_resumes_of_a_job": max(counts)}
@@ -271,10 +272,10 @@ def rotated(soak: Soak) -> int:
     for name in soak.dropped:
         folder = soak.home / "jobs" / name
         try:
-            acknowledged = set(SAVED.findall((folder / "log").read_text()))
+            acknowledged = set(SAVED.findall((folder / LOG_FILE).read_text()))
         except OSError:
             continue
-        count += len(acknowledged - {s.id for s in list_saves(folder / "saves")[0]})
+        count += len(acknowledged - {s.id for s in list_saves(folder / SAVES)[0]})
     return count
 
 
@@ -298,8 +299,8 @@ def check(soak: Soak, reference: dict[str, dict]) -> list[str]:
         failures.append(f"rejected: {sorted(p.name for p in rejected.iterdir())}")
     for name, template in sorted(soak.dropped.items()):
         folder = jobs / name
-        saves = {s.id: s for s in list_saves(folder / "saves")[0]}
-        log = (folder / "log").read_text() if (folder / "log").exists() else ""
+        saves = {s.id: s for s in list_saves(folder / SAVES)[0]}
+        log = (folder / LOG_FILE).read_text() if (folder / LOG_FILE).exists() else ""
         final = [s for s in saves.values() if "final" in s.kinds]
         if not final:
             failures.append(f"{name}: no final save")
@@ -316,9 +317,9 @@ def check(soak: Soak, reference: dict[str, dict]) -> list[str]:
                         failures.append(f"{name}: {what} save {save_id} is corrupt")
                 elif int(save_id.split("-")[0]) >= newest:
                     failures.append(f"{name}: {what} save {save_id} is lost (no newer save replaced it)")
-        if (folder / "saves" / QUARANTINE).is_dir() and any((folder / "saves" / QUARANTINE).iterdir()):
+        if (folder / SAVES / QUARANTINE).is_dir() and any((folder / SAVES / QUARANTINE).iterdir()):
             failures.append(f"{name}: a save was quarantined (a torn save was visible)")
-        leftovers = sorted(p.name for p in (folder / "saves").iterdir() if p.name not in saves and p.name != QUARANTINE)
+        leftovers = sorted(p.name for p in (folder / SAVES).iterdir() if p.name not in saves and p.name != QUARANTINE)
         if leftovers:
             failures.append(f"{name}: leftovers in saves/: {leftovers}")
     return failures

@@ -20,6 +20,7 @@ from traind.daemon import jobs_cli, saves_cli, spec_cli, units
 from traind.daemon.completion import complete_job, complete_job_or_save, complete_save
 from traind.daemon.home import Home, default_home, job_folder
 from traind.jobs.errors import JobSpecError
+from traind.jobs.folder import STATE_FILE
 from traind.store.errors import TraindError
 
 # Commands that build, validate or train import torch (about 2 s) inside their body; the
@@ -161,7 +162,7 @@ def load(home: Home, args: tuple[str, ...], folder: Path | None) -> None:
     """Roll back ("load game"): the job continues from SAVE when it runs next. Newer saves stay."""
     if len(args) != (1 if folder else 2):
         raise click.UsageError("give NAME SAVE, or --dir JOBDIR SAVE")
-    if folder is None and (home.job_dir(args[0]) / "state.json").exists():
+    if folder is None and (home.job_dir(args[0]) / STATE_FILE).exists():
         click.echo(jobs_cli.load(home, args[0], args[1]))
         return
     folder = saves_cli.load_game(home, None if folder else args[0], folder, args[-1])

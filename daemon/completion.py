@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from traind.daemon.home import Home, default_home
-from traind.store.saves import SAVES, list_saves
+from traind.jobs.folder import SAVES
+from traind.store.saves import list_saves
 
 
 def _completion_home(ctx: click.Context) -> Home:

@@ -15,20 +15,19 @@ from pathlib import Path
 from typing import TextIO
 
 from traind.daemon import threads
-from traind.daemon.home import SPEC_FILE
-from traind.daemon.liveness import JOB_LOCK, stamp
+from traind.daemon.liveness import stamp
 from traind.daemon.requests import RequestHook
 from traind.jobs.build import build_job
 from traind.jobs.checkpoint import Checkpointer
 from traind.jobs.errors import JobSpecError, NonFiniteLoss, OutOfMemory, TrainingError, is_out_of_memory
+from traind.jobs.folder import LOCK_FILE, LOG_FILE, SPEC_FILE
 from traind.jobs.jobfile import JobFile
 from traind.jobs.spec import JobSpec
-from traind.jobs.metrics import LOG_FILE, Recorder, tensorboard_available
+from traind.jobs.metrics import Recorder, tensorboard_available
 from traind.jobs.train import Trainer
 from traind.store.errors import StoreError, TraindError
 from traind.store.fs import FileSystem, write_durably
 
-LOCK_FILE = JOB_LOCK
 
 
 def prepare_folder(job_file: JobFile, folder: Path) -> None:

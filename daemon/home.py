@@ -12,9 +12,8 @@ from pathlib import Path
 from traind.jobs.jobname import is_job_name
 from traind.store.errors import TraindError
 from traind.store.fs import FileSystem
-from traind.store.saves import SAVES
+from traind.jobs.folder import SAVES, SPEC_FILE
 
-SPEC_FILE = "spec.json"  # in a job folder: the job's spec as resolved (defaults filled in, paths absolute)
 REMOVING = ".removing-"  # jobs/.removing-NAME: a job being forgotten (`traind rm`), gone from every listing
 KEPT = "kept"  # HOME/kept/NAME: the saves of a job forgotten with --keep-saves
 

@@ -18,11 +18,12 @@ import sqlite3
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from traind.daemon.home import SPEC_FILE, Home
-from traind.daemon.jobstate import STATE_FILE, JobRecord, JobState, read_state, signature
+from traind.daemon.home import Home
+from traind.daemon.jobstate import JobRecord, JobState, read_state, signature
 from traind.daemon.liveness import held_locks, trained
-from traind.jobs.metrics import METRICS_FILE, direction
-from traind.store.saves import SAVES, list_saves
+from traind.jobs.folder import METRICS_FILE, SAVES, SPEC_FILE, STATE_FILE
+from traind.jobs.metrics import direction
+from traind.store.saves import list_saves
 
 INDEX_FILE = "index.sqlite"
 TAIL = 64

@@ -27,10 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from traind.daemon.home import SPEC_FILE, Home
+from traind.daemon.home import Home
 from traind.daemon.jobstate import JobRecord, JobState, read_state, write_state
 from traind.jobs.build import build_job
 from traind.jobs.errors import JobSpecError
+from traind.jobs.folder import SPEC_FILE
 from traind.jobs.jobfile import FORMATS, JobFile, load_job, parse_text
 from traind.jobs.spec import JobSpec
 from traind.store.errors import TraindError

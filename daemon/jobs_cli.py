@@ -16,11 +16,11 @@ from traind.daemon.home import KEPT, REMOVING, Home, NoSuchJob, finish_removal, 
 from traind.daemon.index import Index, row
 from traind.daemon.jobstate import JobState, read_state, transition
 from traind.daemon.liveness import serving, trained
+from traind.jobs.folder import LOG_FILE, SAVES, STATE_FILE
 from traind.jobs.loadgame import request_load
 from traind.store.errors import TraindError
 from traind.store.fs import FileSystem
 from traind.store.saves import list_saves
-from traind.store.saves import SAVES
 
 ENDED = {JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.PAUSED}
 
@@ -41,7 +41,7 @@ def folder_of(home: Home, name: str | None, folder: Path | None = None) -> Path:
             last = turned_down[-1]
             raise NoSuchJob(f"no job '{name}': its file was rejected ({last['why']}); the whole reason is in "
                             f"{home.rejected / (last['file'] + '.error')}")
-        known = ", ".join(sorted(p.name for p in home.jobs.glob("*") if (p / "state.json").exists())[:8]) or "none"
+        known = ", ".join(sorted(p.name for p in home.jobs.glob("*") if (p / STATE_FILE).exists())[:8]) or "none"
         raise NoSuchJob(f"no job '{name}' in {home.jobs}; jobs there: {known}")
     return folder
 
@@ -233,7 +233,7 @@ def load(home: Home, name: str, save_id: str) -> str:
 def logs(folder: Path, follow: bool, lines: int | None = None) -> None:
     """The job's log (its last LINES lines); with FOLLOW, keep printing what is added until
     the job stops running."""
-    path = folder / "log"
+    path = folder / LOG_FILE
     offset = 0
     if lines is not None and path.exists():
         with open(path, "rb") as f:

@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
 from pathlib import Path
 
+from traind.jobs.folder import STATE_FILE
 from traind.store.errors import TraindError
 from traind.store.fs import FileSystem, write_durably, write_new
 
-STATE_FILE = "state.json"
 STATE_LOCK = "state.lock"
 
 

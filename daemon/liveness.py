@@ -15,8 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from traind.jobs.folder import LOCK_FILE
+
 DAEMON_LOCK = "daemon.lock"  # in the home
-JOB_LOCK = "lock"  # in a job folder
 
 
 def held_locks() -> dict[str, int] | None:
@@ -94,4 +95,4 @@ def serving(root: Path) -> Daemon | None:
 
 def trained(folder: Path, locks: dict[str, int] | None = None) -> bool:
     """Whether some process (a daemon's worker, a `traind run`) trains the job in FOLDER now."""
-    return holder(folder / JOB_LOCK, locks) is not None
+    return holder(folder / LOCK_FILE, locks) is not None

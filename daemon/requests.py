@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from traind.jobs.folder import REQUESTS
 from traind.store.fs import FileSystem, write_durably
 
-REQUESTS = "requests"
 KINDS = ("pause", "cancel", "save", "reload")
 LOOK_EVERY = 0.2  # seconds between looks at the requests folder (one listing each)
 

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import click
 
-from traind.daemon.home import SPEC_FILE, Home, job_folder
+from traind.daemon.home import Home, job_folder
+from traind.jobs.folder import SAVES, SPEC_FILE
 from traind.jobs.metrics import direction
 from traind.jobs.loadgame import request_load
 from traind.store.commit import DELETING, leftover
 from traind.store.errors import NoSuchSave, TraindError
-from traind.store.saves import QUARANTINE, SAVES, SaveInfo, list_saves, load_json, load_tensors, read_manifest, verify
+from traind.store.saves import QUARANTINE, SaveInfo, list_saves, load_json, load_tensors, read_manifest, verify
 
 
 class CorruptFound(TraindError):
@@ -104,14 +105,14 @@ def pick_save(folder: Path, save_id: str | None, best: bool) -> SaveInfo:
 def export(home: Home, name: str | None, folder: Path | None, save_id: str | None, best: bool, out: Path) -> SaveInfo:
     from safetensors.torch import save_file  # torch: imported by the commands that move tensors only
 
-    from traind.jobs.state import MODEL, TIED_KEY
+    from traind.jobs.state import MODEL, STATE, TIED_KEY
 
     folder = job_folder(home, name, folder)
     save = pick_save(folder, save_id, best)
     problems = verify(save.path)
     if problems:
         raise CorruptFound(f"save {save.id} is corrupt ({'; '.join(problems)}); export another with --save ID")
-    tied = load_json(save, "state.json")["model"]["tied"]
+    tied = load_json(save, STATE)["model"]["tied"]
     meta = {"job": read_manifest(save.path).get("job", folder.name), "save": save.id, "step": str(save.step), "epoch": str(save.epoch),
             "metrics": json.dumps(save.metrics), TIED_KEY: json.dumps(tied)}
     tmp = out.with_name(f".{out.name}.tmp")

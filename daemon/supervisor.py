@@ -25,18 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from traind.daemon import liveness, notify, threads
-from traind.daemon.home import SPEC_FILE, Home, check_private, finish_removals
+from traind.daemon.home import Home, check_private, finish_removals
 from traind.daemon.intake import SETTLE, Intake
-from traind.daemon.jobstate import (STATE_FILE, BadTransition, JobRecord, JobState, read_state, signature,
-                                    transition, write_state)
+from traind.daemon.jobstate import BadTransition, JobRecord, JobState, read_state, signature, transition, write_state
 from traind.daemon.validator import Validator
 from traind.daemon.watch import InboxWatch
-from traind.daemon.worker import ERROR_FILE, Exit
+from traind.daemon.worker import Exit
 from traind.jobs.devices import try_all_gpus
+from traind.jobs.folder import SAVES, SPEC_FILE, STATE_FILE, WORKER_ERROR, WORKER_OUT
 from traind.jobs.jobname import is_job_name
 from traind.jobs.loadgame import load_pending
 from traind.store.errors import TraindError
-from traind.store.saves import SAVES
 
 log = logging.getLogger("traind.daemon")
 MAX_RESTARTS = 5
@@ -47,8 +46,7 @@ TICK = 0.25
 ADOPT_SETTLE = 5.0  # seconds a job folder copied in must stay unchanged before it is adopted
 DISK_RETRY = 5.0  # seconds between looks at the free space, for jobs a full disk stopped
 RESCAN = 1.0  # seconds between looks at every job's state (the CLI changes some: resume, load)
-LOCK_FILE = liveness.DAEMON_LOCK
-WORKER_LOG = "worker.out"
+DAEMON_LOCK_FILE = liveness.DAEMON_LOCK
 
 
 CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
@@ -157,7 +155,7 @@ class Daemon:
             d.mkdir(mode=0o755, parents=True, exist_ok=True)
         check_private(self.home)
         finish_removals(self.home)
-        self._lock_fd = os.open(self.home.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock_fd = os.open(self.home.root / DAEMON_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -259,13 +257,13 @@ class Daemon:
             transition(folder, JobState.RUNNING, allow_from={JobState.QUEUED})
         except (BadTransition, FileNotFoundError):
             return  # paused, cancelled or removed since the last look at it
-        (folder / ERROR_FILE).unlink(missing_ok=True)
+        (folder / WORKER_ERROR).unlink(missing_ok=True)
         env = dict(os.environ, CUDA_DEVICE_ORDER="PCI_BUS_ID")
         env[threads.ENV] = str(threads.share(len(self.slots), self.threads))  # a new job's count; see threads.py
         if slot.startswith("cuda:"):
             env["CUDA_VISIBLE_DEVICES"] = slot.split(":")[1]
         count = oom_kills()
-        with open(folder / WORKER_LOG, "ab") as out:
+        with open(folder / WORKER_OUT, "ab") as out:
             proc = subprocess.Popen([sys.executable, "-m", "traind.daemon.worker", "--home", str(self.home.root), name],
                                     stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
         self.running[name] = Worker(name, proc, now, slot, count, _newest_seq(folder))
@@ -273,7 +271,7 @@ class Daemon:
 
     def _ended(self, worker: Worker, code: int, now: float) -> None:
         folder = self.home.job_dir(worker.name)
-        error_file = folder / ERROR_FILE
+        error_file = folder / WORKER_ERROR
         why = error_file.read_text().strip() if error_file.exists() else None
         self._say_ended(worker.name, code, why)
         if code in (Exit.DONE, Exit.STOPPED) and load_pending(folder):

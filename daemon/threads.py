@@ -18,9 +18,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from traind.jobs.folder import THREADS_FILE
 from traind.store.fs import FileSystem, write_durably
 
-THREADS_FILE = "threads.json"
 ENV = "TRAIND_THREADS"
 
 

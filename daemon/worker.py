@@ -17,13 +17,13 @@ from pathlib import Path
 
 from traind.daemon import requests
 from traind.daemon.foreground import JobBusy, holding, train_in_folder
-from traind.daemon.home import SPEC_FILE, Home
+from traind.daemon.home import Home
 from traind.jobs.errors import JobSpecError, OutOfMemory
+from traind.jobs.folder import SPEC_FILE, WORKER_ERROR
 from traind.jobs.spec import JobSpec
 from traind.store.errors import DiskFull, TraindError
 from traind.store.fs import FileSystem, write_durably
 
-ERROR_FILE = "worker.error"
 LOCK_WAIT = 120.0
 
 
@@ -71,7 +71,7 @@ def run(home: Home, name: str) -> Exit:
 
 def _failed(folder: Path, code: Exit, why: str) -> Exit:
     try:
-        write_durably(FileSystem(), folder / ERROR_FILE, why.encode())
+        write_durably(FileSystem(), folder / WORKER_ERROR, why.encode())
     except OSError:
         pass  # a full disk, say: the exit status still tells the daemon what happened
     return code

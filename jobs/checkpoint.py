@@ -17,7 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from traind.jobs import state
-from traind.jobs.loadgame import LOAD_REQUEST, requested_save
+from traind.jobs.folder import LOAD_REQUEST, SAVES
+from traind.jobs.loadgame import requested_save
 from traind.jobs.errors import NonFiniteLoss
 from traind.jobs.metrics import Recorder
 from traind.jobs.spec import CheckpointSpec
@@ -25,7 +26,7 @@ from traind.jobs.train import Trainer
 from traind.store import retention
 from traind.store.errors import CorruptSave, NoSuchSave, SaveFailed, StoreError
 from traind.store.fs import FileSystem, write_durably
-from traind.store.saves import SAVES, SaveInfo
+from traind.store.saves import SaveInfo
 from traind.store.snapshot import Snapshot, Writer
 from traind.store.store import SaveStore
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from traind.store.errors import CorruptSave, NoSuchSave
 from traind.store.fs import FileSystem, write_durably
-from traind.store.saves import SAVES, list_saves, verify
+from traind.jobs.folder import LOAD_REQUEST, SAVES
+from traind.store.saves import list_saves, verify
 
-LOAD_REQUEST = "load.json"
 
 
 def request_load(folder: Path, save_id: str) -> None:

@@ -12,11 +12,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from traind.jobs.folder import LOG_FILE, METRICS_FILE, TENSORBOARD_DIR
 from traind.store.fs import FileSystem, write_durably
 
-METRICS_FILE = "metrics.jsonl"
-LOG_FILE = "log"
-TENSORBOARD_DIR = "tensorboard"
 NOT_SCALARS = {"kind", "step", "epoch", "time", "id", "kinds", "total_steps", "device"}
 
 

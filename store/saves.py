@@ -16,7 +16,6 @@ from traind.store.commit import FORMAT, HASH, MANIFEST, leftover
 from traind.store.errors import CorruptSave
 from traind.store.fs import FileSystem
 
-SAVES = "saves"  # in a job folder: its store, one folder per save
 QUARANTINE = "quarantine"
 CHUNK = 1 << 22
 

@@ -8,10 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 from traind.daemon.cli import cli
-from traind.daemon.home import SPEC_FILE, Home
+from traind.daemon.home import Home
 from traind.daemon.index import INDEX_FILE, Index, row
 from traind.daemon.jobstate import JobRecord, JobState, transition, write_state
-from traind.jobs.metrics import METRICS_FILE
+from traind.jobs.folder import METRICS_FILE, SPEC_FILE
 
 
 def record(kind, step, **values):

@@ -30,7 +30,7 @@ def test_the_count_is_recorded_at_the_first_start_and_kept_whatever_the_environm
     said = []
     monkeypatch.setenv(threads.ENV, "3")
     assert threads.pin(None, tmp_path, said.append) == 3
-    assert json.loads((tmp_path / threads.THREADS_FILE).read_text()) == {"threads": 3}
+    assert json.loads((tmp_path / "threads.json").read_text()) == {"threads": 3}
     monkeypatch.setenv(threads.ENV, "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert threads.pin(None, tmp_path, said.append) == 3  # resumed elsewhere: the recorded count

@@ -15,11 +15,12 @@ from tests.crashsim import RecordingFS, crash_state
 from traind.jobs.build import build_job
 from traind.jobs.checkpoint import Checkpointer
 from traind.jobs.jobfile import parse_spec
-from traind.jobs.metrics import LOG_FILE, METRICS_FILE, Recorder, read_metrics
+from traind.jobs.folder import LOG_FILE, METRICS_FILE, SAVES
+from traind.jobs.metrics import Recorder, read_metrics
 from traind.jobs.train import Trainer
 from traind.store.errors import SaveFailed
 from traind.store.fs import FileSystem
-from traind.store.saves import SAVES, list_saves, verify
+from traind.store.saves import list_saves, verify
 from traind.store.store import SaveStore
 
 MODES = ["all", "drop", "torn", "lost-dirs"]

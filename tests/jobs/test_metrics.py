@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from traind.jobs.metrics import METRICS_FILE, TENSORBOARD_DIR, Recorder, read_metrics, tensorboard_available
+from traind.jobs.folder import METRICS_FILE, TENSORBOARD_DIR
+from traind.jobs.metrics import Recorder, read_metrics, tensorboard_available
 
 needs_tensorboard = pytest.mark.skipif(not tensorboard_available(), reason="tensorboard is not installed")
 
