@@ -12,6 +12,7 @@ version or not writable, it is rebuilt from the job folders, or `ls` works witho
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -23,11 +24,12 @@ from traind.daemon.jobstate import JobRecord, JobState, read_state, signature
 from traind.daemon.liveness import held_locks, trained
 from traind.jobs.folder import METRICS_FILE, SAVES, SPEC_FILE, STATE_FILE
 from traind.jobs.metrics import direction
+from traind.store import retention
 from traind.store.saves import list_saves
 
 INDEX_FILE = "index.sqlite"
 TAIL = 64
-VERSION = 3  # of the rows' shape; an index of another version is rebuilt
+VERSION = 4  # of the rows' shape; an index of another version is rebuilt
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS jobs "
            "(name TEXT PRIMARY KEY, state_sig TEXT, metrics_sig TEXT, row TEXT, tally TEXT, rank TEXT)")
 QUEUE_ORDER = {"running": 0, "queued": 1, "paused": 2, "failed": 3, "cancelled": 4, "done": 5}
@@ -46,6 +48,7 @@ class Tally:
     monitor: str | None = None
     """The metric `best` ranks by (from the job's spec); None when the spec is unreadable."""
     direction: str = "min"
+    best_after_epoch: int = 0
     offset: int = 0
     """Bytes of the metrics file folded in: always the end of a whole line."""
     start_step: int = 0
@@ -79,10 +82,11 @@ class Tally:
             self.last_time = t
         if kind == "epoch":
             self.epoch = record.get("epoch", self.epoch)
-            value = record.get(self.monitor) if self.monitor else None
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                better = self.best is None or (value < self.best if self.direction == "min" else value > self.best)
-                self.best = value if better else self.best
+            if self.monitor:
+                value = record.get(self.monitor)
+                if retention.improves(_policy(self.monitor, self.direction, self.best_after_epoch), value,
+                                      record.get("epoch", 0), self.best):
+                    self.best = value
 
     def read_on(self, path: Path) -> bool:
         """Fold in the whole lines of PATH after OFFSET; False (nothing folded) when PATH
@@ -112,12 +116,25 @@ class Tally:
         return True
 
 
-def _monitor(folder: Path) -> tuple[str | None, str]:
+def best_policy(folder: Path) -> retention.Policy | None:
+    """What "best" means for the job in FOLDER (its monitor, mode, best_after_epoch, from
+    spec.json); None when the spec is unreadable."""
     try:
         checkpoint = json.loads((folder / SPEC_FILE).read_text())["checkpoint"]
-        return checkpoint["monitor"], direction(checkpoint["monitor"], checkpoint.get("mode"))
+        return _policy(checkpoint["monitor"], direction(checkpoint["monitor"], checkpoint.get("mode")),
+                       int(checkpoint.get("best_after_epoch", 0)))
     except (OSError, ValueError, KeyError, TypeError):
-        return None, "min"
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _policy(monitor: str, mode: str, best_after_epoch: int) -> retention.Policy:
+    return retention.Policy(monitor=monitor, mode=mode, best_after_epoch=best_after_epoch)
+
+
+def _tally(folder: Path) -> Tally:
+    policy = best_policy(folder)
+    return Tally() if policy is None else Tally(policy.monitor, policy.mode, policy.best_after_epoch)
 
 
 def _row(folder: Path, tally: Tally, record: JobRecord | None = None) -> dict | None:
@@ -138,7 +155,7 @@ def row(folder: Path) -> dict | None:
     """The `ls` row of the job in FOLDER, read afresh; None if FOLDER holds no job. A
     folder of `traind run` (no state.json) gets the state its files tell: running while a
     process trains it, done once its newest save is final, else paused (run it again to go on)."""
-    tally = Tally(*_monitor(folder))
+    tally = _tally(folder)
     tally.read_on(folder / METRICS_FILE)
     record = read_state(folder)
     if record is None and (folder / SPEC_FILE).is_file():
@@ -227,7 +244,7 @@ class Index:
             if tally is not None and tally.offset <= int(metrics_sig.split(":")[1]):
                 if tally.read_on(folder / METRICS_FILE):
                     return tally
-        tally = Tally(*_monitor(folder))
+        tally = _tally(folder)
         tally.read_on(folder / METRICS_FILE)
         return tally
 

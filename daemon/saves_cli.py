@@ -9,9 +9,10 @@ from pathlib import Path
 import click
 
 from traind.daemon.home import Home, job_folder
+from traind.daemon.index import best_policy
 from traind.jobs.folder import SAVES, SPEC_FILE
-from traind.jobs.metrics import direction
 from traind.jobs.loadgame import request_load
+from traind.store import retention
 from traind.store.commit import DELETING, leftover
 from traind.store.errors import NoSuchSave, TraindError
 from traind.store.saves import QUARANTINE, SaveInfo, list_saves, load_json, load_tensors, read_manifest, verify
@@ -93,13 +94,14 @@ def pick_save(folder: Path, save_id: str | None, best: bool) -> SaveInfo:
         return match[0]
     if not best:
         return found[-1]
-    checkpoint = json.loads((folder / SPEC_FILE).read_text())["checkpoint"]
-    monitor = checkpoint["monitor"]
-    sign = 1 if direction(monitor, checkpoint.get("mode")) == "min" else -1
-    ranked = [s for s in found if "best" in s.kinds and isinstance(s.metrics.get(monitor), (int, float))]
-    if not ranked:
-        raise NoSuchSave(f"no best save in {folder / SAVES} yet (best saves rank by {monitor})")
-    return min(ranked, key=lambda s: (sign * s.metrics[monitor], -s.seq))
+    policy = best_policy(folder)
+    if policy is None:
+        raise NoSuchSave(f"{folder / SPEC_FILE} cannot be read, so which save is best is unknown; "
+                         "export one by id with --save ID")
+    best = retention.best_save(policy, found)
+    if best is None:
+        raise NoSuchSave(f"no best save in {folder / SAVES} yet (best saves rank by {policy.monitor})")
+    return best
 
 
 def export(home: Home, name: str | None, folder: Path | None, save_id: str | None, best: bool, out: Path) -> SaveInfo:

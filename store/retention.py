@@ -71,21 +71,41 @@ def due_at_epoch_end(policy: Policy, epochs_done: int, step: int, seconds_since_
     return kinds
 
 
-def _best_candidate(policy: Policy, epochs_done: int, metric: float | None, saves: Iterable[SaveInfo]) -> bool:
-    if policy.keep_best == 0 or metric is None or not math.isfinite(metric) or epochs_done < policy.best_after_epoch:
-        return False
-    ranked = _ranked_bests(policy, saves)
-    return len(ranked) < policy.keep_best or policy.better(metric, ranked[policy.keep_best - 1].metrics[policy.monitor])
+# "Best", defined once: retention, `traind export --best`, and the best value `ls` and
+# `status` show all use these. A value counts only if it is a finite number measured at
+# an epoch at or after `best_after_epoch`; one is better than another only strictly, so a
+# tie goes to the older: it was best first.
+
+def counts(policy: Policy, value, epoch: int) -> bool:
+    """Whether VALUE of the monitored metric, measured after epoch EPOCH, may be a best."""
+    return _finite(value) and epoch >= policy.best_after_epoch
 
 
-def _ranked_bests(policy: Policy, saves: Iterable[SaveInfo]) -> list[SaveInfo]:
-    bests = [s for s in saves if "best" in s.kinds and _finite(s.metrics.get(policy.monitor))]
-    # ties go to the older save: it was best first
+def improves(policy: Policy, value, epoch: int, best: float | None) -> bool:
+    """Whether VALUE (after epoch EPOCH) is the new best over BEST (None: none yet)."""
+    return counts(policy, value, epoch) and (best is None or policy.better(value, best))
+
+
+def ranked_bests(policy: Policy, saves: Iterable[SaveInfo]) -> list[SaveInfo]:
+    """The best saves, best first; among equals, the older first."""
+    bests = [s for s in saves if "best" in s.kinds and counts(policy, s.metrics.get(policy.monitor), s.epoch)]
     return sorted(bests, key=lambda s: (s.metrics[policy.monitor] * (1 if policy.mode == "min" else -1), s.seq))
 
 
+def best_save(policy: Policy, saves: Iterable[SaveInfo]) -> SaveInfo | None:
+    ranked = ranked_bests(policy, saves)
+    return ranked[0] if ranked else None
+
+
+def _best_candidate(policy: Policy, epochs_done: int, metric: float | None, saves: Iterable[SaveInfo]) -> bool:
+    if policy.keep_best == 0 or not counts(policy, metric, epochs_done):
+        return False
+    ranked = ranked_bests(policy, saves)
+    return len(ranked) < policy.keep_best or policy.better(metric, ranked[policy.keep_best - 1].metrics[policy.monitor])
+
+
 def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def to_purge(policy: Policy, saves: list[SaveInfo], protect: Iterable[str] = ()) -> list[SaveInfo]:
@@ -97,5 +117,5 @@ def to_purge(policy: Policy, saves: list[SaveInfo], protect: Iterable[str] = ())
     keep |= {s.id for s in saves if KEPT_FOR_GOOD & set(s.kinds)}
     autos = sorted((s for s in saves if "auto" in s.kinds), key=lambda s: s.seq)
     keep |= {s.id for s in autos[-policy.keep_last:]}
-    keep |= {s.id for s in _ranked_bests(policy, saves)[:policy.keep_best]}
+    keep |= {s.id for s in ranked_bests(policy, saves)[:policy.keep_best]}
     return [s for s in saves if s.id not in keep]

@@ -192,3 +192,13 @@ def test_elapsed_adds_up_the_runs_and_steps_per_s_is_the_current_runs(home):
              + timed("start", 10, 2000.0, total_steps=100) + timed("step", 30, 2004.0, loss=0.5))
     row = Index(home).rows()[0]
     assert row["elapsed"] == 14.0 and row["steps_per_s"] == 5.0  # 10 s + 4 s; 20 steps in the last 4 s
+
+
+def test_best_is_never_a_non_finite_value_nor_one_before_best_after_epoch(home):
+    epochs = record("epoch", 1, epoch=1, val_loss=float("nan")) + record("epoch", 2, epoch=2, val_loss=0.1) + \
+        record("epoch", 3, epoch=3, val_loss=0.7) + record("epoch", 4, epoch=4, val_loss=float("inf"))
+    make_job(home, "nan-first", START + epochs)
+    folder = make_job(home, "later", START + epochs)
+    (folder / SPEC_FILE).write_text(json.dumps({"checkpoint": {"monitor": "val_loss", "mode": None,
+                                                               "best_after_epoch": 3}}))
+    assert {r["name"]: r["best"] for r in Index(home).rows()} == {"nan-first": 0.1, "later": 0.7}

@@ -133,3 +133,28 @@ def test_verify_tells_a_removal_cut_short_from_a_corrupt_save(folder, tmp_path):
     assert result.exit_code == 0 and "CORRUPT" not in result.output
     assert f".deleting-{victim.id}: not a save (a save being removed" in result.output
     assert invoke("verify", "--dir", copy, "--quiet").output == ""
+
+
+def test_export_best_takes_the_save_retention_keeps_as_best(tmp_path):
+    """One rule for "best" (store/retention.py): a tie goes to the older save, a non-finite
+    value is never best, a save before best_after_epoch does not count."""
+    import torch
+
+    from traind.store.retention import Policy
+    from traind.store.store import SaveStore
+
+    folder = tmp_path / "job"
+    folder.mkdir()
+    (folder / "spec.json").write_text(json.dumps({"checkpoint": {"monitor": "val_loss", "mode": None,
+                                                                 "best_after_epoch": 2}}))
+    store = SaveStore(folder / "saves", Policy(keep_last=10, keep_best=5))
+    for epoch, loss in ((1, 0.1), (2, float("nan")), (3, 0.4), (4, 0.4)):
+        seq, save_id = store.reserve(epoch * 10)
+        store.write(seq, save_id, {"model.safetensors": ({"w": torch.zeros(2)}, {})},
+                    {"state.json": {"model": {"tied": {}}}},
+                    {"step": epoch * 10, "epoch": epoch, "kinds": ["auto", "best"], "metrics": {"val_loss": loss}, "job": "job"})
+    assert len(store.saves()) == 4
+    kept_as_best = store.saves()[2].id  # epoch 3: 0.4, the first of the tie
+    result = invoke("export", "--dir", folder, "--best", "-o", tmp_path / "best.safetensors")
+    assert result.exit_code == 0, result.output
+    assert f"exported save {kept_as_best}" in result.output
