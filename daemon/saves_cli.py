@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
@@ -15,6 +14,7 @@ from traind.jobs.loadgame import request_load
 from traind.store import retention
 from traind.store.commit import DELETING, leftover
 from traind.store.errors import NoSuchSave, TraindError
+from traind.store.fs import FileSystem
 from traind.store.saves import QUARANTINE, SaveInfo, list_saves, load_json, load_tensors, read_manifest, verify
 
 
@@ -104,7 +104,8 @@ def pick_save(folder: Path, save_id: str | None, best: bool) -> SaveInfo:
     return best
 
 
-def export(home: Home, name: str | None, folder: Path | None, save_id: str | None, best: bool, out: Path) -> SaveInfo:
+def export(home: Home, name: str | None, folder: Path | None, save_id: str | None, best: bool, out: Path,
+           fs: FileSystem | None = None) -> SaveInfo:
     from safetensors.torch import save_file  # torch: imported by the commands that move tensors only
 
     from traind.jobs.state import MODEL, STATE, TIED_KEY
@@ -117,9 +118,12 @@ def export(home: Home, name: str | None, folder: Path | None, save_id: str | Non
     tied = load_json(save, STATE)["model"]["tied"]
     meta = {"job": read_manifest(save.path).get("job", folder.name), "save": save.id, "step": str(save.step), "epoch": str(save.epoch),
             "metrics": json.dumps(save.metrics), TIED_KEY: json.dumps(tied)}
+    fs = fs or FileSystem()
     tmp = out.with_name(f".{out.name}.tmp")
     save_file(load_tensors(save, MODEL), tmp, metadata=meta)
-    os.replace(tmp, out)
+    fs.fsync_file(tmp)  # durable like every file traind writes: whole at OUT, or not there
+    fs.rename(tmp, out)
+    fs.fsync_dir(out.parent)
     return save
 
 

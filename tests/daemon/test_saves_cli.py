@@ -158,3 +158,16 @@ def test_export_best_takes_the_save_retention_keeps_as_best(tmp_path):
     result = invoke("export", "--dir", folder, "--best", "-o", tmp_path / "best.safetensors")
     assert result.exit_code == 0, result.output
     assert f"exported save {kept_as_best}" in result.output
+
+
+def test_export_is_durable_before_it_is_reported(folder, tmp_path):
+    from tests.crashsim import RecordingFS
+    from traind.daemon.home import Home
+    from traind.daemon.saves_cli import export
+
+    fs = RecordingFS()
+    out = tmp_path / "model.safetensors"
+    export(Home(tmp_path / "home"), None, folder, None, False, out, fs=fs)
+    tmp = out.with_name(f".{out.name}.tmp")
+    assert fs.log == [("fsync", tmp), ("rename", tmp, out), ("fsync_dir", tmp_path)]
+    assert load_file(out).keys() == load_file(list_saves(folder / "saves")[0][-1].path / "model.safetensors").keys()
