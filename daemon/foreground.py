@@ -142,11 +142,15 @@ def run_job(job_file: JobFile, folder: Path, echo: Callable[[str], None], progre
         echo(text)
 
     with holding(folder):
-        prepare_folder(job_file, folder)
-        done, trainer = train_in_folder(job_file.spec, job_file.name, folder, say, job_file.locate, hook)
+        try:
+            prepare_folder(job_file, folder)
+            done, trainer = train_in_folder(job_file.spec, job_file.name, folder, say, job_file.locate, hook)
+        finally:
+            late = requests_hook.ended()  # too late for this run: they do not act on the next
     if line is not None:
         line.clear()
-    requests_hook.ended()
+    for request in late:
+        echo(f"request '{request.kind}' came as the run ended; dropped")
     p, total, ending = trainer.progress, trainer.job.total_steps, requests_hook.ending
     if done:
         echo(f"done: step {p.step}/{total}; folder {folder}")

@@ -9,6 +9,11 @@ request is removed as soon as its save is committed, and the save names the requ
 (`request` in its manifest), so that a crash between the two cannot make a second save.
 The requests that end the run (pause, cancel, reload) are removed when it has ended; a
 crash before that repeats them, which ends the run the same way again.
+
+A run that ends (done, stopped, failed: anything but a crash) forgets every request
+still pending: one that came too late for its last step boundary must not act on the
+job's next run, a resume days later. After a crash they stay, and the next run takes
+them: a pause sent while a killed worker waits to be restarted still pauses the job.
 """
 
 from __future__ import annotations
@@ -109,7 +114,12 @@ class RequestHook:
                 return True  # no save: one would be newer than the requested one, and win
         return False
 
-    def ended(self) -> None:
-        """The run has ended (its saves committed): forget the requests that ended it."""
+    def ended(self) -> list[Request]:
+        """The run has ended (its saves committed): forget the requests that ended it, and
+        those it never acted on; return the latter."""
         for request in self._ending_requests:
             done(request)
+        late = [r for r in pending(self.folder) if r.path.name not in self._acted]
+        for request in late:
+            done(request)
+        return late

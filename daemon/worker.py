@@ -52,7 +52,10 @@ def run(home: Home, name: str) -> Exit:
     try:
         spec = JobSpec.model_validate_json((folder / SPEC_FILE).read_text())
         with holding(folder, wait=LOCK_WAIT):  # a worker of a dead daemon may still be saving
-            done, _ = train_in_folder(spec, name, folder, None, hook=hook)
+            try:
+                done, _ = train_in_folder(spec, name, folder, None, hook=hook)
+            finally:
+                hook.ended()  # requests that came too late for this run do not act on the next
     except JobSpecError as e:
         return _failed(folder, Exit.BAD_JOB, str(e))
     except OutOfMemory as e:
@@ -63,7 +66,6 @@ def run(home: Home, name: str) -> Exit:
         return _failed(folder, Exit.FAILED, str(e))
     except (OSError, ValueError) as e:  # spec.json missing or unreadable
         return _failed(folder, Exit.BAD_JOB, f"{folder / SPEC_FILE}: {e}")
-    hook.ended()
     if done:
         return Exit.DONE
     return ENDINGS.get(hook.ending, Exit.STOPPED)

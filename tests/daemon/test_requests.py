@@ -133,3 +133,34 @@ def test_every_job_command_takes_dir_for_a_folder_of_traind_run(write_job, tmp_p
     removed = traind("rm", "--dir", folder, "--keep-saves")
     assert removed.exit_code == 0 and not folder.exists()
     assert (tmp_path / "home" / "kept" / "run").is_dir()
+
+
+def test_a_request_too_late_for_a_run_does_not_act_on_the_next(write_job, tmp_path, monkeypatch):
+    """A cancel that arrives after the run's last look at its requests (here: the hook looks
+    only at the first boundary) is dropped when the run ends; the job's next run, with more
+    epochs, trains to the end instead of cancelling at once."""
+    from traind.daemon.foreground import run_job
+    from traind.jobs.jobfile import load_job
+
+    monkeypatch.setattr(requests, "LOOK_EVERY", 1e9)
+    folder = tmp_path / "run"
+    bigger = MLP.replace("samples = 300", "samples = 4000")
+    first = load_job(write_job(bigger.replace("epochs = 3", "epochs = 2")))
+    said = []
+    sent = threading.Event()
+
+    def send_once_started():  # as `traind cancel` from another terminal, while the run trains
+        wait_for(lambda: '"kind": "step"' in ((folder / "metrics.jsonl").read_text()
+                                               if (folder / "metrics.jsonl").exists() else ""), "10 steps")
+        requests.send(folder, "cancel")
+        sent.set()
+
+    sender = threading.Thread(target=send_once_started)
+    sender.start()
+    assert run_job(first, folder, said.append)  # done: the cancel came too late for it
+    sender.join()
+    assert sent.is_set() and requests.pending(folder) == []
+    assert "request 'cancel' came as the run ended; dropped" in said
+    more = load_job(write_job(bigger.replace("epochs = 3", "epochs = 4")))
+    assert run_job(more, folder, said.append)  # trains epochs 3 and 4, not cancelled
+    assert max(s.epoch for s in list_saves(folder / "saves")[0]) == 4
