@@ -36,6 +36,7 @@ from traind.jobs.folder import SAVES, SPEC_FILE, STATE_FILE, WORKER_ERROR, WORKE
 from traind.jobs.jobname import is_job_name
 from traind.jobs.loadgame import load_pending
 from traind.store.errors import TraindError
+from traind.store.saves import newest_on_disk, seq_of
 
 log = logging.getLogger("traind.daemon")
 MAX_RESTARTS = 5
@@ -66,21 +67,18 @@ def oom_kills() -> int | None:
 
 
 def _newest_seq(folder: Path) -> int:
-    """The number of the newest save in FOLDER (0 if none), from the folder names alone."""
-    try:
-        names = os.listdir(folder / SAVES)
-    except OSError:
-        return 0
-    return max((int(n.split("-")[0]) for n in names if n.split("-")[0].isdigit()), default=0)
+    """The number of the newest save of the job in FOLDER (0 if none)."""
+    newest = newest_on_disk(folder / SAVES)
+    return 0 if newest is None else seq_of(newest.name)
 
 
 def _newest_bytes(folder: Path) -> int:
-    """The size of the newest save in FOLDER (0 if none)."""
-    seq = _newest_seq(folder)
-    for entry in os.scandir(folder / SAVES) if seq else ():
-        if entry.name.startswith(f"{seq:06d}-"):
-            return sum(f.stat().st_size for f in os.scandir(entry.path) if f.is_file())
-    return 0
+    """The size of the newest save of the job in FOLDER (0 if none)."""
+    newest = newest_on_disk(folder / SAVES)
+    try:
+        return sum(f.stat().st_size for f in os.scandir(newest) if f.is_file()) if newest else 0
+    except OSError:
+        return 0
 
 
 def _judge(code: int, why: str | None, oom_kills_at_start: int | None) -> tuple[str, str]:

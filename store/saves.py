@@ -20,6 +20,28 @@ QUARANTINE = "quarantine"
 CHUNK = 1 << 22
 
 
+def save_id(seq: int, step: int) -> str:
+    """A save's id: `SEQ-sSTEP`, SEQ counting every save ever made in its folder."""
+    return f"{seq:06d}-s{step}"
+
+
+def seq_of(name: str) -> int | None:
+    """The SEQ of a save's id or folder name; None for any other name (a leftover, the
+    quarantine folder, a stray)."""
+    head = name.split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def newest_on_disk(saves_dir: Path) -> Path | None:
+    """The newest save's folder by its name alone (no manifest read: cheap enough for a
+    scheduler's every tick); None when there is none. It may not verify."""
+    try:
+        names = [n for n in os.listdir(saves_dir) if seq_of(n) is not None]
+    except OSError:
+        return None
+    return saves_dir / max(names, key=seq_of) if names else None
+
+
 @dataclass(frozen=True)
 class SaveInfo:
     """A committed save, as its manifest describes it."""

@@ -16,7 +16,7 @@ import torch
 from traind.store import commit, retention, saves, tensorfile
 from traind.store.errors import CorruptSave, NoSuchSave
 from traind.store.fs import FileSystem
-from traind.store.saves import SaveInfo
+from traind.store.saves import SaveInfo, save_id, seq_of
 
 
 class SaveStore:
@@ -32,7 +32,7 @@ class SaveStore:
         self._next_seq = max((s.seq for s in self._saves), default=0) + 1
         quarantined = self.dir / saves.QUARANTINE
         if quarantined.is_dir():  # a quarantined save keeps its seq: never reuse it
-            seqs = [int(p.name.split("-")[0]) for p in quarantined.iterdir() if p.name.split("-")[0].isdigit()]
+            seqs = [seq_of(p.name) for p in quarantined.iterdir() if seq_of(p.name) is not None]
             self._next_seq = max([self._next_seq, *(s + 1 for s in seqs)])
 
     def saves(self) -> list[SaveInfo]:
@@ -57,7 +57,7 @@ class SaveStore:
         """The seq and id of the next save (taken on the training thread, in order)."""
         with self._lock:
             seq, self._next_seq = self._next_seq, self._next_seq + 1
-        return seq, f"{seq:06d}-s{step}"
+        return seq, save_id(seq, step)
 
     def write(self, seq: int, save_id: str, tensors: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]],
               documents: dict[str, dict], meta: dict, protect: Iterable[str] = ()) -> SaveInfo:

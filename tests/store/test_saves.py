@@ -98,3 +98,14 @@ def test_no_file_under_saves_is_a_pickle(store):
         if path.is_file():
             head = path.read_bytes()[:2]
             assert head[:1] != b"\x80" and not head.startswith(b"PK"), f"{path} looks like a pickle or zip"
+
+
+def test_save_ids_are_made_and_read_in_one_place(tmp_path):
+    from traind.store.saves import newest_on_disk, save_id, seq_of
+
+    assert save_id(7, 123) == "000007-s123" and seq_of("000007-s123") == 7
+    assert seq_of(".staging-000009-s5") is None and seq_of(".deleting-000009-s5") is None and seq_of("quarantine") is None
+    for name in ("000002-s10", "000010-s50", ".staging-000011-s60", "quarantine", "000009-s45"):
+        (tmp_path / name).mkdir()
+    assert newest_on_disk(tmp_path) == tmp_path / "000010-s50"  # by number, not by the name's sort
+    assert newest_on_disk(tmp_path / "none") is None
