@@ -15,7 +15,7 @@ from traind.store import retention
 from traind.store.commit import DELETING, leftover
 from traind.store.errors import NoSuchSave, TraindError
 from traind.store.fs import FileSystem
-from traind.store.saves import QUARANTINE, SaveInfo, list_saves, load_json, load_tensors, read_manifest, verify
+from traind.store.saves import SaveInfo, quarantined, list_saves, load_json, load_tensors, read_manifest, verify
 
 
 class CorruptFound(TraindError):
@@ -48,9 +48,9 @@ def show_saves(home: Home, name: str | None, folder: Path | None, as_json: bool,
                    f"{r['created']:<24} {'whole' if r['whole'] else 'BAD':<6} {verdict}{metrics}{note}")
     for path, why in broken:
         click.echo(f"not a save: {path.name}: {why}")
-    quarantined = folder / SAVES / QUARANTINE
-    if quarantined.is_dir() and any(quarantined.iterdir()):
-        click.echo(f"quarantined (never loaded): {', '.join(sorted(p.name for p in quarantined.iterdir()))}")
+    aside = quarantined(folder / SAVES)
+    if aside:
+        click.echo(f"quarantined (never loaded): {', '.join(aside)}")
     if not rehash:
         click.echo("files: every file there at its size (a stat each); `traind saves --verify` or "
                    "`traind verify` re-hash every byte")

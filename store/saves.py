@@ -166,6 +166,12 @@ def quarantine(fs: FileSystem, saves_dir: Path, save_dir: Path) -> Path:
     return target
 
 
+def quarantined(saves_dir: Path) -> list[str]:
+    """The names of the saves moved aside as bad, sorted."""
+    target_dir = saves_dir / QUARANTINE
+    return sorted(p.name for p in target_dir.iterdir()) if target_dir.is_dir() else []
+
+
 def load_tensors(save: SaveInfo, name: str) -> dict:
     from safetensors.torch import load_file  # torch, imported only when tensors are read
 

@@ -122,6 +122,7 @@ def test_a_pickle_placed_in_a_save_is_never_unpickled(home, tmp_path):
     resumed = invoke("run", job_file, "--dir", folder)  # resume: the newest save first
     assert f"resumed from save {newest.name}" not in resumed.output
     assert (folder / "saves" / "quarantine" / newest.name).is_dir()  # could not be read: set aside, never loaded
+    assert f"quarantined (never loaded): {newest.name}" in invoke("saves", "--dir", folder).output
     shutil.move(folder / "saves" / "quarantine" / newest.name, newest)
     for args in (["verify", "small"], ["saves", "small", "--json"], ["status", "small"],
                  ["export", "small", "--save", newest.name, "-o", tmp_path / "out.safetensors"],
