@@ -20,13 +20,13 @@ from traind.daemon.requests import RequestHook
 from traind.jobs.build import build_job
 from traind.jobs.checkpoint import Checkpointer
 from traind.jobs.errors import JobSpecError, NonFiniteLoss, OutOfMemory, TrainingError, is_out_of_memory
-from traind.jobs.folder import LOCK_FILE, LOG_FILE, SPEC_FILE
+from traind.jobs.folder import LOCK_FILE, LOG_FILE, write_job
 from traind.jobs.jobfile import JobFile
 from traind.jobs.spec import JobSpec
 from traind.jobs.metrics import Recorder, tensorboard_available
 from traind.jobs.train import Trainer
 from traind.store.errors import StoreError, TraindError
-from traind.store.fs import FileSystem, write_durably
+from traind.store.fs import FileSystem
 
 
 
@@ -34,9 +34,7 @@ def prepare_folder(job_file: JobFile, folder: Path) -> None:
     """The job folder holds the file as written and the spec as resolved (paths absolute,
     defaults filled in): what ran can always be read back."""
     folder.mkdir(parents=True, exist_ok=True)
-    fs = FileSystem()
-    write_durably(fs, folder / f"job{job_file.path.suffix.lower()}", job_file.text.encode())
-    write_durably(fs, folder / SPEC_FILE, job_file.spec.model_dump_json(indent=2).encode())
+    write_job(FileSystem(), folder, job_file)
 
 
 @contextmanager

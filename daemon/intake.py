@@ -31,11 +31,11 @@ from traind.daemon.home import Home
 from traind.daemon.jobstate import JobRecord, JobState, read_state, write_state
 from traind.jobs.build import build_job
 from traind.jobs.errors import JobSpecError
-from traind.jobs.folder import SPEC_FILE
+from traind.jobs.folder import job_file_name, write_job
 from traind.jobs.jobfile import FORMATS, JobFile, load_job, parse_text
 from traind.jobs.spec import JobSpec
 from traind.store.errors import TraindError
-from traind.store.fs import FileSystem, write_durably, write_new
+from traind.store.fs import FileSystem, write_durably
 
 CLAIMED = ".claimed"
 ATTEMPT = ".attempt"  # .NAME.attempt beside a claimed file: how many daemons died taking it in
@@ -253,7 +253,7 @@ class Intake:
 
     def _accept(self, job_file: JobFile) -> None:
         folder = self.home.job_dir(job_file.name)
-        copy = f"job{job_file.path.suffix.lower()}"
+        copy = job_file_name(job_file.path.suffix)
         origin = _origin(job_file.path)
         if folder.exists():
             record = read_state(folder)
@@ -269,8 +269,7 @@ class Intake:
         self.fs.remove_tree(stage)
         self.fs.mkdir(stage)
         # the stage is invisible until renamed: its files need an fsync each, its name one
-        write_new(self.fs, stage / copy, job_file.text.encode())
-        write_new(self.fs, stage / SPEC_FILE, job_file.spec.model_dump_json(indent=2).encode())
+        write_job(self.fs, stage, job_file, staged=True)
         write_state(stage, JobRecord(job_file.name, JobState.QUEUED, job_file.spec.priority, time.time(),
                                      changed=time.time(), origin=origin), self.fs, staged=True)
         self.fs.fsync_dir(stage)

@@ -16,7 +16,7 @@ from traind.daemon.home import KEPT, REMOVING, Home, NoSuchJob, finish_removal, 
 from traind.daemon.index import Index, row
 from traind.daemon.jobstate import JobState, read_state, transition
 from traind.daemon.liveness import serving, trained
-from traind.jobs.folder import LOG_FILE, SAVES, STATE_FILE
+from traind.jobs.folder import JOB_FILE, LOG_FILE, SAVES, STATE_FILE
 from traind.jobs.loadgame import request_load
 from traind.store.errors import TraindError
 from traind.store.fs import FileSystem
@@ -206,7 +206,7 @@ def steer(home: Home, folder: Path, action: str, note: str | None = None) -> str
 
 def _steer_run(folder: Path, action: str, note: str | None) -> str:
     """Steer a `traind run` folder: requests reach the process that trains it, if one does."""
-    rerun = f"`traind run {folder}/job.* --dir {folder}`"
+    rerun = f"`traind run {folder}/{JOB_FILE}.* --dir {folder}`"
     if action == "resume":
         if trained(folder):
             raise NotRunning(f"{folder} is being trained now; there is nothing to resume")
