@@ -15,9 +15,8 @@ import sys
 from enum import IntEnum
 from pathlib import Path
 
-from traind.daemon import requests
-from traind.daemon.foreground import JobBusy, holding, train_in_folder
 from traind.daemon.home import Home
+from traind.daemon.run import JobBusy, Run
 from traind.jobs.errors import JobSpecError, OutOfMemory
 from traind.jobs.folder import SPEC_FILE, WORKER_ERROR
 from traind.jobs.spec import JobSpec
@@ -48,14 +47,10 @@ ENDINGS = {"paused": Exit.PAUSED, "cancelled": Exit.CANCELLED, "stopped": Exit.S
 
 def run(home: Home, name: str) -> Exit:
     folder = home.job_dir(name)
-    hook = requests.RequestHook(folder)
     try:
         spec = JobSpec.model_validate_json((folder / SPEC_FILE).read_text())
-        with holding(folder, wait=LOCK_WAIT):  # a worker of a dead daemon may still be saving
-            try:
-                done, _ = train_in_folder(spec, name, folder, None, hook=hook)
-            finally:
-                hook.ended()  # requests that came too late for this run do not act on the next
+        run = Run(spec, name, folder, lock_wait=LOCK_WAIT)  # a worker of a dead daemon may still be saving
+        done = run.go()
     except JobSpecError as e:
         return _failed(folder, Exit.BAD_JOB, str(e))
     except OutOfMemory as e:
@@ -68,7 +63,7 @@ def run(home: Home, name: str) -> Exit:
         return _failed(folder, Exit.BAD_JOB, f"{folder / SPEC_FILE}: {e}")
     if done:
         return Exit.DONE
-    return ENDINGS.get(hook.ending, Exit.STOPPED)
+    return ENDINGS.get(run.ending, Exit.STOPPED)
 
 
 def _failed(folder: Path, code: Exit, why: str) -> Exit:

@@ -1,0 +1,197 @@
+"""A run: one job trained in its folder by one process, from its newest good save to the
+end or until something stops it. `traind run` and the daemon's worker both go through
+`Run`, so that everything a run does is in one place: the folder's lock, the job file
+and spec put in the folder, the build (spec, model, data, trainer), the checkpointer and
+its store, the history, the stop signals, the job's side of the request protocol (pause,
+cancel, quicksave, reload), and what is left to drop once the run has ended.
+
+It lives in daemon/ rather than jobs/: it composes the daemon's request protocol and
+folder lock with the jobs package's trainer and checkpointer (jobs/ knows what a job is,
+not who runs it).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+from traind.daemon import threads
+from traind.daemon.liveness import stamp
+from traind.daemon.requests import Request, RequestHook
+from traind.jobs.build import build_job
+from traind.jobs.checkpoint import Checkpointer
+from traind.jobs.errors import JobSpecError, NonFiniteLoss, OutOfMemory, TrainingError, is_out_of_memory
+from traind.jobs.folder import LOCK_FILE, LOG_FILE, write_job
+from traind.jobs.jobfile import JobFile
+from traind.jobs.metrics import Recorder, tensorboard_available
+from traind.jobs.spec import JobSpec
+from traind.jobs.train import Trainer
+from traind.store.errors import StoreError, TraindError
+from traind.store.fs import FileSystem
+
+# A check at each step boundary, before the checkpointer's: True stops at once (no save);
+# setting the stop event stops after a save.
+Hook = Callable[[Trainer, Checkpointer, threading.Event], bool]
+
+
+class JobBusy(TraindError):
+    """Another process is training this job folder."""
+
+
+class Run:
+    """One run of the job SPEC (named NAME) in FOLDER. JOB_FILE, when given, is put into
+    the folder first (`traind run`; the daemon's intake did it for its jobs). ECHO shows
+    what the user should see (None: the log only); LOCATE points a job-file error at its
+    line; WATCH is called at every step boundary (a progress line); LOCK_WAIT: how long
+    to wait for another process to let go of the folder."""
+
+    def __init__(self, spec: JobSpec, name: str, folder: Path, *, job_file: JobFile | None = None,
+                 echo: Callable[[str], None] | None = None,
+                 locate: Callable[[JobSpecError], JobSpecError] = lambda e: e,
+                 watch: Callable[[Trainer], None] | None = None, lock_wait: float = 0.0):
+        self.spec, self.name, self.folder, self.job_file = spec, name, folder, job_file
+        self.echo, self.locate, self.watch, self.lock_wait = echo, locate, watch, lock_wait
+        self.requests = RequestHook(folder)
+        self.trainer: Trainer | None = None
+        self.late: list[Request] = []
+        """Requests that came after the run's last look: dropped when it ended."""
+
+    @property
+    def ending(self) -> str | None:
+        """Which request ended the run ("paused", "cancelled", "stopped"), if one did."""
+        return self.requests.ending
+
+    def go(self) -> bool:
+        """Hold the folder, train until done (True) or stopped (False); a failure raises,
+        as a TraindError saying what to do. Requests the run never acted on are dropped
+        once it has ended, however it ended (a crash skips this: they stay)."""
+        with holding(self.folder, wait=self.lock_wait):
+            try:
+                if self.job_file is not None:
+                    write_job(FileSystem(), self.folder, self.job_file)
+                return self._train()
+            finally:
+                self.late = self.requests.ended()
+
+    def _boundary_hook(self, trainer: Trainer, checkpoints: Checkpointer, stop: threading.Event) -> bool:
+        if self.watch is not None:
+            self.watch(trainer)
+        return self.requests(trainer, checkpoints, stop)
+
+    def _train(self) -> bool:
+        folder, name = self.folder, self.name
+        recorder = Recorder(folder, self.echo, name, tensorboard=tensorboard_available())
+        try:
+            threads.pin(self.spec.threads, folder, recorder.say)
+            try:
+                job = build_job(self.spec, name)
+            except JobSpecError as e:
+                raise self.locate(e) from e
+            except Exception as e:
+                if is_out_of_memory(e):
+                    raise OutOfMemory(f"out of memory building the job: {e} (lower the model's size or "
+                                      "data.batch_size, or free the device)") from e
+                raise
+            trainer = self.trainer = Trainer(job, recorder)
+            with stop_on_signals() as stop:
+                checkpoints = Checkpointer(trainer, folder, recorder, stop)
+                if checkpoints.resume() is None:
+                    recorder.keep_until(0, 0)  # a fresh start: no records yet
+                recorder.metric({"kind": "start", "step": trainer.progress.step, "total_steps": job.total_steps,
+                                 "device": str(job.device)})
+                recorder.say(f"training '{job.name}' on {job.device}: step {trainer.progress.step} of "
+                             f"{job.total_steps} ({job.steps_per_epoch} per epoch); {job.splits.description}")
+
+                def boundary(t: Trainer) -> bool:
+                    return self._boundary_hook(t, checkpoints, stop) or checkpoints.boundary(t)
+
+                done = _fit(trainer, checkpoints, boundary, recorder, folder)
+            p = trainer.progress
+            recorder.log(f"{'done' if done else 'stopped'} at step {p.step}/{job.total_steps}")
+            return done
+        finally:
+            recorder.close()
+
+
+def _fit(trainer: Trainer, checkpoints: Checkpointer, boundary: Callable[[Trainer], bool], recorder: Recorder,
+         folder: Path) -> bool:
+    """Train to the end or a stop, rolling back after a non-finite loss; every failure
+    leaves its traceback in the log and becomes one TraindError saying what to do."""
+    try:
+        while True:
+            try:
+                done = trainer.fit(boundary)
+                break
+            except NonFiniteLoss as e:
+                checkpoints.rollback(e)
+    except BaseException as e:
+        try:
+            checkpoints.close()
+        except StoreError as late:  # the error in hand matters more; keep this one in the log
+            recorder.log(f"the save in flight failed too: {late}", logging.ERROR)
+        if isinstance(e, TraindError):
+            recorder.log(str(e), logging.ERROR)
+            raise
+        if not isinstance(e, Exception):
+            raise
+        recorder.log(traceback.format_exc(), logging.ERROR)  # the job's code failed; one line on screen
+        if is_out_of_memory(e):
+            raise OutOfMemory(f"out of memory at step {trainer.progress.step + 1}: {e} (lower data.batch_size or "
+                              f"the model's size, or free the device; traceback in {folder / LOG_FILE})") from e
+        raise TrainingError(f"training failed at step {trainer.progress.step + 1}: {type(e).__name__}: {e} "
+                            f"(traceback in {folder / LOG_FILE})") from e
+    checkpoints.close()
+    return done
+
+
+@contextmanager
+def holding(folder: Path, wait: float = 0.0):
+    """An exclusive lock on FOLDER for as long as this process trains in it, waiting up to
+    WAIT seconds for a holder to let go; the kernel drops it when the process ends,
+    however it ends."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = (os.pread(fd, 32, 0).decode(errors="replace").split() or ["another process"])[0]
+                    raise JobBusy(f"{folder} is being trained by pid {holder}; stop that run first, "
+                                  "or use another --dir") from None
+                time.sleep(0.1)
+        stamp(fd)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def stop_on_signals():
+    """An Event set by the first SIGTERM or SIGINT; the second gets the default action."""
+    stop = threading.Event()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum, frame):
+        stop.set()
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+    for s in saved:
+        signal.signal(s, handler)
+    try:
+        yield stop
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
