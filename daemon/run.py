@@ -30,6 +30,7 @@ from traind.jobs.build import build_job
 from traind.jobs.checkpoint import Checkpointer
 from traind.jobs.errors import JobSpecError, NonFiniteLoss, OutOfMemory, TrainingError, is_out_of_memory
 from traind.jobs.folder import LOCK_FILE, LOG_FILE, write_job
+from traind.jobs import loadgame
 from traind.jobs.jobfile import JobFile
 from traind.jobs.metrics import Recorder, tensorboard_available
 from traind.jobs.spec import JobSpec
@@ -102,8 +103,8 @@ class Run:
                 raise
             trainer = self.trainer = Trainer(job, recorder)
             with stop_on_signals() as stop:
-                checkpoints = Checkpointer(trainer, folder, recorder, stop)
-                if checkpoints.resume() is None:
+                checkpoints = Checkpointer(trainer, folder, recorder, stop, protect=lambda: loadgame.protected(folder))
+                if checkpoints.resume(loadgame.take(folder, checkpoints.store)) is None:
                     recorder.keep_until(0, 0)  # a fresh start: no records yet
                 recorder.metric({"kind": "start", "step": trainer.progress.step, "total_steps": job.total_steps,
                                  "device": str(job.device)})

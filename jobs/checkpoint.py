@@ -1,5 +1,6 @@
 """RPG saves for a Trainer: saves as the policy asks at step boundaries, resume from the
-newest good save, roll back after a non-finite loss, and a "load game" request.
+newest good save (or the one a "load game" request names, handed in by the run), and
+roll back after a non-finite loss.
 
 Training waits only for the copy of its state (the stall, recorded per save); the write
 runs behind it, one at a time. A save is acknowledged (logged as "saved ID") only once
@@ -8,24 +9,21 @@ committed.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from traind.jobs import state
-from traind.jobs.folder import LOAD_REQUEST, SAVES
-from traind.jobs.loadgame import requested_save
+from traind.jobs.folder import SAVES
 from traind.jobs.errors import NonFiniteLoss
 from traind.jobs.metrics import Recorder
 from traind.jobs.spec import CheckpointSpec
 from traind.jobs.train import Trainer
 from traind.store import retention
-from traind.store.errors import CorruptSave, NoSuchSave, SaveFailed, StoreError
-from traind.store.fs import FileSystem, write_durably
+from traind.store.errors import CorruptSave, SaveFailed, StoreError
+from traind.store.fs import FileSystem
 from traind.store.saves import SaveInfo
 from traind.store.snapshot import Snapshot, Writer
 from traind.store.store import SaveStore
@@ -37,9 +35,14 @@ def policy_of(spec: CheckpointSpec) -> retention.Policy:
 
 
 class Checkpointer:
+    """The saves of one run. PROTECT: the ids that retention must keep whatever its policy
+    says, asked at every save (the run's: a save that a "load game" request names); the
+    save resumed from is kept too."""
+
     def __init__(self, trainer: Trainer, folder: Path, recorder: Recorder, stop: threading.Event | None = None,
-                 fs: FileSystem | None = None):
+                 fs: FileSystem | None = None, protect: Callable[[], set[str]] = set):
         self.trainer, self.folder, self.recorder, self.stop = trainer, folder, recorder, stop
+        self.protect = protect
         self.store = SaveStore(folder / SAVES, policy_of(trainer.spec.checkpoint), fs)
         self.snapshot, self.writer = Snapshot(), Writer()
         self.resumed_from: str | None = None
@@ -85,7 +88,7 @@ class Checkpointer:
                 "metrics": dict(p.last), "note": note, "job": self.trainer.job.name}
         if request is not None:
             meta["request"] = request
-        protect = {self.resumed_from, requested_save(self.folder)} - {None}  # never rotate these out
+        protect = ({self.resumed_from} | self.protect()) - {None}  # never rotate these out
         stall = time.perf_counter() - started
         self.recorder.metric({"kind": "save", "id": save_id, "step": p.step, "kinds": meta["kinds"],
                               "stall_s": round(stall, 6), "waited_s": round(waited, 6)})
@@ -118,10 +121,10 @@ class Checkpointer:
 
     # -- resuming ---------------------------------------------------------------------
 
-    def resume(self) -> SaveInfo | None:
-        """Continue from the requested save ("load game"), else from the newest that
+    def resume(self, requested: SaveInfo | None = None) -> SaveInfo | None:
+        """Continue from REQUESTED (a "load game"), else from the newest save that
         verifies; None when there is no save to continue from."""
-        info = self._requested()
+        info = requested
         if info is not None:
             self._restore(info)  # asked for by name: if it cannot be read, say so, never load another
         while info is None:
@@ -139,27 +142,6 @@ class Checkpointer:
         p = self.trainer.progress
         where = f"epoch {p.epoch + 1}, batch {p.batch}" if p.batch else f"after epoch {p.epoch}"
         self.recorder.say(f"resumed from save {info.id} at step {p.step} ({where})")
-        return info
-
-    def _requested(self) -> SaveInfo | None:
-        """The save a "load game" asked for, until the run that took it has saved. The
-        request is stamped with the first save number of the run that takes it: saves
-        older than that (a run still going when the request came) do not count."""
-        path = self.folder / LOAD_REQUEST
-        if not path.exists():
-            return None
-        request = json.loads(path.read_text())
-        taken = request.get("taken_from_seq")
-        if taken is not None and any(s.seq >= taken for s in self.store.saves()):
-            os.unlink(path)  # the loaded game has saves of its own now: continue from those
-            return None
-        try:
-            info = self.store.checked(self.store.get(request["save"]))
-        except NoSuchSave as e:
-            raise NoSuchSave(f"{e} (asked for by {path}; delete that file to resume from the newest save)") from e
-        if taken is None:
-            request["taken_from_seq"] = self.store.next_seq
-            write_durably(self.store.fs, path, json.dumps(request).encode())
         return info
 
     def _restore(self, info: SaveInfo) -> None:

@@ -9,6 +9,7 @@ import torch
 from tests.conftest import EXAMPLES
 from traind.jobs.build import build_job
 from traind.jobs.checkpoint import Checkpointer
+from traind.jobs import loadgame
 from traind.jobs.loadgame import request_load
 from traind.jobs.errors import NonFiniteLoss
 from traind.jobs.jobfile import load_job
@@ -38,8 +39,9 @@ class Run:
     def __init__(self, jf, folder, stop_at=None):
         self.trainer = Trainer(build_job(jf.spec, jf.name), Recorder(folder))
         self.stop = threading.Event()
-        self.ckpt = Checkpointer(self.trainer, folder, self.trainer.recorder, self.stop)
-        self.resumed = self.ckpt.resume()
+        self.ckpt = Checkpointer(self.trainer, folder, self.trainer.recorder, self.stop,
+                                 protect=lambda: loadgame.protected(folder))  # as daemon/run.py does
+        self.resumed = self.ckpt.resume(loadgame.take(folder, self.ckpt.store))
         self.stop_at = stop_at
 
     def boundary(self, trainer):
