@@ -21,8 +21,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from traind.daemon import liveness, notify, threads
 from traind.daemon.home import Home, check_private, finish_removals
@@ -122,8 +124,26 @@ class Worker:
     """The newest save's number when it started: a worker that saved since made progress."""
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this machine shows (cuda:0, cuda:1...); none without CUDA."""
+    return [str(d) for d in try_all_gpus() if d.type == "cuda"]
+
+
+def spawn_worker(argv: list[str], out: IO[bytes], env: dict[str, str]) -> subprocess.Popen:
+    """A worker process, its output into OUT, killed when the daemon dies."""
+    return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+
+
+def disk_free(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
 @dataclass
 class Daemon:
+    """The service. Its side effects on the machine go through seams that tests replace:
+    GPUS (the GPU list), SPAWN (a worker process), FREE_BYTES (disk space), CLOCK (the
+    wall clock) and WATCH (the inbox's watcher)."""
+
     home: Home
     workers: int = 1
     threads: int | None = None
@@ -134,9 +154,14 @@ class Daemon:
     retry_at: dict[str, float] = field(default_factory=dict)
     unproductive: dict[str, int] = field(default_factory=dict)
     """Per job, worker deaths since its last new save: the restart limit counts these."""
+    gpus: Callable[[], list[str]] = visible_gpus
+    spawn: Callable[[list[str], IO[bytes], dict[str, str]], subprocess.Popen] = spawn_worker
+    free_bytes: Callable[[Path], int] = disk_free
+    clock: Callable[[], float] = time.time
+    watch: Callable[[Path, threading.Event], InboxWatch] = InboxWatch
 
     def __post_init__(self):
-        gpus = [str(d) for d in try_all_gpus() if d.type == "cuda"]
+        gpus = self.gpus()
         # one job per GPU; without one, --workers CPU slots; --workers 0 takes files in, runs nothing
         self.slots = [] if self.workers == 0 else gpus or [f"cpu{i}" for i in range(self.workers)]
         self.validator = Validator()
@@ -207,10 +232,11 @@ class Daemon:
             priority = int(json.loads((folder / SPEC_FILE).read_text()).get("priority", 0))
         except (OSError, ValueError, TypeError, AttributeError):
             return None
-        if time.time() - changed < ADOPT_SETTLE:
+        if self.clock() - changed < ADOPT_SETTLE:
             return None
         log.info("adopting %s, a job folder copied in", folder.name)
-        return write_state(folder, JobRecord(folder.name, JobState.QUEUED, priority, time.time(), changed=time.time(),
+        now = self.clock()
+        return write_state(folder, JobRecord(folder.name, JobState.QUEUED, priority, now, changed=now,
                                              last_error="adopted: a job folder copied into this home",
                                              cause="interrupted"))
 
@@ -244,7 +270,7 @@ class Daemon:
         if record.cause != "disk_full":
             return True
         folder = self.home.job_dir(record.name)
-        if shutil.disk_usage(folder).free >= 1.5 * _newest_bytes(folder) + (1 << 20):
+        if self.free_bytes(folder) >= 1.5 * _newest_bytes(folder) + (1 << 20):
             return True
         self.retry_at[record.name] = now + DISK_RETRY
         return False
@@ -262,8 +288,8 @@ class Daemon:
             env["CUDA_VISIBLE_DEVICES"] = slot.split(":")[1]
         count = oom_kills()
         with open(folder / WORKER_OUT, "ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "traind.daemon.worker", "--home", str(self.home.root), name],
-                                    stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+            proc = self.spawn([sys.executable, "-m", "traind.daemon.worker", "--home", str(self.home.root), name],
+                              out, env)
         self.running[name] = Worker(name, proc, now, slot, count, _newest_seq(folder))
         log.info("%s: started on %s (worker pid %d)", name, slot, proc.pid)
 
@@ -357,7 +383,7 @@ class Daemon:
         self.start()
         interval, last_ping, status = notify.watchdog_interval(), 0.0, None
         wake = threading.Event()
-        watch = InboxWatch(self.home.inbox, wake)
+        watch = self.watch(self.home.inbox, wake)
         try:
             watch.ensure_running()
             self.loop(time.monotonic())

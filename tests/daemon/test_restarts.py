@@ -162,3 +162,53 @@ def test_a_job_folder_copied_in_is_adopted_once_it_is_still(tmp_path, monkeypatc
     assert set(daemon._states) == {"from-elsewhere"}
     record = read_state(folder)
     assert record.state == JobState.QUEUED and record.priority == 3 and "adopted" in record.last_error
+
+
+class FakeProc:
+    """A worker that never ends by itself (the seam replaces subprocess.Popen)."""
+
+    def __init__(self, argv, env):
+        self.argv, self.env, self.pid, self.returncode = argv, env, 4242, None
+
+    def poll(self):
+        return self.returncode
+
+
+def test_the_daemons_side_effects_go_through_its_seams(tmp_path):
+    """Three fake GPUs: three slots, each job started on its own (CUDA_VISIBLE_DEVICES); a
+    job stopped by a full disk waits until FREE_BYTES says there is room; adoption reads
+    CLOCK. No GPU, no process, no disk filled."""
+    home = Home(tmp_path)
+    for name in ("a", "b", "c", "d", "full"):
+        home.job_dir(name).mkdir(parents=True)
+        (home.job_dir(name) / "spec.json").write_text("{}")
+        write_state(home.job_dir(name), JobRecord(name, JobState.QUEUED, submitted=ord(name[0]),
+                                                  cause="disk_full" if name == "full" else None))
+    started, free = [], [0]
+
+    def spawn(argv, out, env):
+        started.append(FakeProc(argv, env))
+        return started[-1]
+
+    daemon = Daemon(home, gpus=lambda: ["cuda:0", "cuda:1", "cuda:2"], spawn=spawn, free_bytes=lambda path: free[0],
+                    clock=lambda: 1e12)
+    assert daemon.slots == ["cuda:0", "cuda:1", "cuda:2"]
+    daemon._schedule(now=0.0)
+    assert [p.argv[-1] for p in started] == ["a", "b", "c"]  # in submission order, one per GPU
+    assert [p.env["CUDA_VISIBLE_DEVICES"] for p in started] == ["0", "1", "2"]
+    assert read_state(home.job_dir("d")).state == JobState.QUEUED and daemon.waiting == 2
+    started[0].returncode = Exit.DONE  # a finishes: its GPU goes to the next job that fits
+    daemon.loop(now=1.0)
+    assert [p.argv[-1] for p in started] == ["a", "b", "c", "d"] and started[-1].env["CUDA_VISIBLE_DEVICES"] == "0"
+    started[1].returncode = Exit.DONE
+    daemon.loop(now=2.0)
+    assert len(started) == 4 and "full" in daemon.retry_at  # the disk is still full: it waits
+    free[0] = 1 << 30
+    daemon.retry_at.clear()
+    daemon.loop(now=3.0)
+    assert started[-1].argv[-1] == "full" and started[-1].env["CUDA_VISIBLE_DEVICES"] == "1"
+    copied = home.job_dir("copied")
+    copied.mkdir()
+    (copied / "spec.json").write_text("{}")
+    daemon._refresh_states()
+    assert read_state(copied).submitted == 1e12  # adopted at the seam's time
