@@ -19,12 +19,12 @@ them: a pause sent while a killed worker waits to be restarted still pauses the 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from traind.jobs.folder import REQUESTS
+from traind.jobs.world import Decision
 from traind.store.fs import FileSystem, write_durably
 
 KINDS = ("pause", "cancel", "save", "reload")
@@ -68,9 +68,10 @@ def done(request: Request) -> None:
     request.path.unlink(missing_ok=True)
 
 
-class RequestHook:
-    """The step-boundary hook that acts on a job's requests, each once; `ending` says which
-    request ended the run ("paused", "cancelled" or "stopped"), if one did."""
+class JobRequests:
+    """The job's side of the requests: at a step boundary it takes the pending ones into
+    the boundary's Decision, each once; `ending` says which request ended the run
+    ("paused", "cancelled" or "stopped"), if one did."""
 
     def __init__(self, folder: Path):
         self.folder, self.ending = folder, None
@@ -79,40 +80,49 @@ class RequestHook:
         self._next_look = 0.0
         self._first = True
 
-    def __call__(self, trainer, checkpoints, stop: threading.Event) -> bool:
+    def decide(self, store) -> Decision:
+        """This boundary's Decision as the requests make it: a quicksave (one per boundary;
+        another waits for the next), a pause (save, then stop), a cancel or a reload (stop
+        without a save: one would be newer than a requested save, and win). STORE's saves
+        tell which quicksaves a crash cut short after their commit."""
+        decision = Decision()
         now = time.monotonic()
         if now < self._next_look:
-            return False
+            return decision
         self._next_look = now + LOOK_EVERY
         if self._first:  # quicksaves a crash cut short after their commit: their save exists
             self._first = False
-            answered = {s.request for s in checkpoints.store.saves() if s.request}
+            answered = {s.request for s in store.saves() if s.request}
         else:
             answered = set()
         for request in pending(self.folder):
             if request.path.name in self._acted:
                 continue
-            self._acted.add(request.path.name)
             if request.kind == "save":
                 if request.path.name in answered:
+                    self._acted.add(request.path.name)
                     done(request)
-                    continue
-                save_id = checkpoints.save({"manual"}, request.note, request=request.path.name,
-                                           after=lambda r=request: done(r))
-                checkpoints.recorder.say(f"quicksave {save_id} at step {trainer.progress.step}"
-                                         + (f": {request.note}" if request.note else ""))
+                elif decision.request is not None:
+                    self._next_look = 0.0  # one quicksave per boundary: look again at the next
+                else:
+                    self._acted.add(request.path.name)
+                    decision.kinds.add("manual")
+                    decision.note, decision.request = request.note, request.path.name
+                    decision.after = lambda r=request: done(r)
                 continue
+            self._acted.add(request.path.name)
             self._ending_requests.append(request)
             if request.kind == "pause":
                 self.ending = "paused"
-                stop.set()  # the checkpointer saves, then the loop stops
-            elif request.kind == "cancel":
-                self.ending = "cancelled"
-                return True  # stop now; the saves stay as they are
-            elif request.kind == "reload":
-                self.ending = "stopped"  # queued again: the next run takes the requested save
-                return True  # no save: one would be newer than the requested one, and win
-        return False
+                decision.stop_at("after_save")
+            else:  # cancel: the saves stay as they are; reload: queued again, the next run loads
+                self.ending = "cancelled" if request.kind == "cancel" else "stopped"
+                decision.stop_at("now")
+                if decision.request is not None:  # no save at all: that quicksave came too late
+                    self._acted.discard(decision.request)
+                    decision.kinds, decision.note, decision.request, decision.after = set(), None, None, None
+                break
+        return decision
 
     def ended(self) -> list[Request]:
         """The run has ended (its saves committed): forget the requests that ended it, and

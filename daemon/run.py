@@ -25,7 +25,7 @@ from pathlib import Path
 
 from traind.daemon import threads
 from traind.daemon.liveness import stamp
-from traind.daemon.requests import Request, RequestHook
+from traind.daemon.requests import Request, JobRequests
 from traind.jobs.build import build_job
 from traind.jobs.checkpoint import Checkpointer
 from traind.jobs.errors import JobSpecError, NonFiniteLoss, OutOfMemory, TrainingError, is_out_of_memory
@@ -35,13 +35,9 @@ from traind.jobs.jobfile import JobFile
 from traind.jobs.metrics import Recorder, tensorboard_available
 from traind.jobs.spec import JobSpec
 from traind.jobs.train import Trainer
+from traind.jobs.world import Decision, World
 from traind.store.errors import StoreError, TraindError
 from traind.store.fs import FileSystem
-
-# A check at each step boundary, before the checkpointer's: True stops at once (no save);
-# setting the stop event stops after a save.
-Hook = Callable[[Trainer, Checkpointer, threading.Event], bool]
-
 
 class JobBusy(TraindError):
     """Another process is training this job folder."""
@@ -57,10 +53,10 @@ class Run:
     def __init__(self, spec: JobSpec, name: str, folder: Path, *, job_file: JobFile | None = None,
                  echo: Callable[[str], None] | None = None,
                  locate: Callable[[JobSpecError], JobSpecError] = lambda e: e,
-                 watch: Callable[[Trainer], None] | None = None, lock_wait: float = 0.0):
-        self.spec, self.name, self.folder, self.job_file = spec, name, folder, job_file
+                 watch: Callable[[Trainer], None] | None = None, lock_wait: float = 0.0, world: World = World()):
+        self.spec, self.name, self.folder, self.job_file, self.world = spec, name, folder, job_file, world
         self.echo, self.locate, self.watch, self.lock_wait = echo, locate, watch, lock_wait
-        self.requests = RequestHook(folder)
+        self.requests = JobRequests(folder)
         self.trainer: Trainer | None = None
         self.late: list[Request] = []
         """Requests that came after the run's last look: dropped when it ended."""
@@ -82,10 +78,13 @@ class Run:
             finally:
                 self.late = self.requests.ended()
 
-    def _boundary_hook(self, trainer: Trainer, checkpoints: Checkpointer, stop: threading.Event) -> bool:
+    def _boundary(self, trainer: Trainer, checkpoints: Checkpointer) -> bool:
+        """The one decision of a step boundary: taken from the requests, the stop signals
+        and the save policy, agreed by every rank, then acted on; True stops the loop."""
         if self.watch is not None:
             self.watch(trainer)
-        return self.requests(trainer, checkpoints, stop)
+        decision = self.requests.decide(checkpoints.store) if self.world.is_main else Decision()
+        return checkpoints.act(trainer, self.world.agree(checkpoints.due(trainer, decision)))
 
     def _train(self) -> bool:
         folder, name = self.folder, self.name
@@ -110,11 +109,7 @@ class Run:
                                  "device": str(job.device)})
                 recorder.say(f"training '{job.name}' on {job.device}: step {trainer.progress.step} of "
                              f"{job.total_steps} ({job.steps_per_epoch} per epoch); {job.splits.description}")
-
-                def boundary(t: Trainer) -> bool:
-                    return self._boundary_hook(t, checkpoints, stop) or checkpoints.boundary(t)
-
-                done = _fit(trainer, checkpoints, boundary, recorder, folder)
+                done = _fit(trainer, checkpoints, lambda t: self._boundary(t, checkpoints), recorder, folder)
             p = trainer.progress
             recorder.log(f"{'done' if done else 'stopped'} at step {p.step}/{job.total_steps}")
             return done

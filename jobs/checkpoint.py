@@ -21,6 +21,7 @@ from traind.jobs.errors import NonFiniteLoss
 from traind.jobs.metrics import Recorder
 from traind.jobs.spec import CheckpointSpec
 from traind.jobs.train import Trainer
+from traind.jobs.world import Decision
 from traind.store import retention
 from traind.store.errors import CorruptSave, SaveFailed, StoreError
 from traind.store.fs import FileSystem
@@ -51,26 +52,39 @@ class Checkpointer:
     # -- saving ---------------------------------------------------------------------
 
     def boundary(self, trainer: Trainer) -> bool:
-        """The loop's callback between steps: save what is due; True stops the loop."""
+        """The loop's callback between steps, for a run with no requests and one process:
+        save what is due; True stops the loop."""
+        return self.act(trainer, self.due(trainer, Decision()))
+
+    def due(self, trainer: Trainer, decision: Decision) -> Decision:
+        """DECISION with the save kinds the policy asks for here, and a stop after a save
+        if a signal asked for one."""
         p, policy = trainer.progress, self.store.policy
         elapsed = time.monotonic() - self.last_save
         if p.batch == 0:  # an epoch just ended and was measured
-            kinds = retention.due_at_epoch_end(policy, p.epoch, p.step, elapsed, p.last.get(policy.monitor),
-                                               self.store.saves())
+            decision.kinds |= retention.due_at_epoch_end(policy, p.epoch, p.step, elapsed, p.last.get(policy.monitor),
+                                                         self.store.saves())
             if trainer.finished():
-                kinds.add("final")
+                decision.kinds.add("final")
         elif p.batch < trainer.job.steps_per_epoch:  # (after the last batch, the epoch's end comes next)
-            kinds = retention.due_at_step(policy, p.step, elapsed)
-        else:
-            kinds = set()
-        stopping = self.stop is not None and self.stop.is_set()
-        if stopping and not kinds:
-            kinds = {"auto"}
+            decision.kinds |= retention.due_at_step(policy, p.step, elapsed)
+        if self.stop is not None and self.stop.is_set():
+            decision.stop_at("after_save")
+        return decision
+
+    def act(self, trainer: Trainer, decision: Decision) -> bool:
+        """Do what the (agreed) DECISION says; True stops the loop."""
+        if decision.stop == "now":
+            return True
+        kinds = decision.kinds or ({"auto"} if decision.stop else set())
         if kinds:
-            self.save(kinds)
-        if stopping or "final" in kinds:
+            save_id = self.save(kinds, decision.note, decision.request, decision.after)
+            if decision.request is not None:
+                self.recorder.say(f"quicksave {save_id} at step {trainer.progress.step}"
+                                  + (f": {decision.note}" if decision.note else ""))
+        if decision.stop or "final" in kinds:
             self.writer.wait()
-        return stopping
+        return decision.stop is not None
 
     def save(self, kinds: set[str], note: str | None = None, request: str | None = None,
              after: Callable[[], None] | None = None) -> str:

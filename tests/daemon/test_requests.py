@@ -1,5 +1,5 @@
 """Requests to a running job act exactly once: a quicksave makes one save, even when the
-hook looks again before it is committed, or after a crash between commit and removal."""
+run looks again before it is committed, or after a crash between commit and removal."""
 
 import subprocess
 import sys
@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from tests.conftest import MLP
 from tests.daemon.live import wait_for
 from traind.daemon import requests
-from traind.daemon.requests import RequestHook
+from traind.daemon.requests import JobRequests
+from traind.jobs.world import Decision
 from traind.store.saves import list_saves
 
 
@@ -26,60 +27,84 @@ class FakeStore:
         return list(self.found)
 
 
-class FakeCheckpoints:
-    """Records the saves asked for; commits them only when told (as the writer thread would)."""
-
-    def __init__(self, store=None):
-        self.store, self.made, self.uncommitted = store or FakeStore(), [], []
-        self.recorder = type("R", (), {"say": lambda self, text: None})()
-
-    def save(self, kinds, note=None, request=None, after=None):
-        self.made.append((kinds, note, request))
-        self.uncommitted.append(after)
-        return f"{len(self.made):06d}-s0"
-
-    def commit(self):
-        for after in self.uncommitted:
-            after()
-        self.uncommitted = []
+def look(taker, store=None):
+    taker._next_look = 0.0  # requests are looked at most every LOOK_EVERY seconds; a test looks now
+    return taker.decide(store or FakeStore())
 
 
-class FakeTrainer:
-    progress = type("P", (), {"step": 7})()
-
-
-def look(hook, checkpoints, stop=None):
-    hook._next_look = 0.0  # the hook looks at most every LOOK_EVERY seconds; a test looks now
-    return hook(FakeTrainer(), checkpoints, stop or threading.Event())
-
-
-def test_a_quicksave_request_makes_one_save_however_often_the_hook_looks(tmp_path):
+def test_a_quicksave_request_makes_one_save_however_often_the_run_looks(tmp_path):
     requests.send(tmp_path, "save", "once")
-    hook, checkpoints = RequestHook(tmp_path), FakeCheckpoints()
-    for _ in range(5):
-        look(hook, checkpoints)  # the save is still being written: the request is still there
-    assert checkpoints.made == [({"manual"}, "once", checkpoints.made[0][2])]
+    taker = JobRequests(tmp_path)
+    first = look(taker)
+    assert (first.kinds, first.note, first.stop) == ({"manual"}, "once", None)
+    for _ in range(5):  # the save is still being written: the request is still there
+        assert look(taker).kinds == set()
     assert len(requests.pending(tmp_path)) == 1
-    checkpoints.commit()
-    assert requests.pending(tmp_path) == []  # removed once its save is committed
-    look(hook, checkpoints)
-    assert len(checkpoints.made) == 1
+    first.after()  # its save is committed
+    assert requests.pending(tmp_path) == []
+
+
+def test_two_quicksaves_are_two_saves_at_two_boundaries(tmp_path):
+    requests.send(tmp_path, "save", "one")
+    requests.send(tmp_path, "save", "two")
+    taker = JobRequests(tmp_path)
+    assert look(taker).note == "one"
+    second = taker.decide(FakeStore())  # looked again at once: the other was still waiting
+    assert (second.kinds, second.note) == ({"manual"}, "two")
 
 
 def test_a_quicksave_whose_save_a_crash_left_committed_is_not_made_again(tmp_path):
     path = requests.send(tmp_path, "save", "before the crash")
-    checkpoints = FakeCheckpoints(FakeStore([FakeSave(None), FakeSave(path.name)]))
-    look(RequestHook(tmp_path), checkpoints)
-    assert checkpoints.made == [] and requests.pending(tmp_path) == []
+    decision = look(JobRequests(tmp_path), FakeStore([FakeSave(None), FakeSave(path.name)]))
+    assert decision.kinds == set() and requests.pending(tmp_path) == []
 
 
 def test_pause_stops_after_a_save_and_its_request_goes_once_the_run_ended(tmp_path):
     requests.send(tmp_path, "pause")
-    hook, checkpoints, stop = RequestHook(tmp_path), FakeCheckpoints(), threading.Event()
-    assert look(hook, checkpoints, stop) is False and stop.is_set() and hook.ending == "paused"
+    taker = JobRequests(tmp_path)
+    decision = look(taker)
+    assert decision.stop == "after_save" and taker.ending == "paused"
     assert len(requests.pending(tmp_path)) == 1  # a crash before the run ends pauses it again
-    hook.ended()
+    assert taker.ended() == []
     assert requests.pending(tmp_path) == []
+
+
+def test_a_cancel_stops_at_once_and_a_quicksave_beside_it_is_dropped_not_kept(tmp_path):
+    requests.send(tmp_path, "save", "too late")
+    requests.send(tmp_path, "cancel")
+    taker = JobRequests(tmp_path)
+    decision = look(taker)
+    assert (decision.stop, decision.kinds, decision.after) == ("now", set(), None) and taker.ending == "cancelled"
+    assert [r.kind for r in taker.ended()] == ["save"]  # said as dropped; it does not fire on the next run
+    assert requests.pending(tmp_path) == []
+
+
+def test_a_quicksave_at_an_autosave_boundary_is_one_save_of_both_kinds(write_job, tmp_path):
+    """The requests and the policy decide once per boundary: a quicksave that falls on an
+    autosave's step is one save, manual and auto, not two saves of the same state."""
+    from traind.jobs.build import build_job
+    from traind.jobs.checkpoint import Checkpointer
+    from traind.jobs.jobfile import load_job
+    from traind.jobs.metrics import Recorder
+    from traind.jobs.train import Trainer
+
+    jf = load_job(write_job(MLP.replace("epochs = 3", "epochs = 1")))
+    folder = tmp_path / "run"
+    trainer = Trainer(build_job(jf.spec, jf.name), Recorder(folder))
+    checkpoints = Checkpointer(trainer, folder, trainer.recorder)
+    taker = JobRequests(folder)
+    requests.send(folder, "save", "at the epoch's end")
+
+    def boundary(t):
+        decision = taker.decide(checkpoints.store) if t.progress.batch == 0 else Decision()
+        return checkpoints.act(t, checkpoints.due(t, decision))
+
+    assert trainer.fit(boundary)
+    checkpoints.close()
+    trainer.recorder.close()
+    saves = list_saves(folder / "saves")[0]
+    assert [(s.kinds, s.note) for s in saves] == [(("auto", "best", "manual", "final"), "at the epoch's end")]
+    assert requests.pending(folder) == []
 
 
 def test_one_quicksave_of_a_real_run_is_one_manual_save(write_job, tmp_path):
