@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from bench import daemon, loop, save
+from bench import daemon, ddp, loop, save
 
-CASES = {"loop": loop.measure, "save": save.measure, "daemon": daemon.measure}
+CASES = {"loop": loop.measure, "save": save.measure, "daemon": daemon.measure, "ddp": ddp.measure}
 COLUMNS = ("case", "traind", "baseline", "ratio", "goal", "verdict")
 
 

@@ -3,8 +3,10 @@
     python -m bench.soak [--kills N] [--seed S] [--json OUT] [--keep]
 
 It starts a daemon on a fresh home and feeds it job files (a few templates, many
-names). Then, KILLS times, it SIGKILLs the daemon or one of its workers and lets the
-daemon come back (a new daemon for a killed one; the daemon restarts a killed worker).
+names; one trains in two processes, DDP over gloo). Then, KILLS times, it SIGKILLs the
+daemon, one of its workers or one rank of a two-process job, and lets the daemon come
+back (a new daemon for a killed one; the daemon restarts a killed worker, and a job whose
+rank was killed).
 Jobs save every few steps and keep only the last two or three (retention removes a save
 at nearly every commit), so kills meet removals as often as writes. Kill moments are
 biased toward the dangerous ones: while a save is being written (a staging folder that
@@ -87,6 +89,10 @@ keep_last = 3
 keep_best = 0
 """,
 }
+TEMPLATES["ddp"] = TEMPLATES["mlp"].replace("samples = 4096", "samples = 2048") + """
+[distributed]
+processes = 2
+"""  # two ranks, which the worker launches: a kill may land on the worker (their launcher) or on a rank
 SAVED = re.compile(r"saved (\d+-s\d+) ")
 RESUMED = re.compile(r"resumed from save (\d+-s\d+) ")
 PYTHON = [sys.executable, "-m", "traind.daemon.cli"]
@@ -98,7 +104,8 @@ class Soak:
         self.root, self.home, self.rng = root, root / "home", random.Random(seed)
         self.daemon: subprocess.Popen | None = None
         self.dropped: dict[str, str] = {}  # job name -> template
-        self.kills = {"daemon": 0, "worker": 0}
+        self.kills = {"daemon": 0, "worker": 0, "rank": 0}
+        self.ranks: set[int] = set()  # pids of ranks (of a 2-process job) among the workers found
         self.moments = {"save": 0, "intake": 0, "random": 0}
         self.in_save = 0  # kills that found a save being written
         self.removals_cut = 0  # kills that left a save half removed (a .deleting- folder), for the next start
@@ -110,8 +117,9 @@ class Soak:
 
     # processes
     def start_daemon(self) -> None:
-        self.daemon = subprocess.Popen([*PYTHON, "--home", str(self.home), "daemon"], stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL)
+        # two CPU slots (the two-process job takes both), one thread each: as the references train
+        self.daemon = subprocess.Popen([*PYTHON, "--home", str(self.home), "daemon", "--workers", "2", "--threads", "1"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.daemon_starts += 1
         deadline = time.monotonic() + 60
         while not (self.home / "inbox").is_dir():
@@ -119,7 +127,8 @@ class Soak:
             time.sleep(0.01)
 
     def workers(self) -> list[tuple[int, str, float]]:
-        """(pid, job name, when first seen) of the daemon's live workers, from /proc."""
+        """(pid, job name, when first seen) of the daemon's live workers and the ranks they
+        launched, from /proc."""
         found = []
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
@@ -128,12 +137,14 @@ class Soak:
                 cmd = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"traind.daemon.worker" in cmd and str(self.home).encode() in cmd:
+            if (b"traind.daemon.worker" in cmd or b"traind.daemon.rank" in cmd) and str(self.home).encode() in cmd:
                 try:  # pids are reused (pid_max may be 32768): know a process by its start time too
                     born = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[19]
                 except OSError:
                     continue
                 seen = self.seen.setdefault((int(entry.name), born), time.time())
+                if b"traind.daemon.rank" in cmd:
+                    self.ranks.add(int(entry.name))
                 found.append((int(entry.name), cmd[-2].decode(), seen))
         return found
 
@@ -207,7 +218,7 @@ class Soak:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 return
-            self.kills["worker"] += 1
+            self.kills["rank" if pid in self.ranks else "worker"] += 1
             self.worker_in_save += in_save
             self.removals_cut += self.removing(name for p, name, _ in workers if p == pid)
         else:
@@ -248,7 +259,7 @@ def references(root: Path) -> dict[str, dict]:
         path = root / f"{template}.toml"
         path.write_text(f'name = "{template}"\n' + text.format(seed=7))
         subprocess.run([*PYTHON, "run", str(path), "--dir", str(root / f"ref-{template}")], check=True,
-                       capture_output=True)
+                       capture_output=True, env={**os.environ, "TRAIND_THREADS": "1"})
         weights[template] = load_file(list_saves(root / f"ref-{template}" / SAVES)[0][-1].path / "model.safetensors")
     return weights
 
@@ -360,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
               "kills_during_a_save": soak.in_save, "worker_kills_during_a_save": soak.worker_in_save,
               "removals_cut": soak.removals_cut,
               "daemon_starts": soak.daemon_starts, "jobs": len(soak.dropped),
+              "jobs_by_template": {t: list(soak.dropped.values()).count(t) for t in TEMPLATES},
               "failed_jobs_resumed": soak.resumed_failed, "finished_during_kills": len(soak.dropped) - left,
               **resumes(soak), "saves_rotated_out": rotated(soak),
               "seconds": round(time.monotonic() - started, 1), "failures": failures, "home": str(soak.home)}

@@ -76,15 +76,31 @@ def validate(file: Path, as_json: bool) -> None:
 @job_file_argument
 @click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path),
               help="The job folder (default ./NAME): job file copy, log, metrics.")
+@click.option("--rdzv-endpoint", "endpoint", metavar="HOST:PORT",
+              help="Where the machines of a job with distributed.nodes > 1 meet: the same on each machine.")
 @home_option
-def run(file: Path, folder: Path | None) -> None:
+def run(file: Path, folder: Path | None, endpoint: str | None) -> None:
     """Train FILE in the foreground, without the daemon. SIGTERM or Ctrl-C stops it at
-    the next step boundary."""
-    from traind.daemon.foreground import run_job
+    the next step boundary. A job of several processes (`[distributed]`) launches its
+    ranks here, unless it runs under torchrun already.
+
+    \b
+    Example:  traind run examples/mlp.toml --dir runs/mlp"""
+    from traind.daemon.foreground import launch_run, run_job
+    from traind.daemon.launch import Launch
+    from traind.jobs import world
     from traind.jobs.jobfile import load_job
 
     job_file = load_job(file)
-    run_job(job_file, folder or Path(job_file.name), click.echo, sys.stderr if sys.stderr.isatty() else None)
+    folder = folder or Path(job_file.name)
+    ranks = job_file.spec.distributed
+    if ranks.world_size > 1 and world.ranks_in_environment() == 1:  # not under torchrun: launch the ranks here
+        if ranks.nodes > 1 and not endpoint:
+            raise click.UsageError(f"{file}: distributed.nodes = {ranks.nodes}: give --rdzv-endpoint HOST:PORT, the "
+                                   "same on each machine (a port free on HOST, the first machine)")
+        how = Launch(ranks.processes, ranks.nodes, endpoint, run_id=f"traind-{job_file.name}")  # the same on each machine
+        sys.exit(launch_run(job_file, file, folder, how, click.echo))
+    run_job(job_file, folder, click.echo, sys.stderr if sys.stderr.isatty() else None)
 
 
 @cli.command()

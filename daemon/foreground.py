@@ -4,14 +4,23 @@ what happened in words at the end."""
 
 from __future__ import annotations
 
+import os
 import time
+from contextlib import nullcontext
 from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from traind.daemon.run import Run
+import click
+
+from traind.daemon.launch import Launch, LauncherStopped, RanksFailed, launch
+from traind.daemon.run import LAUNCHER_HOLDS, Run, holding
+from traind.jobs import world
+from traind.jobs.folder import write_job
 from traind.jobs.jobfile import JobFile
 from traind.jobs.train import Trainer
+from traind.store.errors import TraindError
+from traind.store.fs import FileSystem
 
 
 class ProgressLine:
@@ -60,6 +69,8 @@ def run_job(job_file: JobFile, folder: Path, echo: Callable[[str], None], progre
     done = run.go()
     if line is not None:
         line.clear()
+    if not run.world.is_main:  # the main rank tells how it ended
+        return done
     for request in run.late:
         echo(f"request '{request.kind}' came as the run ended; dropped")
     p, total, ending = run.trainer.progress, run.trainer.job.total_steps, run.ending
@@ -73,3 +84,40 @@ def run_job(job_file: JobFile, folder: Path, echo: Callable[[str], None], progre
         why = "paused" if ending == "paused" else "stopped by signal"
         echo(f"{why} at step {p.step}/{total}, saved; run again to continue")
     return done
+
+
+def launch_run(job_file: JobFile, path: Path, folder: Path, how: Launch, echo: Callable[[str], None]) -> int:
+    """`traind run` of a job of several processes: hold FOLDER and run `traind run` in each
+    of the ranks that torch's agent launches here; the exit code of the main rank's. With
+    several machines, which of them has the main rank is known only once they meet: its
+    rank holds the folder then."""
+    with holding(folder) if how.nodes == 1 else nullcontext():
+        if how.nodes == 1:
+            write_job(FileSystem(), folder, job_file)
+            os.environ[LAUNCHER_HOLDS] = str(os.getpid())
+        try:
+            return launch(["run", str(path), str(folder)], how)
+        except RanksFailed as e:
+            if e.code is not None:
+                return e.code  # the rank said why, on this terminal (a job file's problems: 2)
+            echo(f"error: {e}; the saves stay, run again to continue from the newest")
+            return 1
+        except LauncherStopped as e:
+            echo(f"{e}: the ranks saved and stopped; run again to continue")
+            return 0
+
+
+def rank_run(path: str, folder: str) -> int:
+    """One rank of `traind run` (in a process of its own): the main rank alone speaks."""
+    from traind.jobs.errors import JobSpecError
+    from traind.jobs.jobfile import load_job
+
+    main = world.main_in_environment()
+    echo = click.echo if main else (lambda text: None)
+    try:
+        run_job(load_job(Path(path)), Path(folder), echo)
+        return 0
+    except TraindError as e:
+        if main:
+            click.echo(str(e) if isinstance(e, JobSpecError) else f"error: {e}", err=True)
+        return e.exit_code

@@ -106,6 +106,8 @@ class Intake:
     fs: FileSystem = field(default_factory=FileSystem)
     check: Callable[[Path, Path], object] | None = None
     """Validates a file elsewhere (the daemon's validator process), returning a Verdict; default in-process."""
+    fits: Callable[[JobSpec], str | None] = lambda spec: None
+    """Why this daemon can never run a job of this spec (it asks for more devices than there are), or None."""
     _seen: dict[str, tuple[tuple[int, int], float]] = field(default_factory=dict)
 
     def scan(self, now: float | None = None, delivered: set[str] | frozenset = frozenset()) -> list[Outcome]:
@@ -223,6 +225,9 @@ class Intake:
             # no fsync: a daemon killed keeps what it wrote; a power cut may lose the count (one more try)
             marker.write_text(str(deaths + 1))
             job_file = self._validated(claimed, verdict)
+            unfit = self.fits(job_file.spec)
+            if unfit:
+                raise Rejected(f"{claimed.name}: {unfit}")
             self._accept(job_file)
             outcome = Outcome(claimed.name, job_file.name, None)
         except TraindError as e:

@@ -9,8 +9,10 @@ a non-blocking try where that table cannot be read.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,3 +98,9 @@ def serving(root: Path) -> Daemon | None:
 def trained(folder: Path, locks: dict[str, int] | None = None) -> bool:
     """Whether some process (a daemon's worker, a `traind run`) trains the job in FOLDER now."""
     return holder(folder / LOCK_FILE, locks) is not None
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send SIG to this process when its parent ends (PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, sig)

@@ -20,11 +20,11 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from traind.daemon import threads
-from traind.daemon.liveness import stamp
+from traind.daemon.liveness import die_with_parent, holder, stamp
 from traind.daemon.requests import Request, JobRequests
 from traind.jobs.build import build_job
 from traind.jobs.checkpoint import Checkpointer
@@ -35,9 +35,21 @@ from traind.jobs.jobfile import JobFile
 from traind.jobs.metrics import Recorder, tensorboard_available
 from traind.jobs.spec import JobSpec
 from traind.jobs.train import Trainer
+from traind.jobs import world
+from traind.jobs.state import seed_rank
 from traind.jobs.world import Decision, World
 from traind.store.errors import StoreError, TraindError
 from traind.store.fs import FileSystem
+
+LAUNCHER_HOLDS = "TRAIND_LAUNCHER_HOLDS"
+"""Set for ranks that traind launched: the pid of their launcher, which holds the folder's lock."""
+
+
+def wants_cuda(spec: JobSpec) -> bool:
+    import torch
+
+    return spec.device != "cpu" and torch.cuda.is_available()
+
 
 class JobBusy(TraindError):
     """Another process is training this job folder."""
@@ -53,30 +65,59 @@ class Run:
     def __init__(self, spec: JobSpec, name: str, folder: Path, *, job_file: JobFile | None = None,
                  echo: Callable[[str], None] | None = None,
                  locate: Callable[[JobSpecError], JobSpecError] = lambda e: e,
-                 watch: Callable[[Trainer], None] | None = None, lock_wait: float = 0.0, world: World = World()):
+                 watch: Callable[[Trainer], None] | None = None, lock_wait: float = 0.0, world: World | None = None):
         self.spec, self.name, self.folder, self.job_file, self.world = spec, name, folder, job_file, world
         self.echo, self.locate, self.watch, self.lock_wait = echo, locate, watch, lock_wait
         self.requests = JobRequests(folder)
         self.trainer: Trainer | None = None
         self.late: list[Request] = []
+        self._ending: str | None = None
         """Requests that came after the run's last look: dropped when it ended."""
 
     @property
     def ending(self) -> str | None:
         """Which request ended the run ("paused", "cancelled", "stopped"), if one did."""
-        return self.requests.ending
+        return self._ending if self._ending is not None else self.requests.ending
 
     def go(self) -> bool:
         """Hold the folder, train until done (True) or stopped (False); a failure raises,
         as a TraindError saying what to do. Requests the run never acted on are dropped
-        once it has ended, however it ended (a crash skips this: they stay)."""
-        with holding(self.folder, wait=self.lock_wait):
+        once it has ended, however it ended (a crash skips this: they stay).
+
+        Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment) this process is
+        one rank of several: it joins their process group; the main rank holds the folder
+        and writes its files, the others train beside it."""
+        if self.world is None:
+            if world.ranks_in_environment() > 1:  # a rank whose launcher is gone is a world that cannot finish a step
+                die_with_parent(signal.SIGKILL)
+                if os.getppid() == 1:
+                    raise TrainingError("this rank's launcher ended before it started; the whole world stops")
+            self.world = world.from_environment(self.spec.distributed.backend, cuda=wants_cuda(self.spec))
+        with self._holding():
             try:
-                if self.job_file is not None:
+                if self.job_file is not None and self.world.is_main:
                     write_job(FileSystem(), self.folder, self.job_file)
-                return self._train()
+                done = self._train()
             finally:
-                self.late = self.requests.ended()
+                if self.world.is_main:
+                    self.late = self.requests.ended()
+        self._ending = self.world.share(self.requests.ending)  # every rank ends as the main rank's requests say
+        self.world.close()
+        return done
+
+    def _holding(self):
+        """The folder's lock: this process's, or, for a rank, the main rank's; where traind
+        launched the ranks, their launcher holds it (LAUNCHER_HOLDS names its pid)."""
+        if not self.world.is_main:
+            return nullcontext()
+        launcher = os.environ.get(LAUNCHER_HOLDS)
+        if launcher is None or self.world.size == 1:
+            return holding(self.folder, wait=self.lock_wait)
+        held_by = holder(self.folder / LOCK_FILE)
+        if held_by != int(launcher):
+            raise JobBusy(f"{self.folder}: the launcher of these ranks (pid {launcher}) does not hold the folder "
+                          f"(held by {held_by or 'nobody'}); start the job with traind run or the daemon")
+        return nullcontext()
 
     def _boundary(self, trainer: Trainer, checkpoints: Checkpointer) -> bool:
         """The one decision of a step boundary: taken from the requests, the stop signals
@@ -87,12 +128,12 @@ class Run:
         return checkpoints.act(trainer, self.world.agree(checkpoints.due(trainer, decision)))
 
     def _train(self) -> bool:
-        folder, name = self.folder, self.name
-        recorder = Recorder(folder, self.echo, name, tensorboard=tensorboard_available())
+        folder, name, main = self.folder, self.name, self.world.is_main
+        recorder = Recorder(folder, self.echo, name, tensorboard=tensorboard_available()) if main else Recorder()
         try:
-            threads.pin(self.spec.threads, folder, recorder.say)
+            threads.pin(self.spec.threads, folder, recorder.say, record=main)
             try:
-                job = build_job(self.spec, name)
+                job = build_job(self.spec, name, self.world.local_rank if self.world.size > 1 else None)
             except JobSpecError as e:
                 raise self.locate(e) from e
             except Exception as e:
@@ -100,14 +141,25 @@ class Run:
                     raise OutOfMemory(f"out of memory building the job: {e} (lower the model's size or "
                                       "data.batch_size, or free the device)") from e
                 raise
-            trainer = self.trainer = Trainer(job, recorder)
+            trainer = self.trainer = Trainer(job, recorder, world=self.world)
             with stop_on_signals() as stop:
                 checkpoints = Checkpointer(trainer, folder, recorder, stop, protect=lambda: loadgame.protected(folder))
-                if checkpoints.resume(loadgame.take(folder, checkpoints.store)) is None:
+                requested = loadgame.take(folder, checkpoints.store) if main else None
+                if checkpoints.resume(requested) is None:
                     recorder.keep_until(0, 0)  # a fresh start: no records yet
+                    seed_rank(self.spec.seed, self.world.rank)
+                size = self.world.size
                 recorder.metric({"kind": "start", "step": trainer.progress.step, "total_steps": job.total_steps,
-                                 "device": str(job.device)})
-                recorder.say(f"training '{job.name}' on {job.device}: step {trainer.progress.step} of "
+                                 "device": str(job.device) if size == 1 else f"{size} x {job.device.type}",
+                                 "processes": size})
+                nodes = self.spec.distributed.nodes
+                ranks = (f" x {self.world.size} processes{f' on {nodes} machines' if nodes > 1 else ''} "
+                         f"({self.world.backend})") if self.world.size > 1 else ""
+                if self.world.size != self.spec.distributed.world_size:
+                    recorder.say(f"note: {self.world.size} process{'es' * (self.world.size > 1)} from the "
+                                 f"environment (torchrun, srun); the job file asks for "
+                                 f"{self.spec.distributed.world_size}: the environment wins")
+                recorder.say(f"training '{job.name}' on {job.device}{ranks}: step {trainer.progress.step} of "
                              f"{job.total_steps} ({job.steps_per_epoch} per epoch); {job.splits.description}")
                 done = _fit(trainer, checkpoints, lambda t: self._boundary(t, checkpoints), recorder, folder)
             p = trainer.progress

@@ -10,7 +10,6 @@ making a new save in between, is failed.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import json
 import logging
@@ -33,10 +32,12 @@ from traind.daemon.jobstate import BadTransition, JobRecord, JobState, read_stat
 from traind.daemon.validator import Validator
 from traind.daemon.watch import InboxWatch
 from traind.daemon.worker import Exit
+from traind.jobs import devices
 from traind.jobs.devices import try_all_gpus
 from traind.jobs.folder import SAVES, SPEC_FILE, STATE_FILE, WORKER_ERROR, WORKER_OUT
 from traind.jobs.jobname import is_job_name
 from traind.jobs.loadgame import load_pending
+from traind.jobs.spec import JobSpec
 from traind.store.errors import TraindError
 from traind.store.saves import newest_on_disk, seq_of
 
@@ -49,6 +50,7 @@ TICK = 0.25
 ADOPT_SETTLE = 5.0  # seconds a job folder copied in must stay unchanged before it is adopted
 DISK_RETRY = 5.0  # seconds between looks at the free space, for jobs a full disk stopped
 RESCAN = 1.0  # seconds between looks at every job's state (the CLI changes some: resume, load)
+RESERVE_AFTER = 300.0  # seconds a job waiting for devices lets smaller ones behind it start (see Daemon)
 DAEMON_LOCK_FILE = liveness.DAEMON_LOCK
 
 
@@ -108,8 +110,43 @@ class DaemonBusy(TraindError):
 def _die_with_parent() -> None:
     """In the worker, before exec: SIGTERM when the daemon dies, so that a worker never
     trains on unsupervised (it saves and exits on SIGTERM)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    liveness.die_with_parent(signal.SIGTERM)
+
+
+@dataclass(frozen=True)
+class Need:
+    """What a job asks of the daemon's devices: COUNT of them (GPUs, or CPU slots), or
+    the one GPU it names (`device = "cuda:1"`)."""
+
+    count: int = 1
+    pinned: str | None = None
+
+    @staticmethod
+    def of(spec: dict) -> Need:
+        """The need of a job's spec (spec.json's JSON, or a JobSpec's dump)."""
+        device = spec.get("device", "auto")
+        pinned = device if device.startswith("cuda:") else None
+        return Need(int(spec.get("distributed", {}).get("processes", 1)), pinned)
+
+    def unfit(self, slots: list[str], found: list[str]) -> str | None:
+        """Why no placement on SLOTS can ever give this need (FOUND: the GPUs seen), or None."""
+        gpus = bool(found)
+        kind = "GPU" if gpus else "CPU slot"
+        if self.pinned and self.pinned not in slots:
+            return (f"device = '{self.pinned}', and this machine has {len(found)} GPU{'s' * (len(found) != 1)}"
+                    f"{': ' + ', '.join(found) if found else ''}; use device = 'auto' or one of those")
+        if self.count > len(slots):
+            how = "" if gpus else f" (start the daemon with --workers {self.count})"
+            return (f"distributed.processes = {self.count} asks for {self.count} {kind}s, and this daemon has "
+                    f"{len(slots)}{': ' + ', '.join(found) if gpus else ''}{how}; lower distributed.processes")
+        return None
+
+
+def place(free: list[str], need: Need) -> list[str] | None:
+    """The slots of FREE that NEED takes (the lowest), or None when they do not suffice now."""
+    if need.pinned:
+        return [need.pinned] if need.pinned in free else None
+    return free[:need.count] if len(free) >= need.count else None
 
 
 @dataclass
@@ -117,7 +154,7 @@ class Worker:
     name: str
     proc: subprocess.Popen
     started: float
-    slot: str
+    slots: list[str]
     oom_kills: int | None = None
     """The kernel's OOM kill count when it started: a SIGKILL after it rose was the OOM killer."""
     seq_at_start: int = 0
@@ -160,12 +197,19 @@ class Daemon:
     clock: Callable[[], float] = time.time
     watch: Callable[[Path, threading.Event], InboxWatch] = InboxWatch
 
+    reserve_after: float = RESERVE_AFTER
+    """Seconds a job may wait for devices while smaller jobs behind it start on the free
+    ones (backfill); then nothing behind it starts until it has its devices."""
+
     def __post_init__(self):
-        gpus = self.gpus()
-        # one job per GPU; without one, --workers CPU slots; --workers 0 takes files in, runs nothing
-        self.slots = [] if self.workers == 0 else gpus or [f"cpu{i}" for i in range(self.workers)]
+        self.found_gpus = self.gpus()
+        # one device per rank: the GPUs; without one, --workers CPU slots; --workers 0 takes files in, runs nothing
+        self.slots = [] if self.workers == 0 else self.found_gpus or [f"cpu{i}" for i in range(self.workers)]
         self.validator = Validator()
-        self.intake = Intake(self.home, settle=self.settle, check=self.validator.check)
+        self.intake = Intake(self.home, settle=self.settle, check=self.validator.check, fits=self._unfit)
+        self._needs: dict[str, Need] = {}
+        self.blocked: dict[str, float] = {}
+        """Jobs due that did not fit on the free devices, and since when."""
         self._lock_fd: int | None = None
         self.waiting = 0
         self._states: dict[str, tuple[str, JobRecord]] = {}  # name -> (state.json's signature, its record)
@@ -258,11 +302,25 @@ class Daemon:
         queued = [r for _, r in self._states.values() if r.state == JobState.QUEUED]
         due = sorted((r for r in queued if r.name not in self.running and self.retry_at.get(r.name, 0.0) <= now
                       and self._room_for(r, now)), key=lambda r: (-r.priority, r.submitted))
-        free = [s for s in self.slots if s not in {w.slot for w in self.running.values()}]
-        for record, slot in zip(due, free):
-            self._launch(record.name, slot, now)
+        used = {s for w in self.running.values() for s in w.slots}
+        free = [s for s in self.slots if s not in used]
+        started = 0
+        for record in due:
+            if not free:
+                break
+            need = self._need(record.name)
+            taken = place(free, need)
+            if taken is None:  # it waits for devices; the jobs behind it may use the free ones, for a while
+                if now - self.blocked.setdefault(record.name, now) >= self.reserve_after:
+                    break  # its turn: the devices that free up are kept for it
+                continue
+            self.blocked.pop(record.name, None)
+            self._launch(record.name, taken, now)
+            free = [s for s in free if s not in taken]
+            started += 1
             self._rescan_at = 0.0
-        self.waiting = len(queued) - min(len(due), len(free))
+        self.blocked = {n: t for n, t in self.blocked.items() if n in {r.name for r in due} and n not in self.running}
+        self.waiting = len(queued) - started
 
     def _room_for(self, record: JobRecord, now: float) -> bool:
         """A job stopped by a full disk waits until the disk has room for its next save and
@@ -275,7 +333,19 @@ class Daemon:
         self.retry_at[record.name] = now + DISK_RETRY
         return False
 
-    def _launch(self, name: str, slot: str, now: float) -> None:
+    def _need(self, name: str) -> Need:
+        """What the job NAME asks for, from its spec.json (read once: it never changes)."""
+        if name not in self._needs:
+            try:
+                self._needs[name] = Need.of(json.loads((self.home.job_dir(name) / SPEC_FILE).read_text()))
+            except (OSError, ValueError, TypeError, AttributeError):
+                return Need()  # unreadable: its worker says why
+        return self._needs[name]
+
+    def _unfit(self, spec: JobSpec) -> str | None:
+        return Need.of(spec.model_dump()).unfit(self.slots, self.found_gpus) if self.slots else None
+
+    def _launch(self, name: str, slots: list[str], now: float) -> None:
         folder = self.home.job_dir(name)
         try:
             transition(folder, JobState.RUNNING, allow_from={JobState.QUEUED})
@@ -283,15 +353,18 @@ class Daemon:
             return  # paused, cancelled or removed since the last look at it
         (folder / WORKER_ERROR).unlink(missing_ok=True)
         env = dict(os.environ, CUDA_DEVICE_ORDER="PCI_BUS_ID")
-        env[threads.ENV] = str(threads.share(len(self.slots), self.threads))  # a new job's count; see threads.py
-        if slot.startswith("cuda:"):
-            env["CUDA_VISIBLE_DEVICES"] = slot.split(":")[1]
+        # a new job's count (see threads.py): a share of the cores for each of its slots, which its ranks divide
+        env[threads.ENV] = str(threads.share(len(self.slots), self.threads) * len(slots))
+        gpus = [s.split(":")[1] for s in slots if s.startswith("cuda:")]
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+            env[devices.PLACED] = ",".join(gpus)  # device = "cuda:N" is the first of those it sees
         count = oom_kills()
         with open(folder / WORKER_OUT, "ab") as out:
             proc = self.spawn([sys.executable, "-m", "traind.daemon.worker", "--home", str(self.home.root), name],
                               out, env)
-        self.running[name] = Worker(name, proc, now, slot, count, _newest_seq(folder))
-        log.info("%s: started on %s (worker pid %d)", name, slot, proc.pid)
+        self.running[name] = Worker(name, proc, now, slots, count, _newest_seq(folder))
+        log.info("%s: started on %s (worker pid %d)", name, ",".join(slots), proc.pid)
 
     def _ended(self, worker: Worker, code: int, now: float) -> None:
         folder = self.home.job_dir(worker.name)

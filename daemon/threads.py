@@ -43,6 +43,12 @@ def share(slots: int, override: int | None = None) -> int:
     return override or _env("OMP_NUM_THREADS") or max(1, cores() // max(slots, 1))
 
 
+def per_rank(processes: int) -> int:
+    """The threads each of PROCESSES ranks of one job gets: this process's count
+    (TRAIND_THREADS from the daemon, else as `share`) divided among them."""
+    return max(1, (_env(ENV) or share(1)) // processes)
+
+
 def recorded(folder: Path) -> int | None:
     try:
         n = json.loads((folder / THREADS_FILE).read_text())["threads"]
@@ -51,8 +57,9 @@ def recorded(folder: Path) -> int | None:
     return n if isinstance(n, int) and n > 0 else None
 
 
-def pin(wanted: int | None, folder: Path, say: Callable[[str], None]) -> int:
-    """Fix the job's thread count (WANTED: its `threads` key) in FOLDER, and train with it."""
+def pin(wanted: int | None, folder: Path, say: Callable[[str], None], record: bool = True) -> int:
+    """Fix the job's thread count (WANTED: its `threads` key) in FOLDER, and train with it
+    (each rank of a job of several: RECORD only on the one that writes the folder)."""
     import torch
 
     known = recorded(folder)
@@ -60,7 +67,7 @@ def pin(wanted: int | None, folder: Path, say: Callable[[str], None]) -> int:
     if known is not None and n != known:
         say(f"note: threads = {n} now, {known} before: from here on results differ in their last bits from a "
             "run that kept one count")
-    if n != known:
+    if n != known and record:
         write_durably(FileSystem(), folder / THREADS_FILE, json.dumps({"threads": n}).encode())
     if n > cores():
         say(f"note: {n} threads (fixed when the job first started) on {cores()} cores: kept, for exact resume")

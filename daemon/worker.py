@@ -5,18 +5,24 @@ kill of one job never takes down the daemon or another job.
 
 It trains the job folder as `traind run` does, takes the job's requests (pause, cancel,
 quicksave) at step boundaries, and tells the daemon how it ended by its exit status;
-why it failed, in words, goes to `worker.error` in the folder.
+why it failed, in words, goes to `worker.error` in the folder. A job of several
+processes (`[distributed]`) is trained by ranks the worker launches (daemon/launch.py);
+their ending comes back as the worker's own.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from enum import IntEnum
 from pathlib import Path
 
 from traind.daemon.home import Home
-from traind.daemon.run import JobBusy, Run
+from traind.daemon.launch import Launch, LauncherStopped, RanksFailed, launch
+from traind.daemon.run import LAUNCHER_HOLDS, JobBusy, Run, holding
+from traind.jobs import world
 from traind.jobs.errors import JobSpecError, OutOfMemory
 from traind.jobs.folder import SPEC_FILE, WORKER_ERROR
 from traind.jobs.spec import JobSpec
@@ -45,10 +51,14 @@ class Exit(IntEnum):
 ENDINGS = {"paused": Exit.PAUSED, "cancelled": Exit.CANCELLED, "stopped": Exit.STOPPED}  # a request ended the run
 
 
-def run(home: Home, name: str) -> Exit:
+def run(home: Home, name: str) -> int:
+    """Train the job NAME of HOME; how it ended, as an Exit (or minus the signal that
+    killed one of its ranks: the worker then dies of it too, as one process would)."""
     folder = home.job_dir(name)
     try:
         spec = JobSpec.model_validate_json((folder / SPEC_FILE).read_text())
+        if spec.distributed.world_size > 1 and world.ranks_in_environment() == 1:
+            return _launch(home, name, folder, spec)
         run = Run(spec, name, folder, lock_wait=LOCK_WAIT)  # a worker of a dead daemon may still be saving
         done = run.go()
     except JobSpecError as e:
@@ -66,7 +76,30 @@ def run(home: Home, name: str) -> Exit:
     return ENDINGS.get(run.ending, Exit.STOPPED)
 
 
+def _launch(home: Home, name: str, folder: Path, spec: JobSpec) -> int:
+    """Hold the job's folder and train it in its ranks, which the worker launches."""
+    ranks = spec.distributed
+    if ranks.nodes > 1:
+        return _failed(folder, Exit.BAD_JOB, f"distributed.nodes = {ranks.nodes}: the daemon trains a job on this "
+                       "machine only; run it with traind run on each machine (or set nodes = 1)")
+    with holding(folder, wait=LOCK_WAIT):
+        os.environ[LAUNCHER_HOLDS] = str(os.getpid())
+        try:
+            return launch(["worker", str(home.root), name], Launch(ranks.processes))
+        except RanksFailed as e:
+            if e.signal_number:
+                _failed(folder, Exit.FAILED, str(e))
+                return -e.signal_number
+            if e.code in (Exit.FAILED, Exit.BAD_JOB, Exit.OUT_OF_MEMORY, Exit.DISK_FULL):
+                return e.code  # the main rank wrote why, or (a rank beside it) its output in worker.out says
+            return _failed(folder, Exit.FAILED, str(e))
+        except LauncherStopped:
+            return Exit.STOPPED
+
+
 def _failed(folder: Path, code: Exit, why: str) -> Exit:
+    if not world.main_in_environment():
+        return code  # the main rank tells why
     try:
         write_durably(FileSystem(), folder / WORKER_ERROR, why.encode())
     except OSError:
@@ -79,7 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", type=Path, required=True)
     parser.add_argument("name")
     args = parser.parse_args(argv)
-    return int(run(Home(args.home), args.name))
+    code = run(Home(args.home), args.name)
+    if code < 0:  # a rank was killed: so is the worker, so that the daemon judges the death as its own
+        if -code != signal.SIGKILL:
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    return code
 
 
 if __name__ == "__main__":

@@ -94,11 +94,16 @@ def plain_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
             for key, value in vars(module).items() if torch.is_tensor(value) and not isinstance(value, nn.Parameter)]
 
 
-def build_job(spec: JobSpec, name: str) -> Job:
-    """Seed, load the data, build and check the model, then its optimizer, scheduler and loss."""
+def build_job(spec: JobSpec, name: str, local_rank: int | None = None) -> Job:
+    """Seed, load the data, build and check the model, then its optimizer, scheduler and
+    loss (LOCAL_RANK: this process is that rank of several on its machine, and takes its GPU)."""
     use_deterministic_algorithms(spec.deterministic)
     seed_everything(spec.seed)
-    device = devices.resolve_device(spec.device)
+    if local_rank is None:  # one process, or the dry build of a job of several (validate, submit, intake)
+        devices.check_ranks(spec.device, spec.distributed.processes)
+        device = devices.resolve_device(spec.device)
+    else:
+        device = devices.rank_device(spec.device, local_rank)
     splits = data.load_splits(spec.data, spec.seed, spec.python_path)
     if len(splits.train) == 0:
         raise JobSpecError([Problem(("data",), "the training set is empty",

@@ -38,13 +38,17 @@ def policy_of(spec: CheckpointSpec) -> retention.Policy:
 class Checkpointer:
     """The saves of one run. PROTECT: the ids that retention must keep whatever its policy
     says, asked at every save (the run's: a save that a "load game" request names); the
-    save resumed from is kept too."""
+    save resumed from is kept too.
+
+    With several ranks (the trainer's world), the main rank alone decides which saves are
+    due, picks the save to resume or roll back to, and writes; every rank's RNG state
+    reaches each save, so a save is one that every rank reached."""
 
     def __init__(self, trainer: Trainer, folder: Path, recorder: Recorder, stop: threading.Event | None = None,
                  fs: FileSystem | None = None, protect: Callable[[], set[str]] = set):
         self.trainer, self.folder, self.recorder, self.stop = trainer, folder, recorder, stop
-        self.protect = protect
-        self.store = SaveStore(folder / SAVES, policy_of(trainer.spec.checkpoint), fs)
+        self.protect, self.world = protect, trainer.world
+        self.store = SaveStore(folder / SAVES, policy_of(trainer.spec.checkpoint), fs, reader=not self.world.is_main)
         self.snapshot, self.writer = Snapshot(), Writer()
         self.resumed_from: str | None = None
         self.last_save = time.monotonic()
@@ -59,6 +63,10 @@ class Checkpointer:
     def due(self, trainer: Trainer, decision: Decision) -> Decision:
         """DECISION with the save kinds the policy asks for here, and a stop after a save
         if a signal asked for one."""
+        if self.stop is not None and self.stop.is_set():
+            decision.stop_at("after_save")
+        if not self.world.is_main:  # the main rank's policy decides, with its list of saves and its clock
+            return decision
         p, policy = trainer.progress, self.store.policy
         elapsed = time.monotonic() - self.last_save
         if p.batch == 0:  # an epoch just ended and was measured
@@ -68,8 +76,6 @@ class Checkpointer:
                 decision.kinds.add("final")
         elif p.batch < trainer.job.steps_per_epoch:  # (after the last batch, the epoch's end comes next)
             decision.kinds |= retention.due_at_step(policy, p.step, elapsed)
-        if self.stop is not None and self.stop.is_set():
-            decision.stop_at("after_save")
         return decision
 
     def act(self, trainer: Trainer, decision: Decision) -> bool:
@@ -79,7 +85,7 @@ class Checkpointer:
         kinds = decision.kinds or ({"auto"} if decision.stop else set())
         if kinds:
             save_id = self.save(kinds, decision.note, decision.request, decision.after)
-            if decision.request is not None:
+            if decision.request is not None and save_id is not None:
                 self.recorder.say(f"quicksave {save_id} at step {trainer.progress.step}"
                                   + (f": {decision.note}" if decision.note else ""))
         if decision.stop or "final" in kinds:
@@ -87,16 +93,20 @@ class Checkpointer:
         return decision.stop is not None
 
     def save(self, kinds: set[str], note: str | None = None, request: str | None = None,
-             after: Callable[[], None] | None = None) -> str:
-        """Snapshot now, persist in the background; return the save's id. REQUEST names
-        what asked for it (kept in its manifest); AFTER runs once it is committed."""
+             after: Callable[[], None] | None = None) -> str | None:
+        """Snapshot now, persist in the background; return the save's id (None on a rank
+        that does not write). REQUEST names what asked for it (kept in its manifest); AFTER
+        runs once it is committed. Every rank calls it at the same boundary."""
+        ranks_rng = self.world.gather(state.rng_state()) if self.world.size > 1 else None
+        if not self.world.is_main:
+            return None
         started = time.perf_counter()
         self.writer.wait()  # the previous save's buffers are about to be reused
         waited = time.perf_counter() - started
         p = self.trainer.progress
         if p.rollbacks and p.skip and [p.epoch, p.batch] > p.skip[-1]:
             p.rollbacks = 0  # trained past the batch it skipped: healthy again, the tries start anew
-        files, doc = state.capture(self.trainer, self.snapshot.capture)
+        files, doc = state.capture(self.trainer, self.snapshot.capture, ranks_rng)
         seq, save_id = self.store.reserve(p.step)
         meta = {"step": p.step, "epoch": p.epoch, "batch": p.batch, "kinds": sorted(kinds, key=retention.KINDS.index),
                 "metrics": dict(p.last), "note": note, "job": self.trainer.job.name}
@@ -138,6 +148,8 @@ class Checkpointer:
     def resume(self, requested: SaveInfo | None = None) -> SaveInfo | None:
         """Continue from REQUESTED (a "load game"), else from the newest save that
         verifies; None when there is no save to continue from."""
+        if not self.world.is_main:
+            return self._follow()
         info = requested
         if info is not None:
             self._restore(info)  # asked for by name: if it cannot be read, say so, never load another
@@ -146,17 +158,40 @@ class Checkpointer:
             if info is None:
                 for path, why in self.store.broken:
                     self.recorder.say(f"ignored {path.name}: {why}")
-                return None
+                return self.world.share(None)
             try:
                 self._restore(info)  # a restore overwrites all state, so one that failed half-way leaves nothing
             except CorruptSave as e:  # whole by its manifest, yet not a save (a manifest rewritten to fit)
                 self.store.quarantine(info, [str(e)])
                 self.recorder.say(f"{e}; quarantined, trying the one before")
                 info = None
+        self.world.share(info.id)
         p = self.trainer.progress
         where = f"epoch {p.epoch + 1}, batch {p.batch}" if p.batch else f"after epoch {p.epoch}"
         self.recorder.say(f"resumed from save {info.id} at step {p.step} ({where})")
+        self._tell_ranks(info)
         return info
+
+    def _follow(self) -> SaveInfo | None:
+        """A rank beside the main one: restore the save the main rank chose (None: none)."""
+        chosen = self.world.share(None)
+        if chosen is None:
+            return None
+        info = self.store.get(chosen)
+        self._restore(info)
+        return info
+
+    def _tell_ranks(self, info: SaveInfo) -> None:
+        """Say what resuming INFO at this world size means, when the save was made by another."""
+        made_by = state.ranks_of(info)
+        if made_by == self.world.size:
+            return
+        self.recorder.say(f"save {info.id} was made by {made_by} process{'es' if made_by > 1 else ''} and this run "
+                          f"has {self.world.size}: the same samples in the same order, the same global batch, equal "
+                          "up to the order of floating-point sums")
+        if made_by < self.world.size:
+            self.recorder.say(f"ranks {made_by}-{self.world.size - 1} have no RNG streams in save {info.id}: "
+                              "derived from the job's seed")
 
     def _restore(self, info: SaveInfo) -> None:
         state.restore(self.trainer, info)
@@ -176,7 +211,12 @@ class Checkpointer:
             raise NonFiniteLoss(error.step, error.epoch, error.batch, error.loss,
                                 f"gave up after {most} rollbacks in a row") from error
         self.writer.wait()
-        healthy = self.store.newest_good(lambda s: all(_finite(v) for v in s.metrics.values()), self.recorder.say)
+        if self.world.is_main:
+            healthy = self.store.newest_good(lambda s: all(_finite(v) for v in s.metrics.values()), self.recorder.say)
+            self.world.share(healthy.id if healthy is not None else None)
+        else:  # the main rank picks; every rank rolls back to the same save
+            chosen = self.world.share(None)
+            healthy = self.store.get(chosen) if chosen is not None else None
         if healthy is None:
             raise NonFiniteLoss(error.step, error.epoch, error.batch, error.loss,
                                 "no healthy save to roll back to") from error

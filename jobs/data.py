@@ -22,7 +22,7 @@ from traind.jobs.errors import JobSpecError, Problem
 from traind.jobs.spec import DataSpec
 
 # Purposes of the seeded generators: one stream each, so one cannot shift another.
-DATA, SPLIT, ORDER, WORKERS = 1, 2, 3, 4
+DATA, SPLIT, ORDER, WORKERS, RANKS = 1, 2, 3, 4, 5  # RANKS: each rank's own RNG streams (jobs/state.py)
 
 
 def seeded(*keys: int) -> torch.Generator:
@@ -278,9 +278,10 @@ class EpochBatches(Sampler[torch.Tensor]):
     """The batches of one epoch, from batch START on, as index tensors: the order is a
     permutation that follows from (seed, epoch) alone, so any batch can come first."""
 
-    def __init__(self, size: int, batch_size: int, seed: int, epoch: int, shuffle: bool, start: int = 0):
+    def __init__(self, size: int, batch_size: int, seed: int, epoch: int, shuffle: bool, start: int = 0,
+                 part: tuple[int, int] = (0, 1)):
         self.size, self.batch_size, self.seed, self.epoch, self.shuffle = size, batch_size, seed, epoch, shuffle
-        self.start = start
+        self.start, (self.rank, self.ranks) = start, part
 
     def order(self) -> torch.Tensor:
         if not self.shuffle:
@@ -290,7 +291,10 @@ class EpochBatches(Sampler[torch.Tensor]):
     def __iter__(self):
         # Tensors, not lists: TensorPairs gathers with them directly (no list->tensor per batch).
         rest = self.order()[self.start * self.batch_size:]
-        return iter(rest.split(self.batch_size) if len(rest) else ())
+        batches = rest.split(self.batch_size) if len(rest) else ()
+        if self.ranks > 1:  # each rank its slice of every global batch: the order is the same at any world size
+            return (b.tensor_split(self.ranks)[self.rank] for b in batches)
+        return iter(batches)
 
     def __len__(self) -> int:
         return max(0, math.ceil(self.size / self.batch_size) - self.start)
@@ -301,16 +305,23 @@ def batches_per_epoch(train: Dataset, batch_size: int) -> int:
 
 
 def train_loader(train: Dataset, spec: DataSpec, seed: int, epoch: int, start_batch: int = 0,
-                 pin_memory: bool = False) -> Iterable:
-    """The batches of EPOCH from batch START_BATCH on. The explicit generator keeps the
-    loader off the global RNG (it would otherwise draw the workers' base seed there)."""
-    batches = EpochBatches(len(train), spec.batch_size, seed, epoch, spec.shuffle, start_batch)
-    return _loader(train, spec, batches, seeded(seed, WORKERS, epoch), pin_memory)
+                 pin_memory: bool = False, part: tuple[int, int] = (0, 1)) -> Iterable:
+    """The batches of EPOCH from batch START_BATCH on (PART: this rank's share of each, as
+    (rank, ranks)). The explicit generator keeps the loader off the global RNG (it would
+    otherwise draw the workers' base seed there)."""
+    batches = EpochBatches(len(train), spec.batch_size, seed, epoch, spec.shuffle, start_batch, part)
+    return _loader(train, spec, batches, seeded(seed, WORKERS, epoch, *_rank_keys(part)), pin_memory)
 
 
-def val_loader(val: Dataset, spec: DataSpec, seed: int, pin_memory: bool = False) -> Iterable:
-    batches = EpochBatches(len(val), spec.batch_size, seed, 0, shuffle=False)
-    return _loader(val, spec, batches, seeded(seed, WORKERS), pin_memory)
+def val_loader(val: Dataset, spec: DataSpec, seed: int, pin_memory: bool = False,
+               part: tuple[int, int] = (0, 1)) -> Iterable:
+    batches = EpochBatches(len(val), spec.batch_size, seed, 0, shuffle=False, part=part)
+    return _loader(val, spec, batches, seeded(seed, WORKERS, *_rank_keys(part)), pin_memory)
+
+
+def _rank_keys(part: tuple[int, int]) -> tuple[int, ...]:
+    """Seed keys of a rank's loader workers: none alone (as before ranks existed)."""
+    return part if part[1] > 1 else ()
 
 
 def first_batch(ds: Dataset, spec: DataSpec):

@@ -320,6 +320,19 @@ class CheckpointSpec(Section):
         return metrics.direction(self.monitor, self.mode)
 
 
+class DistributedSpec(Section):
+    processes: PositiveInt = 1
+    """Training processes (DDP ranks) on each machine: one per GPU on a GPU box, CPU processes with gloo otherwise."""
+    nodes: PositiveInt = 1
+    """Machines (the Slurm executor, or torchrun multi-node)."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """auto: nccl on CUDA, gloo on CPU."""
+
+    @property
+    def world_size(self) -> int:
+        return self.processes * self.nodes
+
+
 def check_device(value: str) -> str:
     head, _, index = value.partition(":")
     if value in ("auto", "cpu", "cuda") or (head == "cuda" and index.isdigit()):
@@ -354,6 +367,8 @@ class JobSpec(Section):
     """Length of training, loss and its guards."""
     checkpoint: CheckpointSpec = CheckpointSpec()
     """Save cadence and what is kept."""
+    distributed: DistributedSpec = DistributedSpec()
+    """How many processes train the job (DDP through torch.distributed); data.batch_size stays the global batch."""
 
     @model_validator(mode="before")
     @classmethod
@@ -395,6 +410,14 @@ class JobSpec(Section):
         if self.checkpoint.monitor == "val_acc" and self.data.task != "classification":
             problems.append(Problem(("checkpoint", "monitor"), "val_acc is measured for classification only",
                                     fix="monitor = 'val_loss'"))
+        ranks = self.distributed.world_size
+        if self.data.batch_size % ranks:
+            problems.append(Problem(("data", "batch_size"),
+                                    f"data.batch_size {self.data.batch_size} is the global batch of one step and "
+                                    f"does not divide among {ranks} processes "
+                                    f"(distributed.processes {self.distributed.processes} x nodes {self.distributed.nodes})",
+                                    fix=f"make data.batch_size a multiple of {ranks}, such as "
+                                        f"{max(ranks, self.data.batch_size // ranks * ranks)}"))
         # context {"imports": False}: checked elsewhere (the daemon never imports job code)
         for path, text in self._import_paths() if (info.context or {}).get("imports", True) else ():
             try:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from traind.jobs import data
 from traind.jobs.errors import JobSpecError, Problem
 from traind.jobs.train import Progress, Trainer
 from traind.store.errors import CorruptSave
@@ -94,9 +95,10 @@ def spec_hash(trainer: Trainer) -> str:
     return hashlib.sha256(trainer.spec.model_dump_json().encode()).hexdigest()
 
 
-def capture(trainer: Trainer, copy: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
-            ) -> tuple[dict[str, tuple[dict, dict]], dict]:
-    """The save's tensor files (copied by COPY, so training may go on) and its state.json."""
+def capture(trainer: Trainer, copy: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+            ranks_rng: list[dict] | None = None) -> tuple[dict[str, tuple[dict, dict]], dict]:
+    """The save's tensor files (copied by COPY, so training may go on) and its state.json;
+    RANKS_RNG: every rank's RNG state, in rank order, when several train (rank 0's is `rng`)."""
     job = trainer.job
     model, tied = model_tensors(job.model)
     opt, opt_doc = optimizer_tensors(job.optimizer)
@@ -104,9 +106,12 @@ def capture(trainer: Trainer, copy: Callable[[dict[str, torch.Tensor]], dict[str
     meta = {"job": job.name, "step": str(trainer.progress.step), TIED_KEY: json.dumps(tied)}
     files = {MODEL: ({k: copied[f"model/{k}"] for k in model}, meta),
              OPTIMIZER: ({k: copied[f"optimizer/{k}"] for k in opt}, {"job": job.name})}
-    state = {"progress": trainer.progress.as_dict(), "rng": rng_state(), "optimizer": opt_doc,
+    state = {"progress": trainer.progress.as_dict(), "rng": ranks_rng[0] if ranks_rng else rng_state(),
+             "optimizer": opt_doc,
              "scheduler": job.scheduler.state_dict() if job.scheduler is not None else None,
              "model": {"tied": tied}, "spec_sha256": spec_hash(trainer), "torch": torch.__version__}
+    if ranks_rng and len(ranks_rng) > 1:
+        state["ranks"] = {"size": len(ranks_rng), "rng": ranks_rng[1:]}
     return files, json.loads(json.dumps(state, default=_refuse))  # a deep copy, proven to be JSON
 
 
@@ -114,8 +119,33 @@ def _refuse(value):
     raise TypeError(f"cannot save {type(value).__name__} {value!r} as JSON (a scheduler holding a function?)")
 
 
+def ranks_of(save: SaveInfo) -> int:
+    """How many processes trained the job when SAVE was taken."""
+    return load_json(save, STATE).get("ranks", {}).get("size", 1)
+
+
+def rank_rng(doc: dict, rank: int) -> dict | None:
+    """RANK's RNG state in the save's state.json DOC; None when the save was made by fewer
+    ranks (the rank's streams then follow from the seed: `seed_rank`)."""
+    if rank == 0:
+        return doc["rng"]
+    others = doc.get("ranks", {}).get("rng", [])
+    return others[rank - 1] if rank - 1 < len(others) else None
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """RANK's own RNG streams (Dropout's draws differ between ranks), from the job's seed
+    alone; rank 0 keeps the streams the build left, as one process alone would."""
+    if rank:
+        mixed = int(np.random.SeedSequence([seed, data.RANKS, rank]).generate_state(1, dtype=np.uint32)[0])
+        random.seed(mixed)
+        np.random.seed(mixed)
+        torch.manual_seed(mixed)
+
+
 def restore(trainer: Trainer, save: SaveInfo) -> None:
-    """Put TRAINER back exactly as it was when SAVE was taken."""
+    """Put TRAINER back exactly as it was when SAVE was taken (a rank of several: its own
+    RNG streams, or streams from the seed where the save has none for it)."""
     try:
         doc = load_json(save, STATE)
         model, tied = load_tensors(save, MODEL), doc["model"]["tied"]
@@ -133,8 +163,13 @@ def restore(trainer: Trainer, save: SaveInfo) -> None:
     except (RuntimeError, ValueError, KeyError) as e:
         raise JobSpecError([Problem(("model",), f"save {save.id} does not fit this job's model or optimizer: {e}",
                                     fix="run the job file the save was made with, or start in a new folder")]) from e
+    rank = trainer.world.rank
     try:
-        set_rng_state(doc["rng"])
+        rng = rank_rng(doc, rank)
+        if rng is None:
+            seed_rank(trainer.spec.seed, rank)
+        else:
+            set_rng_state(rng)
     except (TypeError, ValueError, KeyError) as e:
         raise CorruptSave(f"save {save.id}: its RNG state cannot be restored ({e})") from e
     trainer.progress = progress

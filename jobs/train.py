@@ -24,6 +24,7 @@ from traind.jobs.build import Job
 from traind.jobs.errors import NonFiniteLoss
 from traind.jobs.metrics import Recorder
 from traind.jobs.optim import correct_count
+from traind.jobs.world import World
 
 
 @dataclass
@@ -52,9 +53,16 @@ class Progress:
 
 
 class Trainer:
-    def __init__(self, job: Job, recorder: Recorder, progress: Progress | None = None):
-        self.job, self.spec, self.recorder = job, job.spec, recorder
+    """The loop over one job. In a WORLD of several ranks, each trains on its share of
+    every global batch through DDP (the job's model stays the plain module, which saves
+    hold), and the loss, its finiteness and the validation metrics are the whole world's."""
+
+    def __init__(self, job: Job, recorder: Recorder, progress: Progress | None = None, world: World = World()):
+        self.job, self.spec, self.recorder, self.world = job, job.spec, recorder, world
         self.progress = progress or Progress()
+        self.net = job.model
+        """What the forward pass calls: the model, or its DDP wrapper (made at the first fit)."""
+        self._part = (world.rank, world.size)
         self.pin = job.device.type == "cuda"
         # Per-step decisions that never change, taken once: at ~0.5 ms a step on a small
         # model, each attribute chain in the hot path shows up in bench/loop.py.
@@ -73,15 +81,19 @@ class Trainer:
         """Train until done (True) or until BOUNDARY asks to stop (False)."""
         job, p = self.job, self.progress
         job.model.train()
+        step = self.train_step
+        if self.world.size > 1:
+            self._wrap()
+            step = self._ranks_step
         while not self.finished():
             if not self.at_step_limit():
                 loader = data.train_loader(job.splits.train, self.spec.data, self.spec.seed, p.epoch, p.batch,
-                                           self.pin)
+                                           self.pin, self._part)
                 for x, y in loader:
                     if p.skip and [p.epoch, p.batch] in p.skip:
                         p.batch += 1
                         continue
-                    self.train_step(x, y)
+                    step(x, y)
                     if self.at_step_limit():
                         break
                     if boundary(self):
@@ -102,6 +114,12 @@ class Trainer:
         value = loss.item()
         if not math.isfinite(value):  # before backward: the weights stay as they were
             raise NonFiniteLoss(p.step + 1, p.epoch, p.batch, value)
+        return self._update(loss, value)
+
+    def _update(self, loss: torch.Tensor, value: float) -> float:
+        """Backward from LOSS, clip, step the optimizer (and a per-step scheduler), count
+        the step and record VALUE, its loss."""
+        job, p = self.job, self.progress
         job.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self._clip:
@@ -116,6 +134,34 @@ class Trainer:
             self.recorder.metric({"kind": "step", "step": p.step, "epoch": p.epoch, "loss": value, "lr": self.lr()})
         return value
 
+    def _wrap(self) -> None:
+        """DDP around the model, once its state is final (built, or restored from a save)."""
+        if self.net is self.job.model:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device = self.job.device
+            self.net = DistributedDataParallel(self.job.model, device_ids=[device] if device.type == "cuda" else None)
+
+    def _ranks_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One step of the world: this rank's share of the global batch, weighted so that
+        DDP's mean of the ranks' gradients is the gradient of the global batch's mean loss
+        (the last batch of an epoch may not split evenly); the loss is the world's."""
+        job, p, world = self.job, self.progress, self.world
+        if self._move:
+            x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
+        whole = min(self.spec.data.batch_size, len(job.splits.train) - p.batch * self.spec.data.batch_size)
+        out = self.net(x)
+        if len(x):
+            loss = job.loss_fn(out, y)
+            share = loss.detach().item() * len(x) / whole
+            weighted = loss * (len(x) * world.size / whole)
+        else:  # a batch smaller than the world: this rank still takes part in DDP's all-reduce
+            share, weighted = 0.0, out.sum() * 0.0
+        value = world.sum([share])[0]
+        if not math.isfinite(value):  # on every rank at once: they roll back together
+            raise NonFiniteLoss(p.step + 1, p.epoch, p.batch, value)
+        return self._update(weighted, value)
+
     def validate(self) -> dict[str, float]:
         job = self.job
         if job.splits.val is None or len(job.splits.val) == 0:
@@ -123,7 +169,7 @@ class Trainer:
         job.model.eval()
         total, correct, count = 0.0, 0, 0
         with torch.no_grad():
-            for x, y in data.val_loader(job.splits.val, self.spec.data, self.spec.seed, self.pin):
+            for x, y in data.val_loader(job.splits.val, self.spec.data, self.spec.seed, self.pin, self._part):
                 x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
                 out = job.model(x)
                 total += float(job.loss_fn(out, y)) * len(y)
@@ -131,6 +177,8 @@ class Trainer:
                 if job.classification:
                     correct += correct_count(out, y)
         job.model.train()
+        if self.world.size > 1:
+            total, correct, count = self.world.sum([total, correct, count])
         found = {"val_loss": total / count}
         if job.classification:
             found["val_acc"] = correct / count

@@ -13,8 +13,12 @@ agrees with itself, costs nothing per step, and imports nothing of torch.distrib
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+from traind.store.retention import KINDS
 
 STOPS = (None, "after_save", "now")
 """A boundary's ways to stop, weakest first: agreeing takes the strongest any rank wants."""
@@ -57,3 +61,101 @@ class World:
     def agree(self, decision: Decision) -> Decision:
         """DECISION as every rank will act on it; alone, it is already agreed."""
         return decision
+
+    def sum(self, values: list[float]) -> list[float]:
+        """VALUES summed over every rank, elementwise."""
+        return values
+
+    def gather(self, value: Any) -> list[Any] | None:
+        """Every rank's VALUE, in rank order, on the main rank (None on the others)."""
+        return [value]
+
+    def share(self, value: Any) -> Any:
+        """The main rank's VALUE, on every rank."""
+        return value
+
+    def close(self) -> None:
+        """Leave the world (the process group), once the run ended cleanly."""
+
+
+@dataclass(frozen=True)
+class Ranks(World):
+    """One rank of several, joined through torch.distributed (a process group that
+    torchrun's environment describes). Each boundary costs one all-reduce of a few ints."""
+
+    backend: str = "gloo"
+
+    def agree(self, decision: Decision) -> Decision:
+        """The main rank's save kinds (it alone reads the requests and the save policy's
+        clock and list), and the strongest stop any rank wants (a signal may reach one)."""
+        import torch
+        import torch.distributed as dist
+
+        wanted = [STOPS.index(decision.stop), *(int(k in decision.kinds) for k in KINDS)]
+        flags = torch.tensor(wanted if self.is_main else [wanted[0], *[0] * len(KINDS)], dtype=torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        decision.stop = STOPS[int(flags[0])]
+        decision.kinds = {k for k, on in zip(KINDS, flags[1:].tolist()) if on}
+        return decision
+
+    def sum(self, values: list[float]) -> list[float]:
+        import torch
+        import torch.distributed as dist
+
+        total = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(total)
+        return total.tolist()
+
+    def gather(self, value: Any) -> list[Any] | None:
+        import torch.distributed as dist
+
+        found = [None] * self.size if self.is_main else None
+        dist.gather_object(value, found, dst=0)
+        return found
+
+    def share(self, value: Any) -> Any:
+        import torch.distributed as dist
+
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        """After a clean end only: every rank waits for the others before the group goes
+        (a rank that tears it down while another still uses it aborts in gloo's threads).
+        After a failure the launcher ends the others; a barrier would wait for the dead."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def ranks_in_environment() -> int:
+    """The world size the environment describes (1 without torchrun's variables)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def main_in_environment() -> bool:
+    """Whether this process is the main rank, or alone (before joining any group)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def from_environment(backend: str = "auto", cuda: bool = False) -> World:
+    """The world torchrun (or srun, or traind's own launch) describes in the environment:
+    RANK, WORLD_SIZE and LOCAL_RANK (MASTER_ADDR and MASTER_PORT for the rendezvous); one
+    process alone without them. Joins the process group: BACKEND "auto" is nccl on CUDA
+    (CUDA: the job trains on a GPU), gloo otherwise."""
+    size = ranks_in_environment()
+    if size <= 1:
+        return World()
+    import torch.distributed as dist
+
+    backend = ("nccl" if cuda else "gloo") if backend == "auto" else backend
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=size)
+    return Ranks(rank, size, local, backend)

@@ -20,13 +20,18 @@ from traind.store.saves import SaveInfo, save_id, seq_of
 
 
 class SaveStore:
-    def __init__(self, saves_dir: Path, policy: retention.Policy | None = None, fs: FileSystem | None = None):
+    """The saves of one folder. A READER (a rank beside the one that writes) only lists and
+    reads: it makes nothing, sweeps nothing, quarantines nothing, and `get` looks afresh."""
+
+    def __init__(self, saves_dir: Path, policy: retention.Policy | None = None, fs: FileSystem | None = None,
+                 reader: bool = False):
         self.dir, self.policy, self.fs = Path(saves_dir), policy or retention.Policy(), fs or FileSystem()
-        if not self.dir.is_dir():  # made durable: a lost saves/ would lose every save in it
+        self.reader = reader
+        if not self.dir.is_dir() and not reader:  # made durable: a lost saves/ would lose every save in it
             self.dir.parent.mkdir(parents=True, exist_ok=True)
             self.fs.mkdir(self.dir)
             self.fs.fsync_dir(self.dir.parent)
-        self.swept = commit.sweep_staging(self.fs, self.dir)
+        self.swept = [] if reader else commit.sweep_staging(self.fs, self.dir)
         self._lock = threading.Lock()  # the writer thread commits while the trainer reads the list
         self._saves, self.broken = saves.list_saves(self.dir)
         self._next_seq = max((s.seq for s in self._saves), default=0) + 1
@@ -41,6 +46,9 @@ class SaveStore:
             return list(self._saves)
 
     def get(self, save_id: str) -> SaveInfo:
+        if self.reader:  # the writer may have committed it since
+            with self._lock:
+                self._saves, self.broken = saves.list_saves(self.dir)
         for s in self.saves():
             if s.id == save_id:
                 return s

@@ -1,7 +1,7 @@
 """The bench's cases on tiny inputs: they run, and the two sides do the same work (the
 figures themselves are bench/'s business, never asserted here)."""
 
-from bench import daemon, loop
+from bench import daemon, ddp, loop
 
 
 def test_the_loop_and_its_baselines_do_the_same_work():
@@ -23,3 +23,9 @@ def test_ls_and_saves_are_measured_through_the_real_cli(tmp_path):
 
 def test_two_jobs_at_once_are_measured_through_a_real_daemon(tmp_path):
     assert daemon._two_jobs(tmp_path, 2, 1) > 0
+
+
+def test_the_two_process_job_and_the_hand_torchrun_script_do_the_same_work():
+    text = ddp.job_text(512, 2)
+    seconds, ours = ddp.run_traind(text)
+    assert seconds > 0 and ours == ddp.run_hand(text)[1] > 0

@@ -48,10 +48,10 @@ class Daemons:
         self.home, self.procs = home, []
         self.log = home.parent / "daemons.err"  # every daemon's stderr, in order (a pipe nobody reads could fill)
 
-    def start(self):
+    def start(self, *options):
         with open(self.log, "a") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "traind.daemon.cli", "--home", str(self.home), "daemon"],
-                                    stdout=subprocess.DEVNULL, stderr=err, text=True)
+            proc = subprocess.Popen([sys.executable, "-m", "traind.daemon.cli", "--home", str(self.home), "daemon",
+                                     *options], stdout=subprocess.DEVNULL, stderr=err, text=True)
         self.procs.append(proc)
         return proc
 

@@ -26,17 +26,34 @@ JOBS = {
     # Dropout and a tied layer
     "tied.yaml": [("samples: 1024", "samples: 3072"), ("epochs: 5", "epochs: 6"),
                   ("every_steps: 20", "every_steps: 2\n  keep_last: 100000")],
+    # two ranks that traind run launches: a kill of the launcher (its ranks die with it) or of a rank
+    "ddp": [("epochs = 8", "epochs = 3"), ("every_steps = 50\nkeep_last = 3", "every_steps = 3\nkeep_last = 100000"),
+            ("[train]", "[distributed]\nprocesses = 2\n\n[train]")],
 }
+KILLS_OF = {"ddp": max(3, KILLS // 3)}  # each start of two ranks costs seconds
 
 
 def job(tmp_path, name):
-    text = (EXAMPLES / name).read_text()
+    text = (EXAMPLES / ("mlp.toml" if name == "ddp" else name)).read_text()
     for old, new in JOBS[name]:
         assert old in text
         text = text.replace(old, new)
-    path = tmp_path / name
+    path = tmp_path / (name + ".toml" if name == "ddp" else name)
     path.write_text(text)
     return path
+
+
+def ranks_of(proc):
+    """The pids of the ranks that PROC (a launching `traind run`) started."""
+    found = []
+    for entry in os.scandir("/proc"):
+        try:
+            if entry.name.isdigit() and int(open(f"/proc/{entry.name}/stat").read().rsplit(")", 1)[1].split()[1]) \
+                    == proc.pid:
+                found.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def start(path, folder):
@@ -72,7 +89,8 @@ def test_sigkill_at_random_moments_then_finish_bitwise_equal(tmp_path, name):
 
     rng = random.Random(f"{name}-{os.getpid()}")
     folder, acked, in_save_path = tmp_path / "killed", set(), 0
-    for kill in range(KILLS):
+    kills = KILLS_OF.get(name, KILLS)
+    for kill in range(kills):
         before = acknowledged(folder)
         proc = start(path, folder)
         deadline = time.monotonic() + 120
@@ -87,8 +105,13 @@ def test_sigkill_at_random_moments_then_finish_bitwise_equal(tmp_path, name):
         else:
             time.sleep(rng.uniform(0, 0.03))
         acked |= acknowledged(folder)  # read before the kill: these were reported, so must survive
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        ranks = ranks_of(proc) if name == "ddp" and kill % 3 == 2 else []
+        if ranks:  # one rank: the world fails, the launcher ends
+            os.kill(rng.choice(ranks), signal.SIGKILL)
+            assert proc.wait(timeout=120) == 1
+        else:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
         proc.stderr.close()
         in_save_path += bool(staging(folder))
         found = {s.id for s in list_saves(folder / "saves")[0]}
@@ -103,6 +126,6 @@ def test_sigkill_at_random_moments_then_finish_bitwise_equal(tmp_path, name):
     assert acked <= saves.keys()
     assert all(not verify(saves[i].path) for i in acked)
     resumed = (folder / "log").read_text().count("resumed from save")
-    assert resumed == KILLS  # every restart after a kill found a save to continue from
+    assert resumed == kills  # every restart after a kill found a save to continue from
     # aimed kills race the save they saw begin; a save of this model lasts milliseconds (its fsyncs)
-    assert in_save_path >= max(1, KILLS // 4), f"only {in_save_path} kills landed inside a save (before its rename)"
+    assert in_save_path >= max(1, kills // 4), f"only {in_save_path} kills landed inside a save (before its rename)"

@@ -318,3 +318,12 @@ def test_every_wrong_value_type_is_reported_at_once_at_its_own_key_and_line(writ
         "train.epochs": (9, "expected a whole number, got 'ten'"),
         "train.loss_kwargs.label_smoothing": (10, "expected a number, got 'lots'"),
     }
+
+
+def test_the_global_batch_must_divide_among_the_ranks(write_job):
+    text = GOOD.replace("[data]", "[data]\nbatch_size = 30") + "[distributed]\nprocesses = 2\nnodes = 2\n"
+    p = only(problems_of(write_job(text)))
+    assert p.path == ("data", "batch_size") and p.line == 6 and "does not divide among 4 processes" in p.message
+    assert "multiple of 4, such as 28" in p.fix
+    spec = load_job(write_job(text.replace("batch_size = 30", "batch_size = 32"))).spec
+    assert (spec.distributed.world_size, spec.distributed.backend) == (4, "auto")
