@@ -27,7 +27,7 @@ from pathlib import Path
 from bench.loop import MLP, _row, _series
 
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRAIND_TENSORBOARD": "0"}  # TensorBoard's cost: bench/loop.py
 
 
 def job_text(samples: int, epochs: int) -> str:

@@ -41,6 +41,9 @@ from traind.jobs.world import Decision, World
 from traind.store.errors import StoreError, TraindError
 from traind.store.fs import FileSystem
 
+AGREE_EVERY = 8
+"""Steps between the boundaries where the ranks of a job agree on its requests and signals."""
+
 LAUNCHER_HOLDS = "TRAIND_LAUNCHER_HOLDS"
 """Set for ranks that traind launched: the pid of their launcher, which holds the folder's lock."""
 
@@ -121,9 +124,15 @@ class Run:
 
     def _boundary(self, trainer: Trainer, checkpoints: Checkpointer) -> bool:
         """The one decision of a step boundary: taken from the requests, the stop signals
-        and the save policy, agreed by every rank, then acted on; True stops the loop."""
+        and the save policy, agreed by every rank, then acted on; True stops the loop.
+        Several ranks agree at every AGREE_EVERY-th step and at each epoch's end; between,
+        each decides alone what all decide alike (the saves due by step count), so that a
+        step costs no second all-reduce. A request or a signal waits for the next."""
         if self.watch is not None:
             self.watch(trainer)
+        p = trainer.progress
+        if self.world.size > 1 and p.batch != 0 and p.step % AGREE_EVERY:
+            return checkpoints.act(trainer, checkpoints.due(trainer, Decision(), alike=True))
         decision = self.requests.decide(checkpoints.store) if self.world.is_main else Decision()
         return checkpoints.act(trainer, self.world.agree(checkpoints.due(trainer, decision)))
 

@@ -60,14 +60,21 @@ class Checkpointer:
         save what is due; True stops the loop."""
         return self.act(trainer, self.due(trainer, Decision()))
 
-    def due(self, trainer: Trainer, decision: Decision) -> Decision:
+    def due(self, trainer: Trainer, decision: Decision, alike: bool = False) -> Decision:
         """DECISION with the save kinds the policy asks for here, and a stop after a save
-        if a signal asked for one."""
+        if a signal asked for one. ALIKE: only what every rank decides the same without a
+        word (saves due by the step count, inside an epoch), for the boundaries where the
+        ranks do not agree; the clock and the signals wait for the next that does."""
+        p = trainer.progress
+        if alike:
+            if 0 < p.batch < trainer.job.steps_per_epoch:
+                decision.kinds |= retention.due_at_step(self.store.policy, p.step, 0.0)
+            return decision
         if self.stop is not None and self.stop.is_set():
             decision.stop_at("after_save")
         if not self.world.is_main:  # the main rank's policy decides, with its list of saves and its clock
             return decision
-        p, policy = trainer.progress, self.store.policy
+        policy = self.store.policy
         elapsed = time.monotonic() - self.last_save
         if p.batch == 0:  # an epoch just ended and was measured
             decision.kinds |= retention.due_at_epoch_end(policy, p.epoch, p.step, elapsed, p.last.get(policy.monitor),

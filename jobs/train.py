@@ -114,14 +114,14 @@ class Trainer:
         value = loss.item()
         if not math.isfinite(value):  # before backward: the weights stay as they were
             raise NonFiniteLoss(p.step + 1, p.epoch, p.batch, value)
-        return self._update(loss, value)
-
-    def _update(self, loss: torch.Tensor, value: float) -> float:
-        """Backward from LOSS, clip, step the optimizer (and a per-step scheduler), count
-        the step and record VALUE, its loss."""
-        job, p = self.job, self.progress
         job.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        return self._update(value)
+
+    def _update(self, value: float) -> float:
+        """After the backward pass: clip, step the optimizer (and a per-step scheduler),
+        count the step and record VALUE, its loss."""
+        job, p = self.job, self.progress
         if self._clip:
             nn.utils.clip_grad_norm_(job.model.parameters(), self._clip)
         job.optimizer.step()
@@ -151,16 +151,22 @@ class Trainer:
             x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
         whole = min(self.spec.data.batch_size, len(job.splits.train) - p.batch * self.spec.data.batch_size)
         out = self.net(x)
-        if len(x):
+        if len(x) * world.size == whole:  # an even split: DDP's mean of the ranks' means is the batch's mean
+            weighted = job.loss_fn(out, y)
+            share = weighted.detach() / world.size
+        elif len(x):
             loss = job.loss_fn(out, y)
-            share = loss.detach().item() * len(x) / whole
+            share = loss.detach() * (len(x) / whole)
             weighted = loss * (len(x) * world.size / whole)
         else:  # a batch smaller than the world: this rank still takes part in DDP's all-reduce
-            share, weighted = 0.0, out.sum() * 0.0
-        value = world.sum([share])[0]
-        if not math.isfinite(value):  # on every rank at once: they roll back together
+            share, weighted = torch.zeros((), device=out.device), out.sum() * 0.0
+        total = world.sum_later(share)  # the world's loss, summed while the backward pass runs
+        job.optimizer.zero_grad(set_to_none=True)
+        weighted.backward()
+        value = total()
+        if not math.isfinite(value):  # on every rank at once, before the optimizer steps: they roll back together
             raise NonFiniteLoss(p.step + 1, p.epoch, p.batch, value)
-        return self._update(weighted, value)
+        return self._update(value)
 
     def validate(self) -> dict[str, float]:
         job = self.job

@@ -66,6 +66,11 @@ class World:
         """VALUES summed over every rank, elementwise."""
         return values
 
+    def sum_later(self, value) -> Callable[[], float]:
+        """Start summing VALUE (a one-element tensor, which the sum may overwrite) over
+        every rank; the call returned waits for the sum and gives it as a float."""
+        return lambda: float(value)
+
     def gather(self, value: Any) -> list[Any] | None:
         """Every rank's VALUE, in rank order, on the main rank (None on the others)."""
         return [value]
@@ -105,6 +110,18 @@ class Ranks(World):
         total = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(total)
         return total.tolist()
+
+    def sum_later(self, value) -> Callable[[], float]:
+        import torch.distributed as dist
+
+        total = value.detach().reshape(1)  # VALUE is the caller's own: summed in place
+        work = dist.all_reduce(total, async_op=True)
+
+        def result() -> float:
+            work.wait()
+            return float(total)
+
+        return result
 
     def gather(self, value: Any) -> list[Any] | None:
         import torch.distributed as dist

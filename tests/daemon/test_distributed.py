@@ -232,3 +232,35 @@ def test_two_agents_on_loopback_train_one_job_and_resume_it_after_a_kill(tmp_pat
         finish(agent)
     assert "resumed from save" in log_of(folder)
     assert equal(weights(folder), weights(reference))
+
+
+NAN_ON_RANK_1 = """
+import os
+
+import torch
+from torch import nn
+
+calls = 0
+
+
+def loss(output, target):
+    \"\"\"Cross-entropy, but NaN once, on rank 1 alone, at its 20th call (a training step).\"\"\"
+    global calls
+    calls += 1
+    value = nn.functional.cross_entropy(output, target)
+    if os.environ.get("RANK") == "1" and calls == 20:
+        return value * torch.tensor(float("nan"))
+    return value
+"""
+
+
+def test_a_non_finite_loss_on_one_rank_rolls_every_rank_back_together(tmp_path):
+    (tmp_path / "nanloss.py").write_text(NAN_ON_RANK_1)
+    path = tmp_path / "nan.toml"
+    path.write_text(JOB.replace("EPOCHS", "2").replace("[train]", '[train]\nloss = "nanloss:loss"')
+                    .replace("seed = 3", 'seed = 3\npython_path = ["."]'))
+    folder = tmp_path / "run"
+    out = finish(torchrun(path, folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    assert "done: step" in out
+    log = log_of(folder)
+    assert log.count("rolled back to save") == 1 and "will skip batch" in log  # both ranks, or the other would hang
