@@ -1,4 +1,5 @@
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -61,3 +62,10 @@ batch_size = 32
 [train]
 epochs = 3
 """
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a rendezvous the test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import free_port
 from tests.daemon.live import wait_for
 from traind.daemon import requests
 from traind.jobs.loadgame import request_load
@@ -197,14 +198,6 @@ def test_the_daemon_restarts_a_job_whose_rank_was_killed_and_tells_a_pause_or_ca
     assert equal(weights(folder), reference)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_agents_on_loopback_train_one_job_and_resume_it_after_a_kill(tmp_path):
     """`nodes = 2` without a scheduler: `traind run --rdzv-endpoint` on each machine (two
     agents on 127.0.0.1 here, with the store not shared: the hang of pytorch#135712)."""
@@ -213,7 +206,7 @@ def test_two_agents_on_loopback_train_one_job_and_resume_it_after_a_kill(tmp_pat
     env = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
     def agents(folder):
-        port = _free_port()
+        port = free_port()
         return [subprocess.Popen([str(BIN / "traind"), "run", str(path), "--dir", str(folder), "--rdzv-endpoint",
                                   f"127.0.0.1:{port}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  text=True) for _ in range(2)]

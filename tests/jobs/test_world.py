@@ -2,12 +2,12 @@
 real gloo process group (two processes here), every rank acts on one decision."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import torch.multiprocessing as mp
 
+from tests.conftest import free_port
 from traind.jobs.world import Decision, Ranks, World
 
 
@@ -42,16 +42,10 @@ def _rank(rank: int, port: int, found) -> None:
         world.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ranks_agree_on_the_main_ranks_save_kinds_and_the_strongest_stop():
     with mp.Manager() as manager:
         found = manager.dict()
-        mp.spawn(_rank, args=(_free_port(), found), nprocs=2, join=True)
+        mp.spawn(_rank, args=(free_port(), found), nprocs=2, join=True)
         found = dict(found)
     assert found[0] == (["auto", "best"], "after_save", 3.0, ["rng of 0", "rng of 1"], "chosen by 0")
     assert found[1] == (["auto", "best"], "after_save", 3.0, None, "chosen by 0")  # rank 1's "manual" is not the policy
