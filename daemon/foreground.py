@@ -40,7 +40,7 @@ class ProgressLine:
         self._seen = [*self._seen[-20:], (now, p.step)]
         (t0, s0), (t1, s1) = self._seen[0], self._seen[-1]
         rate = f", {(s1 - s0) / (t1 - t0):.1f} steps/s" if t1 > t0 else ""
-        per_epoch = job.steps_per_epoch
+        per_epoch = job.batches_per_epoch
         done = int(20 * min(p.batch / per_epoch, 1)) if per_epoch else 0
         epochs = f"/{job.spec.train.epochs}" if job.spec.train.epochs else ""
         self.stream.write(f"\r\x1b[Kepoch {p.epoch + 1}{epochs} [{'#' * done}{'.' * (20 - done)}] batch "

@@ -47,7 +47,8 @@ def validate(file: Path, as_json: bool) -> None:
         click.echo(f"  optimizer group {i}: {g['tensors']} tensors, {g['parameters']:,} parameters, lr {g['lr']}, "
                    f"weight_decay {g['weight_decay']} ({', '.join(g['names'])}{more})")
     click.echo(f"device: {info['device']}")
-    click.echo(f"data: {info['data']}; batch {info['batch_size']}, {info['steps_per_epoch']} steps per epoch")
+    accumulate = f" x {info['accumulate']} a step" if info.get("accumulate", 1) > 1 else ""
+    click.echo(f"data: {info['data']}; batch {info['batch_size']}{accumulate}, {info['steps_per_epoch']} steps per epoch")
     click.echo(f"forward: input {tuple(info['input_shape'])} -> output {tuple(info['output_shape'])}")
     epochs = info["epochs"]
     click.echo(f"training: {info['total_steps']} steps" + (f" ({epochs} epochs)" if epochs else ""))

@@ -52,6 +52,8 @@ class Checkpointer:
         self.snapshot, self.writer = Snapshot(), Writer()
         self.resumed_from: str | None = None
         self.last_save = time.monotonic()
+        self.carried: Decision | None = None
+        """A decision a non-finite loss interrupted, to act on after the rollback."""
 
     # -- saving ---------------------------------------------------------------------
 
@@ -67,7 +69,7 @@ class Checkpointer:
         ranks do not agree; the clock and the signals wait for the next that does."""
         p = trainer.progress
         if alike:
-            if 0 < p.batch < trainer.job.steps_per_epoch:
+            if 0 < p.batch < trainer.job.batches_per_epoch:
                 decision.kinds |= retention.due_at_step(self.store.policy, p.step, 0.0)
             return decision
         if self.stop is not None and self.stop.is_set():
@@ -81,16 +83,25 @@ class Checkpointer:
                                                          self.store.saves())
             if trainer.finished():
                 decision.kinds.add("final")
-        elif p.batch < trainer.job.steps_per_epoch:  # (after the last batch, the epoch's end comes next)
+        elif p.batch < trainer.job.batches_per_epoch:  # (after the last batch, the epoch's end comes next)
             decision.kinds |= retention.due_at_step(policy, p.step, elapsed)
         return decision
 
     def act(self, trainer: Trainer, decision: Decision) -> bool:
-        """Do what the (agreed) DECISION says; True stops the loop."""
+        """Do what the (agreed) DECISION says; True stops the loop. A decision that met a
+        non-finite loss before its save is carried over the rollback to the first boundary
+        after it (a pause or a quicksave is not lost; the save is of healthy weights)."""
+        if self.carried is not None:
+            decision, self.carried = self.carried.joined(decision), None
         if decision.stop == "now":
             return True
         kinds = decision.kinds or ({"auto"} if decision.stop else set())
         if kinds:
+            try:
+                trainer.look()  # the losses up to here are finite, or no save is made of these weights
+            except NonFiniteLoss:
+                self.carried = decision
+                raise
             save_id = self.save(kinds, decision.note, decision.request, decision.after)
             if decision.request is not None and save_id is not None:
                 self.recorder.say(f"quicksave {save_id} at step {trainer.progress.step}"
@@ -201,6 +212,7 @@ class Checkpointer:
                               "derived from the job's seed")
 
     def _restore(self, info: SaveInfo) -> None:
+        self.trainer.forget()
         state.restore(self.trainer, info)
         self.resumed_from = info.id
         p = self.trainer.progress

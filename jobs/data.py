@@ -50,7 +50,14 @@ class TensorPairs(Dataset):
 
     def batch(self, index: torch.Tensor, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.x[index], self.y[index]
-        return (x.pin_memory(), y.pin_memory()) if pin else (x, y)
+        return (x.pin_memory(), y.pin_memory()) if pin and not x.is_cuda else (x, y)
+
+    @property
+    def nbytes(self) -> int:
+        return self.x.nbytes + self.y.nbytes
+
+    def to(self, device: torch.device) -> TensorPairs:
+        return TensorPairs(self.x.to(device), self.y.to(device))
 
 
 def keep_batch(batch):
@@ -106,15 +113,44 @@ def csv_target(spec: DataSpec) -> str:
     """Which column of a CSV the targets come from, in words (said when data.target is unset)."""
     with open(spec.path, newline="") as f:
         first = next((r for r in csv.reader(f) if r), [])
-    col = _target_column(spec, first if spec.header else None, max(len(first), 1))
-    name = f"'{first[col]}' (column {col})" if spec.header and first else f"column {col}"
+    cols = _target_columns(spec, first if spec.header else None, max(len(first), 1))
+    name = ", ".join(f"'{first[c]}' (column {c})" if spec.header and first else f"column {c}" for c in cols)
     return name + (" (the last; set data.target to pick another)" if spec.target is None else "")
 
 
-def largest_label(splits: Splits) -> int | None:
-    """The largest class label of in-memory data; None for datasets only their batches reveal."""
+def labels_of(splits: Splits) -> torch.Tensor | None:
+    """Every target of in-memory data (train and validation); None for datasets only their
+    batches reveal."""
     ys = [ds.y for ds in (splits.train, splits.val) if isinstance(ds, TensorPairs) and len(ds)]
-    return max(int(y.max()) for y in ys) if ys else None
+    return torch.cat(ys) if ys else None
+
+
+ON_DEVICE_SHARE = 0.25
+"""In-memory data moves to the GPU when it takes at most this share of the GPU's free memory."""
+
+
+def on_device(splits: Splits, device: torch.device, workers: int) -> tuple[Splits, int]:
+    """SPLITS with in-memory data on DEVICE (a GPU), where it fits in ON_DEVICE_SHARE of
+    its free memory and no loader workers are asked for: each batch is then gathered there,
+    with no copy from the host per step. Returns the bytes moved (0: none)."""
+    sets = [ds for ds in (splits.train, splits.val) if isinstance(ds, TensorPairs)]
+    if device.type != "cuda" or workers or not sets:
+        return splits, 0
+    size = sum(ds.nbytes for ds in sets)
+    if size > torch.cuda.mem_get_info(device)[0] * ON_DEVICE_SHARE:
+        return splits, 0
+    move = lambda ds: ds.to(device) if isinstance(ds, TensorPairs) else ds  # noqa: E731
+    return Splits(move(splits.train), move(splits.val), splits.description), size
+
+
+def float_targets(splits: Splits, shape: tuple[int, ...]) -> Splits:
+    """In-memory 0/1 labels as float targets of SHAPE per sample (a loss such as
+    BCEWithLogitsLoss takes them so), converted once rather than at every batch."""
+    def convert(ds):
+        if not isinstance(ds, TensorPairs):
+            return ds
+        return TensorPairs(ds.x, ds.y.to(torch.float32).reshape(len(ds.y), *shape))
+    return Splits(convert(splits.train), convert(splits.val), splits.description)
 
 
 def synthetic(spec: DataSpec, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,22 +177,24 @@ def read_csv(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
     if not rows:
         raise _problem("path", f"{spec.path} has no data rows", "check the file, and data.header")
     width = len(rows[0])
-    col = _target_column(spec, header, width)
+    cols = _target_columns(spec, header, width)
     xs, ys = [], []
     for number, row in enumerate(rows, start=2 if header else 1):
         if len(row) != width:
             raise _problem("path", f"{spec.path} line {number}: {len(row)} columns, expected {width}",
                            "give every row the same number of columns")
-        ys.append(row[col])
+        ys.append([row[c] for c in cols])
         try:
-            values = [float(v) for i, v in enumerate(row) if i != col]
+            values = [float(v) for i, v in enumerate(row) if i not in cols]
         except ValueError as e:
             raise _problem("path", f"{spec.path} line {number}: {e}",
-                           "every column but the target must be a number") from e
+                           "every column but the targets must be a number") from e
         xs.append(values)
-        if not all(map(math.isfinite, values)) or row[col].strip().lower().lstrip("+-") in NON_FINITE:
+        if not all(map(math.isfinite, values)) or any(row[c].strip().lower().lstrip("+-") in NON_FINITE for c in cols):
             _refuse_row(spec, number, row, header)
-    return torch.tensor(xs, dtype=torch.float32), _labels(ys, spec)
+    if len(cols) == 1:
+        return torch.tensor(xs, dtype=torch.float32), _labels([y for (y,) in ys], spec)
+    return torch.tensor(xs, dtype=torch.float32), _label_columns(ys, spec)
 
 
 NON_FINITE = ("nan", "inf", "infinity")  # how float() spells them, whatever the case and sign
@@ -175,8 +213,27 @@ def _refuse_row(spec: DataSpec, number: int, row: list[str], header: list[str] |
                            "number", "clean the data (drop or fill that row) before training on it")
 
 
-def _target_column(spec: DataSpec, header: list[str] | None, width: int) -> int:
-    target = -1 if spec.target is None else spec.target
+def _target_columns(spec: DataSpec, header: list[str] | None, width: int) -> list[int]:
+    """The target columns: one, or several (data.target a list: multi-label, or several
+    regression outputs)."""
+    if not isinstance(spec.target, list):
+        return [_target_column(spec, header, width)]
+    cols = [_target_column(spec, header, width, t) for t in spec.target]
+    if len(set(cols)) != len(cols):
+        raise _problem("target", f"{spec.target} names a column twice", "name each target column once")
+    return cols
+
+
+def _label_columns(rows: list[list[str]], spec: DataSpec) -> torch.Tensor:
+    try:
+        return torch.tensor([[float(v) for v in row] for row in rows])
+    except ValueError as e:
+        raise _problem("target", f"several target columns must hold numbers (0/1 labels, or regression "
+                       f"outputs): {e}", "pick numeric columns, or one text column as the class label") from e
+
+
+def _target_column(spec: DataSpec, header: list[str] | None, width: int, target: str | int | None = None) -> int:
+    target = (-1 if spec.target is None else spec.target) if target is None else target
     if isinstance(target, str):
         if header is None or target not in header:
             known = header or []
@@ -235,7 +292,8 @@ def _shape_for_task(x: torch.Tensor, y: torch.Tensor, spec: DataSpec) -> tuple[t
     if y.is_floating_point() and not torch.equal(y, y.round()):
         raise _problem("task", "classification needs whole-number class labels, but y has fractions",
                        "set task = 'regression', or store class indices in y")
-    y = y.reshape(-1).long()
+    # (n,) or (n, 1): one class label per sample; (n, k): k 0/1 labels (multi-label)
+    y = (y.reshape(-1) if y.dim() < 2 or y.shape[1:].numel() == 1 else y.reshape(len(y), -1)).long()
     if len(y) and int(y.min()) < 0:
         raise _problem("task", "class labels must be 0 or more", "store class indices 0..classes-1 in y")
     return x, y
@@ -279,9 +337,9 @@ class EpochBatches(Sampler[torch.Tensor]):
     permutation that follows from (seed, epoch) alone, so any batch can come first."""
 
     def __init__(self, size: int, batch_size: int, seed: int, epoch: int, shuffle: bool, start: int = 0,
-                 part: tuple[int, int] = (0, 1)):
+                 part: tuple[int, int] = (0, 1), device: torch.device | None = None):
         self.size, self.batch_size, self.seed, self.epoch, self.shuffle = size, batch_size, seed, epoch, shuffle
-        self.start, (self.rank, self.ranks) = start, part
+        self.start, (self.rank, self.ranks), self.device = start, part, device
 
     def order(self) -> torch.Tensor:
         if not self.shuffle:
@@ -289,8 +347,9 @@ class EpochBatches(Sampler[torch.Tensor]):
         return torch.randperm(self.size, generator=seeded(self.seed, ORDER, self.epoch))
 
     def __iter__(self):
-        # Tensors, not lists: TensorPairs gathers with them directly (no list->tensor per batch).
-        rest = self.order()[self.start * self.batch_size:]
+        # Tensors, not lists: TensorPairs gathers with them directly (no list->tensor per batch);
+        # on the device of data kept there, moved once an epoch.
+        rest = self.order()[self.start * self.batch_size:].to(self.device)
         batches = rest.split(self.batch_size) if len(rest) else ()
         if self.ranks > 1:  # each rank its slice of every global batch: the order is the same at any world size
             return (b.tensor_split(self.ranks)[self.rank] for b in batches)
@@ -309,14 +368,19 @@ def train_loader(train: Dataset, spec: DataSpec, seed: int, epoch: int, start_ba
     """The batches of EPOCH from batch START_BATCH on (PART: this rank's share of each, as
     (rank, ranks)). The explicit generator keeps the loader off the global RNG (it would
     otherwise draw the workers' base seed there)."""
-    batches = EpochBatches(len(train), spec.batch_size, seed, epoch, spec.shuffle, start_batch, part)
+    batches = EpochBatches(len(train), spec.batch_size, seed, epoch, spec.shuffle, start_batch, part, _home(train))
     return _loader(train, spec, batches, seeded(seed, WORKERS, epoch, *_rank_keys(part)), pin_memory)
 
 
 def val_loader(val: Dataset, spec: DataSpec, seed: int, pin_memory: bool = False,
                part: tuple[int, int] = (0, 1)) -> Iterable:
-    batches = EpochBatches(len(val), spec.batch_size, seed, 0, shuffle=False, part=part)
+    batches = EpochBatches(len(val), spec.batch_size, seed, 0, shuffle=False, part=part, device=_home(val))
     return _loader(val, spec, batches, seeded(seed, WORKERS, *_rank_keys(part)), pin_memory)
+
+
+def _home(ds: Dataset) -> torch.device | None:
+    """The device of data kept on a GPU (`on_device`), where its batches' indices go."""
+    return ds.x.device if isinstance(ds, TensorPairs) and ds.x.is_cuda else None
 
 
 def _rank_keys(part: tuple[int, int]) -> tuple[int, ...]:

@@ -43,14 +43,54 @@ def build_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimi
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, spec: SchedulerSpec | None):
+    """The scheduler [scheduler] names; a chain (SequentialLR, ChainedScheduler) around the
+    schedulers of its list, each built on the same optimizer."""
     if spec is None:
         return None
-    cls = names.schedulers()[spec.name]
+    stages = [_scheduler(optimizer, stage.name, stage.kwargs, ("scheduler", "schedulers", i))
+              for i, stage in enumerate(spec.schedulers)]
+    if spec.name == "SequentialLR":
+        return _scheduler(optimizer, spec.name, {"schedulers": stages, **spec.kwargs}, ("scheduler",))
+    if spec.name == "ChainedScheduler":
+        return torch.optim.lr_scheduler.ChainedScheduler(stages, optimizer)
+    return _scheduler(optimizer, spec.name, spec.kwargs, ("scheduler",))
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, name: str, kwargs: dict, where: tuple):
+    cls = names.schedulers()[name]
     try:
-        return cls(optimizer, **spec.kwargs)
+        return cls(optimizer, **kwargs)
     except (ValueError, TypeError, KeyError) as e:
-        raise JobSpecError([Problem(("scheduler", "name"), f"{spec.name}: {e}",
+        raise JobSpecError([Problem((*where, "name"), f"{name}: {e}",
                                     fix=f"check the arguments of {names.signature_text(cls)}")]) from e
+
+
+def build_ema(model: nn.Module, decay: float) -> nn.Module:
+    """An exponential moving average of MODEL's weights and buffers (torch's AveragedModel
+    around a copy of it): ema = decay * ema + (1 - decay) * weights, after every optimizer
+    step; the first update copies the weights."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+BINARY_LOSSES = {"BCEWithLogitsLoss": 0.0, "MultiLabelSoftMarginLoss": 0.0, "BCELoss": 0.5}
+"""Losses of 0/1 targets shaped as the output, and the output above which a label is 1
+(logits: 0; BCELoss takes probabilities: 0.5)."""
+
+
+class BinaryTargets(nn.Module):
+    """A loss of 0/1 targets whose labels come as class indices (n,) or (n, k): they become
+    floats of the output's shape (a no-op for targets made so once, at build)."""
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if y.shape != out.shape or not y.is_floating_point():
+            y = y.to(torch.float32).reshape(out.shape)
+        return self.loss(out, y)
 
 
 def build_loss(spec: TrainSpec, python_path: list[str]) -> Callable:
@@ -64,7 +104,8 @@ def build_loss(spec: TrainSpec, python_path: list[str]) -> Callable:
         found = names.nn_losses()[spec.loss]
     if isinstance(found, type):
         try:
-            return found(**spec.loss_kwargs)
+            made = found(**spec.loss_kwargs)
+            return BinaryTargets(made) if spec.loss in BINARY_LOSSES else made
         except (ValueError, TypeError) as e:
             raise JobSpecError([Problem(("train", "loss_kwargs"), f"{spec.loss}: {e}",
                                         fix=f"check the arguments of {names.signature_text(found)}")]) from e
@@ -74,6 +115,12 @@ def build_loss(spec: TrainSpec, python_path: list[str]) -> Callable:
     return found
 
 
-def correct_count(out: torch.Tensor, y: torch.Tensor) -> int:
-    """Classification: how many rows of OUT have their largest score at the class in Y."""
-    return int((out.argmax(dim=-1) == y).sum())
+def correct_count(out: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.Tensor, int]:
+    """Classification: how many predictions in OUT are right (a tensor on OUT's device, so
+    that counting costs no wait for the device), and of how many: one per row, the class of
+    its largest score; with a loss of 0/1 targets one per label, 1 where the output is
+    above the loss's threshold."""
+    threshold = BINARY_LOSSES.get(loss)
+    if threshold is None:
+        return (out.argmax(dim=-1) == y).sum(), len(y)
+    return ((out > threshold) == (y.reshape(out.shape) > 0.5)).sum(), out.numel()

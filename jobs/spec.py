@@ -55,23 +55,26 @@ class KwargsSection(Section):
     def kwargs(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
 
-    def resolve(self, section: str, table: dict[str, type], module: str, first_arg: str,
+    def resolve(self, section: str | tuple, table: dict[str, type], module: str, first_arg: str,
                 own: tuple[str, ...]) -> tuple[type | None, list[Problem]]:
         """The class `name` picks from TABLE (or None) and the problems with the section's
-        other keys as its constructor's arguments (after FIRST_ARG, the params or optimizer they come with)."""
+        other keys as its constructor's arguments (after FIRST_ARG, the params or optimizer
+        they come with). SECTION: the section's name, or its path (an entry of a list)."""
+        where = section if isinstance(section, tuple) else (section,)
+        title = field_name(where)
         try:
-            cls = names.lookup(self.name, table, section)
+            cls = names.lookup(self.name, table, title)
         except LookupError as e:
-            return None, [Problem((section, "name"), str(e), fix=f"use a {module} class: {', '.join(sorted(table))}")]
+            return None, [Problem((*where, "name"), str(e), fix=f"use a {module} class: {', '.join(sorted(table))}")]
         accepted = names.parameter_names(cls)[1:]
         problems = [
-            Problem((section, key), f"unknown key '{key}' in [{section}]{names.suggest(key, accepted + list(own))}",
-                    fix=f"[{section}] takes {', '.join(own)} and the arguments of {names.signature_text(cls)}")
+            Problem((*where, key), f"unknown key '{key}' in [{title}]{names.suggest(key, accepted + list(own))}",
+                    fix=f"[{title}] takes {', '.join(own)} and the arguments of {names.signature_text(cls)}")
             for key in self.kwargs if key not in accepted]
-        problems += names.argument_types(cls, self.kwargs, (section,))
+        problems += names.argument_types(cls, self.kwargs, where)
         why = None if problems else names.check_call(cls, (first_arg,), self.kwargs)
         if why:
-            problems.append(Problem((section, "name"), f"{self.name}: {why}",
+            problems.append(Problem((*where, "name"), f"{self.name}: {why}",
                                     fix=f"give the arguments of {names.signature_text(cls)}"))
         return cls, problems
 
@@ -149,8 +152,8 @@ class DataSpec(Section):
     """synthetic regression: targets per sample."""
     path: str | None = None
     """csv / npz / pt: the data file; relative paths start at the job file's folder."""
-    target: str | int | None = None
-    """csv: the target column, by name or index; default the last."""
+    target: str | int | list[str | int] | None = None
+    """csv: the target column, by name or index; default the last. A list: several target columns (0/1 labels for multi-label, or regression outputs)."""
     header: bool = True
     """csv: whether the first row names the columns."""
     x: str = "x"
@@ -220,21 +223,85 @@ class OptimizerSpec(KwargsSection):
         return self
 
 
+CHAINS = ("SequentialLR", "ChainedScheduler")
+"""Schedulers made of others: [scheduler] schedulers = [{ name = ..., ...}, ...]."""
+
+
+class StageSpec(KwargsSection):
+    """One scheduler of a chain (SequentialLR's stages, ChainedScheduler's parts)."""
+
+    name: str
+    """Any torch.optim.lr_scheduler class but a chain or ReduceLROnPlateau; the other keys are its keyword arguments."""
+
+
 class SchedulerSpec(KwargsSection):
     name: str
     """Any torch.optim.lr_scheduler class; the section's other keys are its keyword arguments."""
     interval: Literal["epoch", "step"] = "epoch"
     """Step the scheduler after every epoch or after every optimizer step."""
+    schedulers: list[StageSpec] = []
+    """SequentialLR and ChainedScheduler: the schedulers they run, e.g. [{ name = 'LinearLR', start_factor = 0.1, total_iters = 5 }, { name = 'CosineAnnealingLR', T_max = 95 }]."""
 
     @model_validator(mode="after")
     def _known(self, info: ValidationInfo) -> SchedulerSpec:
+        if self.name in CHAINS:
+            report(info, self._chain_problems())
+            return self
         cls, problems = self.resolve("scheduler", names.schedulers(), "torch.optim.lr_scheduler", "optimizer",
                                      ("name", "interval"))
         if cls and self.name == "ReduceLROnPlateau" and self.interval == "step":
             problems.append(Problem(("scheduler", "interval"), "ReduceLROnPlateau follows a metric measured once per epoch",
                                     fix="set interval = 'epoch'"))
+        if self.schedulers:
+            problems.append(Problem(("scheduler", "schedulers"), f"{self.name} takes no list of schedulers",
+                                    fix=f"remove schedulers, or use name = one of {', '.join(CHAINS)}"))
         report(info, problems)
         return self
+
+    def _chain_problems(self) -> list[Problem]:
+        """A chain: its stages, each a scheduler of its own (checked as [scheduler] is), and
+        SequentialLR's milestones between them."""
+        table = {n: c for n, c in names.schedulers().items() if n not in (*CHAINS, "ReduceLROnPlateau")}
+        example = "schedulers = [{ name = 'LinearLR', start_factor = 0.1, total_iters = 5 }, " \
+                  "{ name = 'CosineAnnealingLR', T_max = 95 }]"
+        problems = []
+        if not self.schedulers:
+            problems.append(Problem(("scheduler", "schedulers"), f"{self.name} needs the schedulers it runs",
+                                    fix=example + (", milestones = [5]" if self.name == "SequentialLR" else "")))
+        for i, stage in enumerate(self.schedulers):
+            problems += stage.resolve(("scheduler", "schedulers", i), table, "torch.optim.lr_scheduler (no chain, "
+                                      "no ReduceLROnPlateau)", "optimizer", ("name",))[1]
+        allowed = ("milestones",) if self.name == "SequentialLR" else ()
+        for key in self.kwargs:
+            if key not in allowed:
+                problems.append(Problem(("scheduler", key), f"unknown key '{key}' in [scheduler] for {self.name}",
+                                        fix=f"{self.name} takes name, interval, schedulers"
+                                            + (" and milestones" if allowed else "")))
+        if self.name == "SequentialLR":
+            problems += self._milestone_problems()
+        return problems
+
+    def _milestone_problems(self) -> list[Problem]:
+        milestones, want = self.kwargs.get("milestones"), max(len(self.schedulers) - 1, 0)
+        fix = (f"give {want} increasing whole numbers: the {'step' if self.interval == 'step' else 'epoch'} "
+               "at which each scheduler after the first takes over")
+        if milestones is None:
+            return [Problem(("scheduler", "milestones"), "SequentialLR needs milestones", fix=fix)]
+        if not isinstance(milestones, list) or not all(isinstance(m, int) and not isinstance(m, bool) and m > 0
+                                                       for m in milestones):
+            return [Problem(("scheduler", "milestones"), f"expected a list of positive whole numbers, got {milestones!r}",
+                            fix=fix)]
+        if len(milestones) != want or milestones != sorted(set(milestones)):
+            return [Problem(("scheduler", "milestones"), f"{len(self.schedulers)} schedulers need {want} increasing "
+                            f"milestones, got {milestones}", fix=fix)]
+        return []
+
+
+class EarlyStopSpec(Section):
+    patience: NonNegativeInt = 0
+    """End the job after this many epochs in a row in which checkpoint.monitor did not improve; 0 = off."""
+    min_delta: Annotated[float, Field(ge=0.0)] = 0.0
+    """An improvement smaller than this does not count."""
 
 
 class TrainSpec(Section):
@@ -254,6 +321,16 @@ class TrainSpec(Section):
     """Rollbacks in a row before the job stops; the count starts anew once a save is made past the skipped batch."""
     log_every_steps: PositiveInt = 10
     """Write the training loss to the metrics file every this many steps."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast the forward pass and the loss to bf16 or fp16 (fp16 on a GPU only, with a GradScaler that every save holds)."""
+    accumulate: PositiveInt = 1
+    """Batches per optimizer step (gradient accumulation); a step counts optimizer steps, and saves fall between them."""
+    compile: bool | Literal["max-autotune"] = False
+    """torch.compile the model (true, or 'max-autotune'); saves keep the plain parameter names."""
+    ema: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    """Decay of an exponential moving average of the weights, updated every optimizer step and validated on; 0 = off."""
+    early_stop: EarlyStopSpec = EarlyStopSpec()
+    """End the job once checkpoint.monitor stops improving: { patience = 5, min_delta = 0.001 }."""
 
     @model_validator(mode="before")
     @classmethod

@@ -25,6 +25,8 @@ from traind.store.errors import CorruptSave
 from traind.store.saves import SaveInfo, load_json, load_tensors
 
 MODEL, OPTIMIZER, STATE = "model.safetensors", "optimizer.safetensors", "state.json"
+EMA = "ema.safetensors"
+"""train.ema: the moving average's weights, named as the model's (it loads into the job's module)."""
 TIED_KEY = "traind.tied"  # model.safetensors metadata: {"alias": "stored key"} of tied tensors
 
 
@@ -102,7 +104,9 @@ def capture(trainer: Trainer, copy: Callable[[dict[str, torch.Tensor]], dict[str
     job = trainer.job
     model, tied = model_tensors(job.model)
     opt, opt_doc = optimizer_tensors(job.optimizer)
-    copied = copy({**{f"model/{k}": t for k, t in model.items()}, **{f"optimizer/{k}": t for k, t in opt.items()}})
+    ema = model_tensors(job.ema.module)[0] if job.ema is not None else {}
+    copied = copy({**{f"model/{k}": t for k, t in model.items()}, **{f"optimizer/{k}": t for k, t in opt.items()},
+                   **{f"ema/{k}": t for k, t in ema.items()}})
     meta = {"job": job.name, "step": str(trainer.progress.step), TIED_KEY: json.dumps(tied)}
     files = {MODEL: ({k: copied[f"model/{k}"] for k in model}, meta),
              OPTIMIZER: ({k: copied[f"optimizer/{k}"] for k in opt}, {"job": job.name})}
@@ -110,6 +114,11 @@ def capture(trainer: Trainer, copy: Callable[[dict[str, torch.Tensor]], dict[str
              "optimizer": opt_doc,
              "scheduler": job.scheduler.state_dict() if job.scheduler is not None else None,
              "model": {"tied": tied}, "spec_sha256": spec_hash(trainer), "torch": torch.__version__}
+    if job.ema is not None:
+        files[EMA] = ({k: copied[f"ema/{k}"] for k in ema}, {**meta, "traind.ema": str(trainer.spec.train.ema)})
+        state["ema"] = {"n_averaged": int(job.ema.n_averaged), "decay": trainer.spec.train.ema}
+    if job.scaler is not None:
+        state["scaler"] = job.scaler.state_dict()
     if ranks_rng and len(ranks_rng) > 1:
         state["ranks"] = {"size": len(ranks_rng), "rng": ranks_rng[1:]}
     return files, json.loads(json.dumps(state, default=_refuse))  # a deep copy, proven to be JSON
@@ -143,6 +152,24 @@ def seed_rank(seed: int, rank: int) -> None:
         torch.manual_seed(mixed)
 
 
+def _restore_ema(job, save: SaveInfo, doc: dict, tied: dict) -> None:
+    """The moving average as SAVE holds it; a save made without one (train.ema turned on
+    since) starts it anew, from the weights, at the next step."""
+    if job.ema is None:
+        return
+    if "ema" not in doc:
+        job.ema.n_averaged.zero_()
+        return
+    try:
+        tensors = load_tensors(save, EMA)
+    except (OSError, ValueError, KeyError) as e:
+        raise CorruptSave(f"save {save.id}: its EMA cannot be read back ({type(e).__name__}: {e})") from e
+    for alias, key in tied.items():
+        tensors[alias] = tensors[key]
+    job.ema.module.load_state_dict(tensors)
+    job.ema.n_averaged.fill_(doc["ema"]["n_averaged"])
+
+
 def restore(trainer: Trainer, save: SaveInfo) -> None:
     """Put TRAINER back exactly as it was when SAVE was taken (a rank of several: its own
     RNG streams, or streams from the seed where the save has none for it)."""
@@ -160,6 +187,9 @@ def restore(trainer: Trainer, save: SaveInfo) -> None:
         restore_optimizer(job.optimizer, optimizer, doc["optimizer"])
         if job.scheduler is not None and doc["scheduler"] is not None:
             job.scheduler.load_state_dict(doc["scheduler"])
+        _restore_ema(job, save, doc, tied)
+        if job.scaler is not None and doc.get("scaler"):
+            job.scaler.load_state_dict(doc["scaler"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise JobSpecError([Problem(("model",), f"save {save.id} does not fit this job's model or optimizer: {e}",
                                     fix="run the job file the save was made with, or start in a new folder")]) from e

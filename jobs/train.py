@@ -13,7 +13,7 @@ import math
 import re
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 
 from traind.jobs import data
 from traind.jobs.build import Job
-from traind.jobs.errors import NonFiniteLoss
+from traind.jobs.errors import NonFiniteLoss, is_out_of_memory
 from traind.jobs.metrics import Recorder
 from traind.jobs.optim import correct_count
 from traind.jobs.world import World
@@ -36,7 +36,7 @@ class Progress:
     epoch: int = 0
     """The current epoch, from 0."""
     batch: int = 0
-    """Batches of the current epoch done."""
+    """Batches of the current epoch done (train.accumulate of them to a step)."""
     loss_sum: float = 0.0
     """Sum of the current epoch's batch losses (its mean is train_loss)."""
     best: float | None = None
@@ -47,53 +47,83 @@ class Progress:
     """[epoch, batch] pairs never trained on: where a loss was not finite (see rollback)."""
     rollbacks: int = 0
     """Rollbacks after a non-finite loss so far."""
+    mark: float | None = None
+    """train.early_stop: the monitored value of the last epoch that counted as an improvement."""
+    stale: int = 0
+    """train.early_stop: epochs in a row since then."""
+    stopped: str | None = None
+    """Why training ended before its length ("early stop at epoch 7"), once it has."""
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+LOOK_EVERY = 64
+"""Batches whose losses wait on the device at most, between two looks at them."""
+
+Batch = tuple[int, torch.Tensor, torch.Tensor]
+"""(its index in the epoch, inputs, targets)."""
+
+
 class Trainer:
     """The loop over one job. In a WORLD of several ranks, each trains on its share of
     every global batch through DDP (the job's model stays the plain module, which saves
-    hold), and the loss, its finiteness and the validation metrics are the whole world's."""
+    hold), and the loss, its finiteness and the validation metrics are the whole world's.
+
+    A step takes train.accumulate batches. Their losses stay on the device, unread (reading
+    one waits for the device: on a GPU, a stall every step): `look` brings them over in
+    one transfer (and, with ranks, one all-reduce) where the loop stops anyway, at a logged
+    step, before a save, at an epoch's end, and every LOOK_EVERY batches. A non-finite one
+    raises NonFiniteLoss there, naming its batch; the weights it reached are then not
+    healthy, and no save is made of them: the run rolls back to the newest healthy save."""
 
     def __init__(self, job: Job, recorder: Recorder, progress: Progress | None = None, world: World = World()):
         self.job, self.spec, self.recorder, self.world = job, job.spec, recorder, world
         self.progress = progress or Progress()
+        job.splits, moved = data.on_device(job.splits, job.device, self.spec.data.num_workers)
+        if moved:
+            recorder.say(f"data on {job.device}: {moved / 2**20:.1f} MiB, each batch gathered there")
         self.net = job.model
-        """What the forward pass calls: the model, or its DDP wrapper (made at the first fit)."""
+        """What the forward pass calls: the model, or its DDP wrapper or compiled form (made at the first fit)."""
         self._part = (world.rank, world.size)
         self.pin = job.device.type == "cuda"
         # Per-step decisions that never change, taken once: at ~0.5 ms a step on a small
         # model, each attribute chain in the hot path shows up in bench/loop.py.
+        train = self.spec.train
         self._move = job.device.type != "cpu"
-        self._clip = self.spec.train.grad_clip
+        self._clip = train.grad_clip
         self._step_scheduler = job.scheduler if self.spec.scheduler and self.spec.scheduler.interval == "step" else None
-        self._limit = self.spec.train.max_steps
-        self._log_every = self.spec.train.log_every_steps
+        self._limit = train.max_steps
+        self._log_every = train.log_every_steps
+        self._accumulate = train.accumulate
+        self._autocast = job.autocast
+        self._size, self._batch_size = len(job.splits.train), self.spec.data.batch_size
+        self._losses: list[torch.Tensor] = []
+        """The losses not looked at yet: per batch, this rank's share of the world's."""
+        self._pending: list[tuple[int, int, float, float]] = []
+        """Of each: (step, batch, its share's factor, its weight in its step's loss)."""
+        self._compile = train.compile
+        self._compiled = not train.compile
+        """Whether the compiled model has run a step (its errors come at the first)."""
 
     def finished(self) -> bool:
         p, train = self.progress, self.spec.train
-        return (train.max_steps is not None and p.step >= train.max_steps and p.batch == 0) or \
-               (train.epochs is not None and p.epoch >= train.epochs)
+        return p.stopped is not None or \
+            (train.max_steps is not None and p.step >= train.max_steps and p.batch == 0) or \
+            (train.epochs is not None and p.epoch >= train.epochs)
 
     def fit(self, boundary: Callable[[Trainer], bool] = lambda trainer: False) -> bool:
         """Train until done (True) or until BOUNDARY asks to stop (False)."""
         job, p = self.job, self.progress
         job.model.train()
-        step = self.train_step
-        if self.world.size > 1:
-            self._wrap()
-            step = self._ranks_step
+        self._prepare()
+        step = self.step if self._compiled else self._first_compiled
         while not self.finished():
             if not self.at_step_limit():
                 loader = data.train_loader(job.splits.train, self.spec.data, self.spec.seed, p.epoch, p.batch,
                                            self.pin, self._part)
-                for x, y in loader:
-                    if p.skip and [p.epoch, p.batch] in p.skip:
-                        p.batch += 1
-                        continue
-                    step(x, y)
+                for group in self._groups(loader):
+                    step(group)
                     if self.at_step_limit():
                         break
                     if boundary(self):
@@ -106,92 +136,193 @@ class Trainer:
     def at_step_limit(self) -> bool:
         return self._limit is not None and self.progress.step >= self._limit
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        job, p = self.job, self.progress
-        if self._move:
-            x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
-        loss = job.loss_fn(job.model(x), y)
-        value = loss.item()
-        if not math.isfinite(value):  # before backward: the weights stay as they were
-            raise NonFiniteLoss(p.step + 1, p.epoch, p.batch, value)
-        job.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        return self._update(value)
+    def _groups(self, loader) -> Iterator[list[Batch]]:
+        """The batches of LOADER (from Progress.batch on), train.accumulate to a step; a
+        batch in Progress.skip is passed over (the step takes the next one)."""
+        p, n = self.progress, self._accumulate
+        index, group, skip = p.batch, [], p.skip
+        for x, y in loader:
+            if skip and [p.epoch, index] in skip:
+                index += 1
+                if not group:
+                    p.batch = index
+                continue
+            group.append((index, x, y))
+            index += 1
+            if len(group) == n:
+                yield group
+                group = []
+        if group:
+            yield group
+        p.batch = index
 
-    def _update(self, value: float) -> float:
-        """After the backward pass: clip, step the optimizer (and a per-step scheduler),
-        count the step and record VALUE, its loss."""
-        job, p = self.job, self.progress
-        if self._clip:
-            nn.utils.clip_grad_norm_(job.model.parameters(), self._clip)
-        job.optimizer.step()
-        if self._step_scheduler is not None:
-            self._step_scheduler.step()
-        p.step += 1
-        p.batch += 1
-        p.loss_sum += value
-        if p.step % self._log_every == 0:
-            self.recorder.metric({"kind": "step", "step": p.step, "epoch": p.epoch, "loss": value, "lr": self.lr()})
-        return value
-
-    def _wrap(self) -> None:
-        """DDP around the model, once its state is final (built, or restored from a save)."""
-        if self.net is self.job.model:
+    def _prepare(self) -> None:
+        """DDP around the model, then torch.compile, once its state is final (built, or
+        restored from a save); the model itself stays plain, as saves hold it."""
+        if self.world.size > 1 and self.net is self.job.model:
             from torch.nn.parallel import DistributedDataParallel
 
             device = self.job.device
             self.net = DistributedDataParallel(self.job.model, device_ids=[device] if device.type == "cuda" else None)
+        if self._compile and not getattr(self.net, "_traind_compiled", False):
+            self.net = torch.compile(self.net, mode="max-autotune" if self._compile == "max-autotune" else None)
+            self.net._traind_compiled = True
 
-    def _ranks_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One step of the world: this rank's share of the global batch, weighted so that
-        DDP's mean of the ranks' gradients is the gradient of the global batch's mean loss
-        (the last batch of an epoch may not split evenly); the loss is the world's."""
+    def _first_compiled(self, group: list[Batch]) -> None:
+        """A step of the compiled model: the first compiles it, and its failure is the job's."""
+        if self._compiled:
+            return self.step(group)
+        try:
+            self.step(group)
+        except Exception as e:
+            if is_out_of_memory(e) or isinstance(e, NonFiniteLoss):
+                raise
+            from traind.jobs.errors import JobSpecError, Problem
+
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise JobSpecError([Problem(("train", "compile"), f"torch.compile failed on this model: "
+                                        f"{type(e).__name__}: {first} (the traceback, in the log, names the layer)",
+                                        fix="set train.compile = false, or change the layer it names")]) from e
+        self._compiled = True
+
+    def step(self, group: list[Batch]) -> None:
+        """One optimizer step over GROUP: each batch's gradients added up (weighted so that
+        the step's gradient is that of the mean loss over all of the group's samples), then
+        clip, step, schedule, average; with ranks, DDP's all-reduce after the last batch only."""
         job, p, world = self.job, self.progress, self.world
-        if self._move:
-            x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
-        whole = min(self.spec.data.batch_size, len(job.splits.train) - p.batch * self.spec.data.batch_size)
-        out = self.net(x)
-        if len(x) * world.size == whole:  # an even split: DDP's mean of the ranks' means is the batch's mean
-            weighted = job.loss_fn(out, y)
-            share = weighted.detach() / world.size
-        elif len(x):
-            loss = job.loss_fn(out, y)
-            share = loss.detach() * (len(x) / whole)
-            weighted = loss * (len(x) * world.size / whole)
-        else:  # a batch smaller than the world: this rank still takes part in DDP's all-reduce
-            share, weighted = torch.zeros((), device=out.device), out.sum() * 0.0
-        total = world.sum_later(share)  # the world's loss, summed while the backward pass runs
         job.optimizer.zero_grad(set_to_none=True)
-        weighted.backward()
-        value = total()
-        if not math.isfinite(value):  # on every rank at once, before the optimizer steps: they roll back together
-            raise NonFiniteLoss(p.step + 1, p.epoch, p.batch, value)
-        return self._update(value)
+        ranks, last = world.size, len(group) - 1
+        total = self._group_size(group)
+        for i, (index, x, y) in enumerate(group):
+            if self._move:
+                x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
+            if self._autocast is None:
+                out = self.net(x)
+                loss = job.loss_fn(out, y)
+            else:
+                with torch.autocast(job.device.type, self._autocast):
+                    out = self.net(x)
+                    loss = job.loss_fn(out, y)
+            mine, whole = len(x), self._whole(index)
+            if mine * ranks != total:  # else one batch split evenly: the plain loss is the step's
+                loss = loss * (mine * ranks / total) if mine else out.sum() * 0.0  # (a rank given no samples
+                # still takes part in DDP's all-reduce)
+            self._losses.append(loss.detach())
+            factor = total / (ranks * whole) if mine else 0.0  # back from the weighted loss to the batch's share
+            self._pending.append((p.step + 1, index, factor, whole / total))
+            if ranks > 1 and i < last:
+                with self.net.no_sync():
+                    self._backward(loss)
+            else:
+                self._backward(loss)
+        p.batch = group[-1][0] + 1
+        self._update()
+
+    def _whole(self, index: int) -> int:
+        """Samples of batch INDEX of the epoch, all ranks together (the last may be short)."""
+        return min(self._batch_size, self._size - index * self._batch_size)
+
+    def _group_size(self, group: list[Batch]) -> int:
+        if len(group) == 1:
+            return self._whole(group[0][0])
+        return sum(self._whole(index) for index, _, _ in group)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        scaler = self.job.scaler
+        (loss if scaler is None else scaler.scale(loss)).backward()
+
+    def _update(self) -> None:
+        """After the backward passes: clip, step the optimizer (and a per-step scheduler and
+        the EMA), count the step, and look at the losses when due."""
+        job, p = self.job, self.progress
+        scaler = job.scaler
+        if scaler is None:
+            if self._clip:
+                nn.utils.clip_grad_norm_(job.model.parameters(), self._clip)
+            job.optimizer.step()
+        else:  # overflowing gradients skip the step: not a non-finite loss, the scale shrinks
+            if self._clip:
+                scaler.unscale_(job.optimizer)
+                nn.utils.clip_grad_norm_(job.model.parameters(), self._clip)
+            scaler.step(job.optimizer)
+            scaler.update()
+        if self._step_scheduler is not None:
+            self._step_scheduler.step()
+        if job.ema is not None:
+            job.ema.update_parameters(job.model)
+        p.step += 1
+        if p.step % self._log_every == 0:
+            value = self.look()
+            record = {"kind": "step", "step": p.step, "epoch": p.epoch, "loss": value, "lr": self.lr()}
+            if scaler is not None:
+                record["scale"] = scaler.get_scale()
+            self.recorder.metric(record)
+        elif len(self._losses) >= LOOK_EVERY:
+            self.look()
+
+    def look(self) -> float | None:
+        """Bring the losses not looked at yet to the host (summed over the ranks: every
+        rank calls this at the same boundaries), add them to the epoch's sum, and return
+        the loss of the last step (None when there were none); NonFiniteLoss at the first
+        that is NaN or infinite."""
+        if not self._losses:
+            return None
+        losses, pending, p = self._losses, self._pending, self.progress
+        values = torch.stack([t.float() for t in losses]) if len(losses) > 1 else losses[0].float().reshape(1)
+        if self.world.size > 1 or self._accumulate > 1:  # the weighted losses, back to each batch's share
+            values = values * torch.tensor([f for _, _, f, _ in pending], device=values.device)
+        if self.world.size > 1:
+            self.world.sum_tensor(values)
+        found = values.tolist()
+        self._losses, self._pending = [], []
+        last, step_loss = pending[-1][0], 0.0
+        for value, (step, batch, _, weight) in zip(found, pending):
+            if not math.isfinite(value):
+                raise NonFiniteLoss(step, p.epoch, batch, value)
+            p.loss_sum += value
+            if step == last:
+                step_loss += value * weight
+        return step_loss
+
+    def forget(self) -> None:
+        """Drop the losses not looked at (a rollback or restore puts another state in place)."""
+        self._losses, self._pending = [], []
 
     def validate(self) -> dict[str, float]:
         job = self.job
         if job.splits.val is None or len(job.splits.val) == 0:
             return {}
-        job.model.eval()
-        total, correct, count = 0.0, 0, 0
+        model = job.ema if job.ema is not None else job.model
+        model.eval()
+        total, correct, count, labels = None, None, 0, 0
         with torch.no_grad():
             for x, y in data.val_loader(job.splits.val, self.spec.data, self.spec.seed, self.pin, self._part):
                 x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
-                out = job.model(x)
-                total += float(job.loss_fn(out, y)) * len(y)
+                if self._autocast is None:
+                    out = model(x)
+                    loss = job.loss_fn(out, y).float() * len(y)
+                else:
+                    with torch.autocast(job.device.type, self._autocast):
+                        out = model(x)
+                        loss = job.loss_fn(out, y).float() * len(y)
+                total = loss if total is None else total + loss  # on the device: one wait, at the end
                 count += len(y)
                 if job.classification:
-                    correct += correct_count(out, y)
-        job.model.train()
+                    right, n = correct_count(out, y, self.spec.train.loss)
+                    correct, labels = right if correct is None else correct + right, labels + n
+        model.train()
+        sums = [float(total) if total is not None else 0.0, int(correct) if correct is not None else 0, count, labels]
         if self.world.size > 1:
-            total, correct, count = self.world.sum([total, correct, count])
+            sums = self.world.sum(sums)
+        total, correct, count, labels = sums
         found = {"val_loss": total / count}
         if job.classification:
-            found["val_acc"] = correct / count
+            found["val_acc"] = correct / labels if labels else 0.0
         return found
 
     def end_epoch(self) -> None:
         """Validate, step an epoch scheduler, record the epoch, move to the next."""
+        self.look()
         p, started = self.progress, time.monotonic()
         metrics = {"train_loss": p.loss_sum / max(p.batch, 1), **self.validate()}
         monitored = metrics.get(self.spec.checkpoint.monitor)
@@ -209,10 +340,32 @@ class Trainer:
             p.best = monitored
         record = {"kind": "epoch", "epoch": p.epoch + 1, "step": p.step, **metrics, "lr": self.lr(),
                   "val_seconds": round(time.monotonic() - started, 4)}
+        if self.job.ema is not None:
+            record["validated"] = "ema"
+        why = self._early_stop(monitored, record)
         self.recorder.metric(record)
         self.recorder.epoch_line(record, self.spec.train.epochs, self.job.total_steps)
+        if why:
+            self.recorder.say(why)
         p.last = metrics
         p.epoch, p.batch, p.loss_sum = p.epoch + 1, 0, 0.0
+
+    def _early_stop(self, monitored: float | None, record: dict) -> str | None:
+        """train.early_stop: count the epochs since the monitored metric last improved by
+        min_delta; at patience, training ends (`finished`), the epoch's record says so, and
+        so does the line returned."""
+        rule, p = self.spec.train.early_stop, self.progress
+        if not rule.patience or monitored is None:
+            return None
+        if p.mark is None or _improved(monitored, p.mark, rule.min_delta, self.spec.checkpoint.direction):
+            p.mark, p.stale = monitored, 0
+            return None
+        p.stale += 1
+        if p.stale < rule.patience:
+            return None
+        p.stopped = record["stopped"] = f"early stop at epoch {p.epoch + 1}"
+        return (f"{p.stopped}: {self.spec.checkpoint.monitor} has not improved on {p.mark:.6g} by "
+                f"{rule.min_delta:g} for {p.stale} epochs (train.early_stop.patience {rule.patience})")
 
     def _better(self, value: float) -> bool:
         best = self.progress.best
@@ -222,3 +375,11 @@ class Trainer:
 
     def lr(self) -> float:
         return float(self.job.optimizer.param_groups[0]["lr"])
+
+
+def _improved(value: float, mark: float, min_delta: float, direction: str) -> bool:
+    if not math.isfinite(value):
+        return False
+    if not math.isfinite(mark):
+        return True
+    return value < mark - min_delta if direction == "min" else value > mark + min_delta

@@ -39,10 +39,18 @@ class Decision:
     after: Callable[[], None] | None = None
     """Run once the save is committed (removes the quicksave's request). The main rank's only."""
 
-    def stop_at(self, how: str) -> None:
+    def stop_at(self, how: str | None) -> None:
         """Stop HOW, unless a stronger stop is already decided."""
         if STOPS.index(how) > STOPS.index(self.stop):
             self.stop = how
+
+    def joined(self, other: Decision) -> Decision:
+        """This decision and OTHER at once: both's saves, the stronger stop, this one's
+        quicksave (OTHER's, if this has none)."""
+        ask = self if self.request is not None else other
+        joined = Decision(self.kinds | other.kinds, self.stop, ask.note, ask.request, ask.after)
+        joined.stop_at(other.stop)
+        return joined
 
 
 @dataclass(frozen=True)
@@ -66,10 +74,8 @@ class World:
         """VALUES summed over every rank, elementwise."""
         return values
 
-    def sum_later(self, value) -> Callable[[], float]:
-        """Start summing VALUE (a one-element tensor, which the sum may overwrite) over
-        every rank; the call returned waits for the sum and gives it as a float."""
-        return lambda: float(value)
+    def sum_tensor(self, values) -> None:
+        """Sum the tensor VALUES over every rank, in place (on the device it is on)."""
 
     def gather(self, value: Any) -> list[Any] | None:
         """Every rank's VALUE, in rank order, on the main rank (None on the others)."""
@@ -97,7 +103,8 @@ class Ranks(World):
         import torch.distributed as dist
 
         wanted = [STOPS.index(decision.stop), *(int(k in decision.kinds) for k in KINDS)]
-        flags = torch.tensor(wanted if self.is_main else [wanted[0], *[0] * len(KINDS)], dtype=torch.int32)
+        flags = torch.tensor(wanted if self.is_main else [wanted[0], *[0] * len(KINDS)], dtype=torch.int32,
+                             device=self._device())
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         decision.stop = STOPS[int(flags[0])]
         decision.kinds = {k for k, on in zip(KINDS, flags[1:].tolist()) if on}
@@ -107,21 +114,20 @@ class Ranks(World):
         import torch
         import torch.distributed as dist
 
-        total = torch.tensor(values, dtype=torch.float64)
+        total = torch.tensor(values, dtype=torch.float64, device=self._device())
         dist.all_reduce(total)
         return total.tolist()
 
-    def sum_later(self, value) -> Callable[[], float]:
+    def sum_tensor(self, values) -> None:
         import torch.distributed as dist
 
-        total = value.detach().reshape(1)  # VALUE is the caller's own: summed in place
-        work = dist.all_reduce(total, async_op=True)
+        dist.all_reduce(values)
 
-        def result() -> float:
-            work.wait()
-            return float(total)
+    def _device(self):
+        """Where this backend's collectives take their tensors: nccl's on this rank's GPU."""
+        import torch
 
-        return result
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
     def gather(self, value: Any) -> list[Any] | None:
         import torch.distributed as dist

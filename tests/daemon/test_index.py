@@ -57,7 +57,8 @@ def test_rows_follow_appends_state_changes_and_new_jobs(home):
     assert rows == fresh(home)
     assert rows[0] == {"name": "a", "state": "done", "epoch": 2, "step": 40, "total_steps": 100, "loss": 1.1,
                        "best": 1.2, "device": "cpu", "restarts": 0, "monitor": "val_loss", "priority": 0,
-                       "submitted": rows[0]["submitted"], "elapsed": rows[0]["elapsed"], "steps_per_s": None}
+                       "submitted": rows[0]["submitted"], "elapsed": rows[0]["elapsed"], "steps_per_s": None,
+                       "stopped": None}
     assert [r["name"] for r in rows] == ["a", "b", "c"]
 
 

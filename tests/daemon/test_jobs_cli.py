@@ -137,7 +137,7 @@ def test_every_command_shows_an_example_in_its_help():
 def test_the_progress_line_shows_the_epoch_the_batch_and_steps_per_second(monkeypatch):
     times = iter([100.0, 101.0])
     monkeypatch.setattr("traind.daemon.foreground.time.monotonic", lambda: next(times))
-    job = type("J", (), {"steps_per_epoch": 10, "total_steps": 30,
+    job = type("J", (), {"batches_per_epoch": 10, "total_steps": 30,
                          "spec": type("S", (), {"train": type("T", (), {"epochs": 3})()})()})()
     trainer = type("Tr", (), {"job": job, "progress": type("P", (), {"epoch": 1, "batch": 5, "step": 15})()})()
     out = io.StringIO()
@@ -169,3 +169,14 @@ def test_ls_watch_redraws_the_table_until_interrupted(home, monkeypatch):
     monkeypatch.setattr("traind.daemon.jobs_cli.time.sleep", sleep)
     result = traind(home, "ls", "--watch")
     assert result.output.count("watched") == 2 and draws == [1.0, 1.0]
+
+
+def test_status_tells_a_job_that_stopped_early_and_why(tmp_path):
+    job = tmp_path / "early.toml"
+    job.write_text(MLP.replace("epochs = 3", "epochs = 30\nearly_stop = { patience = 1, min_delta = 1.0 }"))
+    runner = CliRunner()
+    assert runner.invoke(cli, ["run", str(job), "--dir", str(tmp_path / "run")]).exit_code == 0
+    status = json.loads(runner.invoke(cli, ["status", "--dir", str(tmp_path / "run"), "--json"]).output)
+    assert status["state"] == "done" and status["stopped"] == "early stop at epoch 2" and status["epoch"] == 2
+    text = runner.invoke(cli, ["status", "--dir", str(tmp_path / "run")]).output
+    assert "stopped: early stop at epoch 2" in text

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tests.conftest import MLP
+from traind.jobs import data
 from traind.jobs.build import build_job
 from traind.jobs.errors import JobSpecError, NonFiniteLoss
 from traind.jobs.metrics import Recorder, read_metrics
@@ -23,9 +24,20 @@ class Spy(Trainer):
         super().__init__(*args, **kwargs)
         self.seen = []
 
-    def train_step(self, x, y):
-        self.seen.append(y.tolist())
-        return super().train_step(x, y)
+    def step(self, group):
+        self.seen += [y.tolist() for _, _, y in group]
+        return super().step(group)
+
+
+def stop_at_step(k):
+    """A boundary callback that stops the loop after step K, its losses looked at (as a
+    save's boundary does)."""
+    def boundary(trainer):
+        if trainer.progress.step == k:
+            trainer.look()
+            return True
+        return False
+    return boundary
 
 
 def weights(trainer):
@@ -60,7 +72,7 @@ def test_loop_continued_at_step_k_sees_the_same_batches_and_ends_equal(spec_of, 
     assert len(whole.seen) == 24  # 3 epochs of 8 batches (240 samples, batch 32)
 
     first = Spy(build_job(spec_of(MLP), "t"), Recorder())
-    assert not first.fit(lambda t: t.progress.step == stop_at)
+    assert not first.fit(stop_at_step(stop_at))
     progress = dataclasses.replace(first.progress)
     second = Spy(first.job, Recorder(), progress)
     assert second.fit()
@@ -156,27 +168,28 @@ def test_grad_clip_bounds_the_update(spec_of):
     t = trainer_for(spec_of, text.replace("epochs = 3", "epochs = 3\ngrad_clip = 0.001"))
     before = torch.cat([p.detach().flatten().clone() for p in t.job.model.parameters()])
     x, y = next(iter(t.job.splits.train.x.split(32))), next(iter(t.job.splits.train.y.split(32)))
-    t.train_step(x, y)
+    t.step([(0, x, y)])
     after = torch.cat([p.detach().flatten() for p in t.job.model.parameters()])
     assert (after - before).norm() <= 0.001 * (1 + 1e-4)
     free = trainer_for(spec_of, text)
-    free.train_step(x, y)
+    free.step([(0, x, y)])
     moved = torch.cat([p.detach().flatten() for p in free.job.model.parameters()])
     assert (moved - before).norm() > 0.01
 
 
-def test_non_finite_loss_stops_before_touching_weights(spec_of):
+def test_non_finite_loss_is_found_at_the_next_look_naming_its_step_and_batch(spec_of):
+    """The losses stay on the device until the loop looks (here at the epoch's end): the
+    NaN of step 1 is found then, with the step and batch that gave it."""
     t = trainer_for(spec_of)
     t.job.splits.train.x[40] = float("nan")
-    before = weights(t)
+    order = data.EpochBatches(len(t.job.splits.train), 32, 0, 0, True).order()
+    batch = int((order == 40).nonzero()) // 32
     with pytest.raises(NonFiniteLoss) as caught:
         t.fit()
     assert math.isnan(caught.value.loss)
-    assert f"at step {caught.value.step}" in str(caught.value)
-    assert caught.value.step == t.progress.step + 1  # the step that failed, counted from 1
-    assert all(torch.isfinite(v).all() for v in weights(t).values())
-    if t.progress.step == 0:
-        assert_bitwise_equal(before, weights(t))
+    assert (caught.value.step, caught.value.epoch, caught.value.batch) == (batch + 1, 0, batch)
+    assert f"at step {batch + 1} (epoch 1, batch {batch + 1})" in str(caught.value)
+    assert t.progress.step == 8 and t.progress.loss_sum == 0.0  # found at epoch 1's end; nothing counted
 
 
 def test_progress_is_plain_json():
