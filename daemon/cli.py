@@ -156,17 +156,18 @@ def verify(home: Home, name: str | None, folder: Path | None, quiet: bool, as_js
 @click.option("--save", "save_id", shell_complete=complete_save, help="The save to export (default: the newest).")
 @click.option("--best", is_flag=True, help="The best save by the job's monitored metric.")
 @click.option("--last", is_flag=True, help="The newest save (the default).")
+@click.option("--ema", is_flag=True, help="The moving average of the weights (train.ema) instead of the weights.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the .safetensors file.")
 @home_option
 @pass_home
 def export(home: Home, name: str | None, folder: Path | None, save_id: str | None, best: bool, last: bool,
-           out: Path) -> None:
-    """Write a save's model state_dict as one safetensors file (job, step, metrics in its metadata)."""
+           ema: bool, out: Path) -> None:
+    """Write a save's model state_dict (or its EMA) as one safetensors file (job, step, metrics in its metadata)."""
     if sum(map(bool, (save_id, best, last))) > 1:
         raise click.UsageError("give at most one of --save, --best and --last")
-    save = saves_cli.export(home, name, folder, save_id, best, out)
-    click.echo(f"exported save {save.id} (step {save.step}) to {out}")
+    save = saves_cli.export(home, name, folder, save_id, best, out, ema=ema)
+    click.echo(f"exported {'the EMA of ' if ema else ''}save {save.id} (step {save.step}) to {out}")
 
 
 @cli.command()

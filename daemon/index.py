@@ -29,7 +29,7 @@ from traind.store.saves import list_saves
 
 INDEX_FILE = "index.sqlite"
 TAIL = 64
-VERSION = 4  # of the rows' shape; an index of another version is rebuilt
+VERSION = 5  # of the rows' shape; an index of another version is rebuilt
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS jobs "
            "(name TEXT PRIMARY KEY, state_sig TEXT, metrics_sig TEXT, row TEXT, tally TEXT, rank TEXT)")
 QUEUE_ORDER = {"running": 0, "queued": 1, "paused": 2, "failed": 3, "cancelled": 4, "done": 5}
@@ -66,6 +66,8 @@ class Tally:
     """When the last record was written."""
     earlier_runs: float = 0.0
     """Seconds trained by the runs before the current one."""
+    stopped: str | None = None
+    """Why training ended before its length (train.early_stop), from the last epoch's record."""
 
     def fold(self, record: dict) -> None:
         kind, t = record.get("kind"), record.get("time")
@@ -82,6 +84,7 @@ class Tally:
             self.last_time = t
         if kind == "epoch":
             self.epoch = record.get("epoch", self.epoch)
+            self.stopped = record.get("stopped")
             if self.monitor:
                 value = record.get(self.monitor)
                 if retention.improves(_policy(self.monitor, self.direction, self.best_after_epoch), value,
@@ -148,7 +151,7 @@ def _row(folder: Path, tally: Tally, record: JobRecord | None = None) -> dict | 
             "total_steps": tally.total_steps, "loss": tally.loss, "best": tally.best, "device": tally.device,
             "restarts": record.restarts, "monitor": tally.monitor, "priority": record.priority,
             "submitted": record.submitted, "elapsed": round(tally.earlier_runs + this_run, 1),
-            "steps_per_s": round(rate, 2) if rate else None}
+            "steps_per_s": round(rate, 2) if rate else None, "stopped": tally.stopped}
 
 
 def row(folder: Path) -> dict | None:

@@ -176,8 +176,8 @@ def show_status(home: Home, folder: Path, as_json: bool) -> None:
     if info["best"] is not None and info.get("monitor"):
         info["best"] = f"{info['monitor']} {_num(info['best'])}"
     info["elapsed"] = duration(info["elapsed"]) if info.get("elapsed") else None
-    for key in ("epoch", "loss", "best", "steps_per_s", "elapsed", "device", "restarts", "saves", "last_error",
-                "cause"):
+    for key in ("epoch", "loss", "best", "stopped", "steps_per_s", "elapsed", "device", "restarts", "saves",
+                "last_error", "cause"):
         if info.get(key) is not None:
             click.echo(f"  {key.replace('_per_', '/')}: {info[key]}")
     click.echo(f"  {daemon_line(home)}")

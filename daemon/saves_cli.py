@@ -105,22 +105,29 @@ def pick_save(folder: Path, save_id: str | None, best: bool) -> SaveInfo:
 
 
 def export(home: Home, name: str | None, folder: Path | None, save_id: str | None, best: bool, out: Path,
-           fs: FileSystem | None = None) -> SaveInfo:
+           fs: FileSystem | None = None, ema: bool = False) -> SaveInfo:
+    """Write SAVE's weights (EMA: its moving average of them) to OUT, durably."""
     from safetensors.torch import save_file  # torch: imported by the commands that move tensors only
 
-    from traind.jobs.state import MODEL, STATE, TIED_KEY
+    from traind.jobs.state import EMA, MODEL, STATE, TIED_KEY
 
     folder = job_folder(home, name, folder)
     save = pick_save(folder, save_id, best)
     problems = verify(save.path)
     if problems:
         raise CorruptFound(f"save {save.id} is corrupt ({'; '.join(problems)}); export another with --save ID")
-    tied = load_json(save, STATE)["model"]["tied"]
-    meta = {"job": read_manifest(save.path).get("job", folder.name), "save": save.id, "step": str(save.step), "epoch": str(save.epoch),
-            "metrics": json.dumps(save.metrics), TIED_KEY: json.dumps(tied)}
+    doc = load_json(save, STATE)
+    if ema and "ema" not in doc:
+        raise NoSuchSave(f"save {save.id} holds no EMA of the weights (train.ema is 0 in the job that made it); "
+                         "export without --ema")
+    tied = doc["model"]["tied"]
+    meta = {"job": read_manifest(save.path).get("job", folder.name), "save": save.id, "step": str(save.step),
+            "epoch": str(save.epoch), "metrics": json.dumps(save.metrics), TIED_KEY: json.dumps(tied)}
+    if ema:
+        meta["traind.ema"] = str(doc["ema"]["decay"])
     fs = fs or FileSystem()
     tmp = out.with_name(f".{out.name}.tmp")
-    save_file(load_tensors(save, MODEL), tmp, metadata=meta)
+    save_file(load_tensors(save, EMA if ema else MODEL), tmp, metadata=meta)
     fs.fsync_file(tmp)  # durable like every file traind writes: whole at OUT, or not there
     fs.rename(tmp, out)
     fs.fsync_dir(out.parent)

@@ -171,3 +171,19 @@ def test_export_is_durable_before_it_is_reported(folder, tmp_path):
     tmp = out.with_name(f".{out.name}.tmp")
     assert fs.log == [("fsync", tmp), ("rename", tmp, out), ("fsync_dir", tmp_path)]
     assert load_file(out).keys() == load_file(list_saves(folder / "saves")[0][-1].path / "model.safetensors").keys()
+
+
+def test_export_ema_writes_the_moving_average_and_a_job_without_one_says_so(folder, tmp_path):
+    job = tmp_path / "ema.toml"
+    job.write_text(MLP.replace("epochs = 3", "epochs = 1\nema = 0.9"))
+    assert invoke("run", job, "--dir", tmp_path / "run").exit_code == 0
+    newest = list_saves(tmp_path / "run" / "saves")[0][-1]
+    result = invoke("export", "--dir", tmp_path / "run", "--ema", "-o", tmp_path / "ema.safetensors")
+    assert result.exit_code == 0 and f"exported the EMA of save {newest.id}" in result.output
+    exported, ema = load_file(tmp_path / "ema.safetensors"), load_file(newest.path / "ema.safetensors")
+    assert exported.keys() == ema.keys() and all(exported[k].equal(ema[k]) for k in ema)
+    assert not all(exported[k].equal(v) for k, v in load_file(newest.path / "model.safetensors").items())
+    with safe_open(tmp_path / "ema.safetensors", "pt") as f:
+        assert f.metadata()["traind.ema"] == "0.9"
+    plain = invoke("export", "--dir", folder, "--ema", "-o", tmp_path / "none.safetensors")
+    assert plain.exit_code == 3 and "holds no EMA" in plain.output
