@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import EXAMPLES
+from tests.jobs import test_switches as switches
 from traind.store.commit import STAGING
 from traind.store.saves import list_saves, verify
 
@@ -30,15 +31,34 @@ JOBS = {
     "ddp": [("epochs = 8", "epochs = 3"), ("every_steps = 50\nkeep_last = 3", "every_steps = 3\nkeep_last = 100000"),
             ("[train]", "[distributed]\nprocesses = 2\n\n[train]")],
 }
-KILLS_OF = {"ddp": max(3, KILLS // 3)}  # each start of two ranks costs seconds
+# the switches of a GPU-box loop: bf16, accumulate 4, EMA, warmup then cosine, an early stop (at epoch 10 of
+# 12), one logit with BCEWithLogitsLoss
+JOBS["box"] = [("every_steps = 3", "every_steps = 2"), ("keep_last = 100", "keep_last = 100000")]
+# three 0/1 labels a sample, accumulate 2, ChainedScheduler
+JOBS["multilabel"] = [("every_steps = 2\nkeep_last = 100", "every_steps = 2\nkeep_last = 100000")]
+CUDA = ("seed = 0", "seed = 0\ndevice = \"cuda\"\ndeterministic = true")
+GPU_JOBS = {  # on a GPU (pytest -m gpu), deterministic: saves hold the CUDA RNG, restores are exact there too
+    "cuda": [CUDA, *JOBS["mlp.toml"]],
+    "cuda-fp16": [CUDA, ('precision = "bf16"', 'precision = "fp16"'), *JOBS["box"]],
+    "cuda-bf16-compile": [CUDA, ('precision = "bf16"', 'precision = "bf16"\ncompile = true'), *JOBS["box"]],
+}
+KILLS_OF = {"ddp": max(3, KILLS // 3), "box": max(3, KILLS * 3 // 4), "multilabel": max(3, KILLS // 2),
+            "cuda": 4, "cuda-fp16": 4, "cuda-bf16-compile": 2}
+TEXTS = {"ddp": lambda: (EXAMPLES / "mlp.toml").read_text(), "box": lambda: switches.BOX,
+         "multilabel": lambda: switches.MULTI, "cuda": lambda: (EXAMPLES / "mlp.toml").read_text(),
+         "cuda-fp16": lambda: switches.BOX, "cuda-bf16-compile": lambda: switches.BOX}
+JOBS.update(GPU_JOBS)
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
 
 
 def job(tmp_path, name):
-    text = (EXAMPLES / ("mlp.toml" if name == "ddp" else name)).read_text()
+    text = TEXTS[name]() if name in TEXTS else (EXAMPLES / name).read_text()
     for old, new in JOBS[name]:
         assert old in text
         text = text.replace(old, new)
-    path = tmp_path / (name + ".toml" if name == "ddp" else name)
+    if name == "multilabel":
+        switches.multilabel_file(tmp_path)
+    path = tmp_path / (name + ".toml" if name in TEXTS else name)
     path.write_text(text)
     return path
 
@@ -78,12 +98,16 @@ def staging(folder):
 
 
 def final_weights(folder):
+    """The final save's weights, and their EMA where the job keeps one."""
     saves = list_saves(folder / "saves")[0]
     assert "final" in saves[-1].kinds
-    return load_file(saves[-1].path / "model.safetensors")
+    found = load_file(saves[-1].path / "model.safetensors")
+    ema = saves[-1].path / "ema.safetensors"
+    return {**found, **({f"ema/{k}": v for k, v in load_file(ema).items()} if ema.exists() else {})}
 
 
-@pytest.mark.parametrize("name", list(JOBS))
+@pytest.mark.parametrize("name", [*(n for n in JOBS if n not in GPU_JOBS), *(pytest.param(n, marks=GPU)
+                                                                             for n in GPU_JOBS)])
 def test_sigkill_at_random_moments_then_finish_bitwise_equal(tmp_path, name):
     path = job(tmp_path, name)
     reference = tmp_path / "reference"
