@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from bench import daemon, ddp, loop, save
+from bench import daemon, ddp, gpu, loop, save, switches
 
-CASES = {"loop": loop.measure, "save": save.measure, "daemon": daemon.measure, "ddp": ddp.measure}
+CASES = {"loop": loop.measure, "switches": switches.measure, "save": save.measure, "daemon": daemon.measure,
+         "ddp": ddp.measure, "gpu": gpu.measure}
 COLUMNS = ("case", "traind", "baseline", "ratio", "goal", "verdict")
 
 

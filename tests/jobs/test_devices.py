@@ -66,6 +66,7 @@ def test_each_rank_takes_its_own_gpu_and_more_ranks_than_gpus_are_refused_with_t
     assert devices.rank_device("auto", 3) == torch.device("cpu")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_job_trains_on_the_gpu_try_gpu_picks(spec_of):
     from tests.conftest import MLP
