@@ -1,7 +1,7 @@
 """The bench's cases on tiny inputs: they run, and the two sides do the same work (the
 figures themselves are bench/'s business, never asserted here)."""
 
-from bench import daemon, ddp, loop
+from bench import daemon, ddp, gpu, loop, switches
 
 
 def test_the_loop_and_its_baselines_do_the_same_work():
@@ -13,6 +13,22 @@ def test_the_loop_and_its_baselines_do_the_same_work():
         assert theirs == ours
     big = loop.BIG.format(samples=400).replace("1024, 4096", "1024, 64").replace("4096, 1024", "64, 1024")
     assert loop.run_traind(big)[1] == loop.run_hand(big, True, every_steps=20)[1]
+
+
+def test_each_switch_and_its_hand_loop_do_the_same_work():
+    for switch in switches.SWITCHES.values():
+        text = switches.job_text(512, 1, switch)
+        assert loop.run_traind(text)[1] == switches.run_hand(text)[1] > 0
+
+
+def test_the_gpu_rows_plumbing_on_a_cpu():
+    """bench/gpu.py's runs, on the CPU at a tiny size: each side does the same work, a look
+    every step changes nothing of it, the stall and the copy are measured."""
+    for text in (gpu.seed_mlp(256, 1, "cpu"), gpu.mid_mlp(512, 1, "cpu").replace("2048", "64")):
+        steps = loop.run_traind(text)[1]
+        assert gpu.run_traind_every_loss(text)[1] == switches.run_hand(text, read_each_loss=False)[1] == steps > 0
+    stall, copy = gpu.save_stall(3200, "cpu", width=64)
+    assert stall > 0 and copy > 0
 
 
 def test_ls_and_saves_are_measured_through_the_real_cli(tmp_path):
