@@ -189,8 +189,7 @@ class Trainer:
         """One optimizer step over GROUP: each batch's gradients added up (weighted so that
         the step's gradient is that of the mean loss over all of the group's samples), then
         clip, step, schedule, average; with ranks, DDP's all-reduce after the last batch only."""
-        job, p, world = self.job, self.progress, self.world
-        job.optimizer.zero_grad(set_to_none=True)
+        job, p, world, scaler = self.job, self.progress, self.world, self.job.scaler
         ranks, last = world.size, len(group) - 1
         total = self._group_size(group)
         for i, (index, x, y) in enumerate(group):
@@ -203,18 +202,22 @@ class Trainer:
                 with torch.autocast(job.device.type, self._autocast):
                     out = self.net(x)
                     loss = job.loss_fn(out, y)
-            mine, whole = len(x), self._whole(index)
+            mine, whole = x.shape[0], self._whole(index)  # (shape, not len(): len() costs a microsecond)
             if mine * ranks != total:  # else one batch split evenly: the plain loss is the step's
                 loss = loss * (mine * ranks / total) if mine else out.sum() * 0.0  # (a rank given no samples
                 # still takes part in DDP's all-reduce)
             self._losses.append(loss.detach())
             factor = total / (ranks * whole) if mine else 0.0  # back from the weighted loss to the batch's share
             self._pending.append((p.step + 1, index, factor, whole / total))
+            if scaler is not None:
+                loss = scaler.scale(loss)
+            if i == 0:
+                job.optimizer.zero_grad(set_to_none=True)
             if ranks > 1 and i < last:
                 with self.net.no_sync():
-                    self._backward(loss)
+                    loss.backward()
             else:
-                self._backward(loss)
+                loss.backward()
         p.batch = group[-1][0] + 1
         self._update()
 
@@ -226,10 +229,6 @@ class Trainer:
         if len(group) == 1:
             return self._whole(group[0][0])
         return sum(self._whole(index) for index, _, _ in group)
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        scaler = self.job.scaler
-        (loss if scaler is None else scaler.scale(loss)).backward()
 
     def _update(self) -> None:
         """After the backward passes: clip, step the optimizer (and a per-step scheduler and

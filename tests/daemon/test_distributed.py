@@ -131,7 +131,7 @@ def test_a_save_of_two_processes_resumes_in_one_and_one_of_one_in_two(tmp_path):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
-LAUNCHED = JOB.replace("EPOCHS", "3") + "[distributed]\nprocesses = 2\n"
+LAUNCHED = JOB.replace("EPOCHS", "16") + "[distributed]\nprocesses = 2\n"  # long enough that a request lands mid-run
 
 
 @pytest.fixture(scope="module")
