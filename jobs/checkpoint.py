@@ -19,7 +19,7 @@ from traind.jobs import state
 from traind.jobs.folder import SAVES
 from traind.jobs.errors import NonFiniteLoss
 from traind.jobs.metrics import Recorder
-from traind.jobs.spec import CheckpointSpec
+from traind.jobs.spec_train import CheckpointSpec
 from traind.jobs.train import Trainer
 from traind.jobs.world import Decision
 from traind.store import retention

@@ -10,7 +10,7 @@ from torch import nn
 
 from traind.jobs import names
 from traind.jobs.errors import JobSpecError, Problem
-from traind.jobs.spec import OptimizerSpec, SchedulerSpec, TrainSpec
+from traind.jobs.spec_train import OptimizerSpec, SchedulerSpec, TrainSpec
 
 
 def matches(name: str, pattern: str) -> bool:
