@@ -99,9 +99,10 @@ class Trainer:
         self._autocast = job.autocast
         self._size, self._batch_size = len(job.splits.train), self.spec.data.batch_size
         self._losses: list[torch.Tensor] = []
-        """The losses not looked at yet: per batch, this rank's share of the world's."""
+        """The losses not looked at yet, one a batch, as their backward passes took them (weighted)."""
         self._pending: list[tuple[int, int, float, float]] = []
-        """Of each: (step, batch, its share's factor, its weight in its step's loss)."""
+        """Of each: (step, batch, the factor back to this rank's share of the batch's loss, the
+        batch's weight in its step's loss)."""
         self._compile = train.compile
         self._compiled = not train.compile
         """Whether the compiled model has run a step (its errors come at the first)."""
