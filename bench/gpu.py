@@ -18,36 +18,6 @@ from bench import loop, switches
 from bench.loop import _row, _series
 from traind.jobs import train
 
-MID = """
-name = "bench-mid"
-seed = 0
-device = "{device}"
-[model]
-layers = [["Linear", 256, 2048], ["ReLU"], ["Linear", 2048, 2048], ["ReLU"], ["Linear", 2048, 10]]
-[data]
-samples = {samples}
-features = 256
-classes = 10
-batch_size = 256
-[optimizer]
-name = "AdamW"
-lr = 1e-3
-weight_decay = 0.01
-[scheduler]
-name = "StepLR"
-step_size = 2
-gamma = 0.5
-[train]
-epochs = {epochs}
-precision = "bf16"
-log_every_steps = 10
-[checkpoint]
-every_epochs = 0
-every_minutes = 0
-keep_best = 0
-"""
-"""A 9M-parameter MLP in bf16: enough work per step for the GPU to matter."""
-
 
 def seed_mlp(samples: int, epochs: int, device: str = "cuda") -> str:
     """The seed MLP of bench/loop.py on the GPU, in bf16: a small step, where launch and sync costs show."""
@@ -55,7 +25,16 @@ def seed_mlp(samples: int, epochs: int, device: str = "cuda") -> str:
 
 
 def mid_mlp(samples: int, epochs: int, device: str = "cuda") -> str:
-    return MID.format(samples=samples, epochs=epochs, device=device)
+    """The seed MLP's job widened to 4.7M parameters (256-2048-2048-10, batch 256), in bf16:
+    enough work per step for the GPU to matter."""
+    text = seed_mlp(samples, epochs, device)
+    for old, new in (('name = "bench-mlp"', 'name = "bench-mid"'),
+                     ('layers = [["Linear", 20, 256], ["ReLU"], ["Linear", 256, 10]]',
+                      'layers = [["Linear", 256, 2048], ["ReLU"], ["Linear", 2048, 2048], ["ReLU"], ["Linear", 2048, 10]]'),
+                     ("features = 20", "features = 256"), ("batch_size = 64", "batch_size = 256")):
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
 
 
 def run_traind_every_loss(text: str) -> tuple[float, int]:
@@ -111,7 +90,7 @@ def measure(quick: bool = False) -> list[dict]:
         switches.run_hand(text)
     rows = []
     name = torch.cuda.get_device_name()
-    for label, text in (("seed MLP", small), ("9M MLP", mid)):
+    for label, text in (("seed MLP", small), ("4.7M MLP", mid)):
         rates = _series({"traind": lambda: loop.run_traind(text), "traind-every-loss": lambda: run_traind_every_loss(text),
                          "hand": lambda: switches.run_hand(text), "hand-again": lambda: switches.run_hand(text),
                          "hand-no-item": lambda: switches.run_hand(text, read_each_loss=False)}, reps)
