@@ -386,10 +386,19 @@ for _name, _example in EXAMPLES.items():
 
 def main() -> None:
     try:
-        cli(prog_name="traind")
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without a traceback
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+        try:
+            cli(prog_name="traind")
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without a traceback
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+    except SystemExit as e:
+        from traind.jobs import world
+
+        if world.joined():  # one rank of several under torchrun or srun: end as world.end_rank says
+            if isinstance(e.code, str):
+                click.echo(e.code, err=True)
+            world.end_rank(e.code if isinstance(e.code, int) else 0 if e.code is None else 1)
+        raise
 
 
 if __name__ == "__main__":

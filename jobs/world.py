@@ -13,10 +13,12 @@ agrees with itself, costs nothing per step, and imports nothing of torch.distrib
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from traind.store.retention import KINDS
 
@@ -181,4 +183,31 @@ def from_environment(backend: str = "auto", cuda: bool = False) -> World:
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=size)
+    global _joined
+    _joined = True
     return Ranks(rank, size, local, backend)
+
+
+_joined = False
+"""Whether this process joined a process group (it is, or was, one rank of several)."""
+
+
+def joined() -> bool:
+    return _joined
+
+
+def end_rank(code: int) -> NoReturn:
+    """End a rank's process with CODE now that its run has ended and its files are durable
+    (every save commits with fsync; the records closed): logs and streams flushed, then
+    `os._exit`, past the interpreter's teardown. There gloo's threads can still be torn
+    down with the process group that DDP's reducer kept (destroy_process_group drops only
+    c10d's own references), and a joinable thread destroyed aborts the process
+    (std::terminate, SIGABRT: "terminate called without an active exception") after a
+    clean run, which the launcher rightly reads as a failed rank."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing left to say there
+            pass
+    os._exit(code)
