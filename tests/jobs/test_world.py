@@ -49,3 +49,21 @@ def test_ranks_agree_on_the_main_ranks_save_kinds_and_the_strongest_stop():
         found = dict(found)
     assert found[0] == (["auto", "best"], "after_save", 3.0, ["rng of 0", "rng of 1"], "chosen by 0")
     assert found[1] == (["auto", "best"], "after_save", 3.0, None, "chosen by 0")  # rank 1's "manual" is not the policy
+
+
+def test_a_rank_ends_with_its_code_and_what_it_wrote_flushed_past_the_interpreter_teardown(tmp_path):
+    """end_rank skips atexit and finalizers (where gloo's threads may abort), yet nothing
+    said to a pipe or a log is lost."""
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import atexit, logging, sys\n"
+        "from traind.jobs.world import end_rank\n"
+        f"logging.basicConfig(filename={str(tmp_path / 'log')!r}, level=logging.INFO)\n"
+        "logging.info('logged')\n"
+        "atexit.register(lambda: print('teardown ran'))\n"
+        "sys.stdout.write('said, with no newline')\n"
+        "sys.stderr.write('warned')\n"
+        "end_rank(3)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "said, with no newline", "warned")
+    assert "logged" in (tmp_path / "log").read_text()
