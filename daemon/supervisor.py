@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,16 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from traind.daemon import liveness, notify, threads
+from traind.daemon import liveness, notify
+from traind.daemon.executor import Executor, Handle, LocalExecutor, Need, place, spawn_worker, visible_gpus
 from traind.daemon.home import Home, check_private, finish_removals
 from traind.daemon.intake import SETTLE, Intake
 from traind.daemon.jobstate import BadTransition, JobRecord, JobState, read_state, signature, transition, write_state
 from traind.daemon.validator import Validator
 from traind.daemon.watch import InboxWatch
 from traind.daemon.worker import Exit
-from traind.jobs import devices
-from traind.jobs.devices import try_all_gpus
-from traind.jobs.folder import SAVES, SPEC_FILE, STATE_FILE, WORKER_ERROR, WORKER_OUT
+from traind.jobs.folder import SAVES, SPEC_FILE, STATE_FILE, WORKER_ERROR
 from traind.jobs.jobname import is_job_name
 from traind.jobs.loadgame import load_pending
 from traind.jobs.spec import JobSpec
@@ -49,6 +47,7 @@ BACKOFF = (1.0, 60.0)  # first delay, cap
 TICK = 0.25
 ADOPT_SETTLE = 5.0  # seconds a job folder copied in must stay unchanged before it is adopted
 DISK_RETRY = 5.0  # seconds between looks at the free space, for jobs a full disk stopped
+START_RETRY = 30.0  # seconds before a job whose start the executor refused (sbatch failed) is tried again
 RESCAN = 1.0  # seconds between looks at every job's state (the CLI changes some: resume, load)
 RESERVE_AFTER = 300.0  # seconds a job waiting for devices lets smaller ones behind it start (see Daemon)
 DAEMON_LOCK_FILE = liveness.DAEMON_LOCK
@@ -92,83 +91,32 @@ def _judge(code: int, why: str | None, oom_kills_at_start: int | None) -> tuple[
     if code >= 0:
         return f"crashed (exit {code})", "crashed"
     sig = signal.Signals(-code)
+    said = f": {why}" if why else ""  # (a Slurm job's end, in Slurm's words)
     if sig == signal.SIGKILL:
         now = oom_kills()
         if now is not None and oom_kills_at_start is not None and now > oom_kills_at_start:
             return "was killed by the kernel's OOM killer (out of memory; its OOM kill count rose)", "out_of_memory"
-        unknown = now is None or oom_kills_at_start is None
-        return f"was killed by SIGKILL{' (out of memory? see `dmesg`)' if unknown else ''}", "killed"
+        unknown = (now is None or oom_kills_at_start is None) and not why
+        return f"was killed by SIGKILL{' (out of memory? see `dmesg`)' if unknown else said}", "killed"
     if sig in CRASH_SIGNALS:
-        return f"crashed ({sig.name})", "crashed"
-    return f"was killed by {sig.name}", "killed"
+        return f"crashed ({sig.name}){said}", "crashed"
+    return f"was killed by {sig.name}{said}", "killed"
 
 
 class DaemonBusy(TraindError):
     pass
 
 
-def _die_with_parent() -> None:
-    """In the worker, before exec: SIGTERM when the daemon dies, so that a worker never
-    trains on unsupervised (it saves and exits on SIGTERM)."""
-    liveness.die_with_parent(signal.SIGTERM)
-
-
-@dataclass(frozen=True)
-class Need:
-    """What a job asks of the daemon's devices: COUNT of them (GPUs, or CPU slots), or
-    the one GPU it names (`device = "cuda:1"`)."""
-
-    count: int = 1
-    pinned: str | None = None
-
-    @staticmethod
-    def of(spec: dict) -> Need:
-        """The need of a job's spec (spec.json's JSON, or a JobSpec's dump)."""
-        device = spec.get("device", "auto")
-        pinned = device if device.startswith("cuda:") else None
-        return Need(int(spec.get("distributed", {}).get("processes", 1)), pinned)
-
-    def unfit(self, slots: list[str], found: list[str]) -> str | None:
-        """Why no placement on SLOTS can ever give this need (FOUND: the GPUs seen), or None."""
-        gpus = bool(found)
-        kind = "GPU" if gpus else "CPU slot"
-        if self.pinned and self.pinned not in slots:
-            return (f"device = '{self.pinned}', and this machine has {len(found)} GPU{'s' * (len(found) != 1)}"
-                    f"{': ' + ', '.join(found) if found else ''}; use device = 'auto' or one of those")
-        if self.count > len(slots):
-            how = "" if gpus else f" (start the daemon with --workers {self.count})"
-            return (f"distributed.processes = {self.count} asks for {self.count} {kind}s, and this daemon has "
-                    f"{len(slots)}{': ' + ', '.join(found) if gpus else ''}{how}; lower distributed.processes")
-        return None
-
-
-def place(free: list[str], need: Need) -> list[str] | None:
-    """The slots of FREE that NEED takes (the lowest), or None when they do not suffice now."""
-    if need.pinned:
-        return [need.pinned] if need.pinned in free else None
-    return free[:need.count] if len(free) >= need.count else None
-
-
 @dataclass
 class Worker:
     name: str
-    proc: subprocess.Popen
+    proc: Handle
     started: float
     slots: list[str]
     oom_kills: int | None = None
     """The kernel's OOM kill count when it started: a SIGKILL after it rose was the OOM killer."""
     seq_at_start: int = 0
     """The newest save's number when it started: a worker that saved since made progress."""
-
-
-def visible_gpus() -> list[str]:
-    """The GPUs this machine shows (cuda:0, cuda:1...); none without CUDA."""
-    return [str(d) for d in try_all_gpus() if d.type == "cuda"]
-
-
-def spawn_worker(argv: list[str], out: IO[bytes], env: dict[str, str]) -> subprocess.Popen:
-    """A worker process, its output into OUT, killed when the daemon dies."""
-    return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
 
 
 def disk_free(path: Path) -> int:
@@ -178,8 +126,9 @@ def disk_free(path: Path) -> int:
 @dataclass
 class Daemon:
     """The service. Its side effects on the machine go through seams that tests replace:
-    GPUS (the GPU list), SPAWN (a worker process), FREE_BYTES (disk space), CLOCK (the
-    wall clock) and WATCH (the inbox's watcher)."""
+    EXECUTOR (where workers run: by default a LocalExecutor of WORKERS slots, with the
+    seams GPUS, the GPU list, and SPAWN, a worker process), FREE_BYTES (disk space), CLOCK
+    (the wall clock) and WATCH (the inbox's watcher)."""
 
     home: Home
     workers: int = 1
@@ -196,15 +145,17 @@ class Daemon:
     free_bytes: Callable[[Path], int] = disk_free
     clock: Callable[[], float] = time.time
     watch: Callable[[Path, threading.Event], InboxWatch] = InboxWatch
+    executor: Executor | None = None
 
     reserve_after: float = RESERVE_AFTER
     """Seconds a job may wait for devices while smaller jobs behind it start on the free
     ones (backfill); then nothing behind it starts until it has its devices."""
 
     def __post_init__(self):
-        self.found_gpus = self.gpus()
-        # one device per rank: the GPUs; without one, --workers CPU slots; --workers 0 takes files in, runs nothing
-        self.slots = [] if self.workers == 0 else self.found_gpus or [f"cpu{i}" for i in range(self.workers)]
+        if self.executor is None:
+            # one device per rank: the GPUs; without one, --workers CPU slots; --workers 0 takes files in, runs nothing
+            self.executor = LocalExecutor(self.workers, self.threads, gpus=self.gpus, spawn=self.spawn)
+        self.slots = self.executor.slots
         self.validator = Validator()
         self.intake = Intake(self.home, settle=self.settle, check=self.validator.check, fits=self._unfit)
         self._needs: dict[str, Need] = {}
@@ -228,6 +179,7 @@ class Daemon:
         except BlockingIOError:
             raise DaemonBusy(f"another traind daemon serves {self.home.root}") from None
         liveness.stamp(self._lock_fd)  # `traind ls` tells who serves the home, and since when
+        self.executor.prepare(self.home.root)
         self.validator.start()  # ready by the time a file lands
 
     def loop(self, now: float, delivered: frozenset = frozenset()) -> None:
@@ -291,6 +243,8 @@ class Daemon:
             self._rescan_at = now + RESCAN
         for name, (_, record) in list(self._states.items()):
             if record.state == JobState.RUNNING and name not in self.running:
+                if self._reattach(name, now):
+                    continue
                 try:
                     record = transition(self.home.job_dir(name), JobState.QUEUED, allow_from={JobState.RUNNING},
                                         last_error="it was running, but not here: the daemon stopped while it ran, "
@@ -337,13 +291,13 @@ class Daemon:
         """What the job NAME asks for, from its spec.json (read once: it never changes)."""
         if name not in self._needs:
             try:
-                self._needs[name] = Need.of(json.loads((self.home.job_dir(name) / SPEC_FILE).read_text()))
+                self._needs[name] = self.executor.need(json.loads((self.home.job_dir(name) / SPEC_FILE).read_text()))
             except (OSError, ValueError, TypeError, AttributeError):
                 return Need()  # unreadable: its worker says why
         return self._needs[name]
 
     def _unfit(self, spec: JobSpec) -> str | None:
-        return Need.of(spec.model_dump()).unfit(self.slots, self.found_gpus) if self.slots else None
+        return self.executor.unfit(self.executor.need(spec.model_dump()))
 
     def _launch(self, name: str, slots: list[str], now: float) -> None:
         folder = self.home.job_dir(name)
@@ -352,19 +306,29 @@ class Daemon:
         except (BadTransition, FileNotFoundError):
             return  # paused, cancelled or removed since the last look at it
         (folder / WORKER_ERROR).unlink(missing_ok=True)
-        env = dict(os.environ, CUDA_DEVICE_ORDER="PCI_BUS_ID")
-        # a new job's count (see threads.py): a share of the cores for each of its slots, which its ranks divide
-        env[threads.ENV] = str(threads.share(len(self.slots), self.threads) * len(slots))
-        gpus = [s.split(":")[1] for s in slots if s.startswith("cuda:")]
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-            env[devices.PLACED] = ",".join(gpus)  # device = "cuda:N" is the first of those it sees
         count = oom_kills()
-        with open(folder / WORKER_OUT, "ab") as out:
-            proc = self.spawn([sys.executable, "-m", "traind.daemon.worker", "--home", str(self.home.root), name],
-                              out, env)
+        try:
+            proc = self.executor.start(self.home.root, name, folder, slots)
+        except TraindError as e:  # the cluster refused it, or did not answer (sbatch's own words): later
+            self.retry_at[name] = now + START_RETRY
+            transition(folder, JobState.QUEUED, last_error=f"{e}; trying again in {START_RETRY:.0f} s", cause="failed")
+            log.warning("%s: could not start: %s; trying again in %.0f s", name, e, START_RETRY)
+            return
         self.running[name] = Worker(name, proc, now, slots, count, _newest_seq(folder))
-        log.info("%s: started on %s (worker pid %d)", name, ",".join(slots), proc.pid)
+        log.info("%s: started on %s (%s)", name, ",".join(slots), self.executor.describe(proc))
+
+    def _reattach(self, name: str, now: float) -> bool:
+        """Whether the job NAME, marked running, has a worker still running that an earlier
+        daemon started (a Slurm job outlives the daemon): it is watched again, on a slot."""
+        folder = self.home.job_dir(name)
+        proc = self.executor.reattach(name, folder)
+        if proc is None:
+            return False
+        used = {s for w in self.running.values() for s in w.slots}
+        free = [s for s in self.slots if s not in used]
+        self.running[name] = Worker(name, proc, now, free[:1], None, _newest_seq(folder))
+        log.info("%s: found running again (%s)", name, self.executor.describe(proc))
+        return True
 
     def _ended(self, worker: Worker, code: int, now: float) -> None:
         folder = self.home.job_dir(worker.name)
@@ -428,7 +392,10 @@ class Daemon:
         transition(folder, JobState.QUEUED, restarts=restarts, cause=cause, last_error=f"the worker {how}; restarting")
 
     def stop(self, timeout: float = 600.0) -> None:
-        """Every worker saves at its next step boundary and stops; their jobs stay queued."""
+        """Every worker saves at its next step boundary and stops; their jobs stay queued.
+        Workers that outlive the daemon (Slurm jobs) go on; the next daemon finds them."""
+        if self.executor.outlives_daemon:
+            self.running.clear()
         for worker in self.running.values():
             worker.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout

@@ -40,7 +40,7 @@ class Validator:
     def start(self) -> None:
         """Start the child now (it takes about 2 s to import torch), unless it runs."""
         if self._proc is None or self._proc.poll() is not None:
-            from traind.daemon.supervisor import _die_with_parent
+            from traind.daemon.executor import _die_with_parent
 
             self._proc = subprocess.Popen([sys.executable, "-m", "traind.daemon.validator"], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, text=True, bufsize=1, preexec_fn=_die_with_parent)

@@ -8,7 +8,8 @@ import json
 from tests.daemon.test_restarts import FakeProc
 from traind.daemon.home import Home
 from traind.daemon.jobstate import JobRecord, JobState, read_state, write_state
-from traind.daemon.supervisor import Daemon, Need, place
+from traind.daemon.executor import Need, place
+from traind.daemon.supervisor import Daemon
 from traind.daemon.worker import Exit
 
 
