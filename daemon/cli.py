@@ -191,14 +191,42 @@ def load(home: Home, args: tuple[str, ...], folder: Path | None) -> None:
               help="Jobs at once without a GPU (with GPUs: one per GPU); 0: take files in, start no job.")
 @click.option("--threads", type=click.IntRange(min=1),
               help="CPU threads for each new job (default: OMP_NUM_THREADS, else the cores shared among the workers).")
+@click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
+              help="Where jobs run: worker processes on this machine, or sbatch jobs on a Slurm cluster.")
+@click.option("--partition", help="Slurm: the partition jobs are submitted to (default: the cluster's).")
+@click.option("--account", help="Slurm: the account jobs are charged to.")
+@click.option("--sbatch-option", "sbatch_options", multiple=True, metavar="OPTION",
+              help="Slurm: one more sbatch option, e.g. --sbatch-option=--qos=long (give it again for more).")
+@click.option("--grace", default=120, show_default=True, type=click.IntRange(min=1),
+              help="Slurm: seconds of warning before a preemption or the time limit (--signal=B:SIG@GRACE).")
+@click.option("--warn-signal", default="USR2", show_default=True,
+              help="Slurm: the warning signal (not USR1, which NCCL takes).")
+@click.option("--cpus-per-process", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Slurm: CPUs for each training process of a job.")
+@click.option("--gpus-per-process", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Slurm: GPUs for each training process of a job.")
+@click.option("--max-jobs", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Slurm: this daemon's jobs in the queue or running at once.")
 @home_option
 @pass_home
-def daemon(home: Home, workers: int, threads: int | None) -> None:
+def daemon(home: Home, workers: int, threads: int | None, executor: str, partition: str | None,
+           account: str | None, sbatch_options: tuple[str, ...], grace: int, warn_signal: str,
+           cpus_per_process: int, gpus_per_process: int, max_jobs: int) -> None:
     """Run the service in the foreground. The first SIGTERM or SIGINT: every running job
     saves at its next step boundary and stops (queued, to resume at the next start), then
-    exit 0; a second one: stop at once."""
+    exit 0; a second one: stop at once. With --executor slurm, each job is a Slurm job,
+    which goes on when the daemon stops; the next daemon finds it again."""
     from traind.daemon.supervisor import Daemon
 
+    runner = None
+    if executor == "slurm":
+        from traind.daemon.slurm import SlurmConfig, SlurmExecutor
+
+        if not hasattr(signal, f"SIG{warn_signal.upper().removeprefix('SIG')}"):
+            raise click.BadParameter(f"{warn_signal} is no signal (USR2, URG, ...)", param_hint="--warn-signal")
+        runner = SlurmExecutor(SlurmConfig(partition, account, list(sbatch_options), grace,
+                                           warn_signal.upper().removeprefix("SIG"), cpus_per_process,
+                                           gpus_per_process, max_jobs))
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -213,7 +241,7 @@ def daemon(home: Home, workers: int, threads: int | None) -> None:
     stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
     logging.basicConfig(level=logging.INFO, format=f"{stamp}traind: %(message)s", stream=sys.stderr)
     click.echo(f"traind daemon serving {home.root}", err=True)
-    Daemon(home, workers=workers, threads=threads).serve(stop)
+    Daemon(home, workers=workers, threads=threads, executor=runner).serve(stop)
 
 
 STATES = ("queued", "running", "paused", "done", "failed", "cancelled")

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from traind.daemon import threads
+from traind.daemon import preempt, threads
 from traind.daemon.liveness import die_with_parent, holder, stamp
 from traind.daemon.requests import Request, JobRequests
 from traind.jobs.build import build_job
@@ -236,19 +236,32 @@ def holding(folder: Path, wait: float = 0.0):
 
 @contextmanager
 def stop_on_signals():
-    """An Event set by the first SIGTERM or SIGINT; the second gets the default action."""
+    """An Event set by the first SIGTERM or SIGINT, or by the cluster's warning where this
+    process catches it (daemon/preempt.py; a warning that came before is taken now); the
+    second SIGTERM or SIGINT gets the default action."""
     stop = threading.Event()
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    warning = preempt.caught()
 
     def handler(signum, frame):
         stop.set()
         for s, h in saved.items():
             signal.signal(s, h)
 
+    def warned(signum, frame):
+        preempt.warned.set()
+        stop.set()
+
     for s in saved:
         signal.signal(s, handler)
+    if warning is not None:
+        signal.signal(warning, warned)
+        if preempt.warned.is_set():
+            stop.set()
     try:
         yield stop
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
+        if warning is not None:
+            preempt.catch()

@@ -15,6 +15,9 @@ them.
     saves/           the checkpoint store, one folder per save (store/)
     worker.out       the daemon's worker's stdout and stderr
     worker.error     why the last worker ended, for the daemon to read
+    slurm.json       the Slurm job that runs it (Slurm executor): its id, when submitted
+    slurm.sh         that job's batch script
+    ending.json      how the worker of a Slurm job ended (its exit status reaches no parent)
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ LOAD_REQUEST = "load.json"
 SAVES = "saves"
 WORKER_OUT = "worker.out"
 WORKER_ERROR = "worker.error"
+SLURM_RECORD = "slurm.json"
+SLURM_SCRIPT = "slurm.sh"
+ENDING_FILE = "ending.json"
 
 
 

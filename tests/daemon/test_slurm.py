@@ -1,0 +1,218 @@
+"""The daemon on a real Slurm cluster (`traind daemon --executor slurm`): Debian's slurmctld
+and slurmd on this machine, as scripts/slurm-cluster starts them (.ci/run does, in CI).
+A job trains to the end as a Slurm job; preempted by a job of the high partition it saves,
+is requeued and resumes, and ends bitwise equal to the same job run without a stop; the
+daemon killed while its Slurm jobs run is started again and finds them, submitting
+nothing twice; a `scancel` from outside and a worker killed on its node are told by
+their cause and retried; pause, resume, cancel, save and load go through the job folder
+as on one machine."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.daemon.live import Daemons, rows, traind, wait_for
+from traind.store.saves import list_saves, load_tensors
+
+BIN = Path(sys.executable).parent
+JOB = """
+name = "NAME"
+seed = 3
+[model]
+layers = [["Linear", 20, 64], ["ReLU"], ["Dropout", {p = 0.2}], ["Linear", 64, 10]]
+[data]
+samples = SAMPLES
+batch_size = 32
+[train]
+epochs = EPOCHS
+[checkpoint]
+every_steps = 25
+keep_last = 4
+"""
+
+
+def slurm_up() -> str | None:
+    """Why the cluster cannot be used, or None."""
+    if not os.environ.get("SLURM_CONF") or shutil.which("sinfo") is None:
+        return "no Slurm cluster (SLURM_CONF unset or no sinfo)"
+    done = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0 or not done.stdout.strip():
+        return f"sinfo: {done.stderr.strip() or 'no nodes'}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    why = slurm_up()
+    if why is not None:
+        if os.environ.get("CI") or os.environ.get("TRAIND_REQUIRE_SLURM"):
+            pytest.fail(f"the Slurm tests need a cluster, and CI starts one (.ci/run): {why}")
+        pytest.skip(f"{why}: start one with `scripts/slurm-cluster install && scripts/slurm-cluster start` "
+                    "and export the SLURM_CONF it prints")
+    yield
+    subprocess.run(["scancel", "--quiet", "--name=preemptor"], timeout=30)
+
+
+def job_text(name: str, samples: int = 6000, epochs: int = 6) -> str:
+    return JOB.replace("NAME", name).replace("SAMPLES", str(samples)).replace("EPOCHS", str(epochs))
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_tensors(list_saves(folder / "saves")[0][-1], "model.safetensors")
+
+
+def equal(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def alone(tmp_path: Path, text: str) -> dict[str, torch.Tensor]:
+    """The job run by `traind run` in one go, with the thread count its Slurm job gets."""
+    path = tmp_path / "alone.toml"
+    path.write_text(text)
+    folder = tmp_path / "alone"
+    done = subprocess.run([str(BIN / "traind"), "run", str(path), "--dir", str(folder)], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return weights(folder)
+
+
+@pytest.fixture
+def daemons(tmp_path, cluster):
+    d = Daemons(tmp_path / "home")
+    yield d
+    d.close()
+    for name in ("traind.a", "traind.b", "traind.c", "traind.d"):
+        subprocess.run(["scancel", "--quiet", f"--name={name}"], timeout=30)
+
+
+def slurm_record(home: Path, name: str) -> dict:
+    path = home / "jobs" / name / "slurm.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def step_of(home: Path, name: str) -> int:
+    return rows(home).get(name, {}).get("step") or 0
+
+
+def submit(home: Path, tmp_path: Path, name: str, text: str) -> None:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    result = traind(home, "submit", path)
+    assert result.exit_code == 0, result.output
+
+
+def state(home: Path, name: str) -> str | None:
+    return rows(home).get(name, {}).get("state")
+
+
+def test_a_job_runs_as_a_slurm_job_to_the_end_and_ends_as_it_would_alone(tmp_path, daemons):
+    home = daemons.home
+    text = job_text("a", samples=1500, epochs=3)
+    daemons.start("--executor", "slurm")
+    submit(home, tmp_path, "a", text)
+    wait_for(lambda: state(home, "a") == "done", "the Slurm job to finish", timeout=180)
+    record = slurm_record(home, "a")
+    assert record["job_id"].isdigit() and "--requeue" in record["argv"] and "--signal=B:USR2@120" in record["argv"]
+    shown = subprocess.run(["scontrol", "show", "job", "-o", record["job_id"]], capture_output=True, text=True)
+    assert "JobName=traind.a" in shown.stdout and "JobState=COMPLETED" in shown.stdout
+    assert f"Slurm job {record['job_id']}" in daemons.events()
+    assert equal(weights(home / "jobs" / "a"), alone(tmp_path, text))
+
+
+def test_preempted_by_a_high_partition_job_it_saves_requeues_resumes_and_ends_bitwise_equal(tmp_path, daemons):
+    home = daemons.home
+    text = job_text("b", samples=12000, epochs=8)
+    daemons.start("--executor", "slurm")
+    submit(home, tmp_path, "b", text)
+    wait_for(lambda: step_of(home, "b") >= 200, "the job to train a while", timeout=180)
+    cpus = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0]
+    subprocess.run(["sbatch", "--quiet", "--partition=high", f"--cpus-per-task={cpus}", "--job-name=preemptor",
+                    f"--output={tmp_path / 'preemptor.out'}", "--wrap", "sleep 2"], check=True, timeout=30)
+    wait_for(lambda: state(home, "b") == "done", "the preempted job to finish", timeout=400)
+    ending = json.loads((home / "jobs" / "b" / "ending.json").read_text())
+    assert ending["restart"] >= 1 and ending["code"] == 0  # the Slurm job was requeued and came back
+    log = (home / "jobs" / "b" / "log").read_text()
+    assert "stopped at step" in log and "resumed from save" in log
+    assert "restart" not in daemons.events()  # Slurm requeued it: the daemon never saw it end
+    assert equal(weights(home / "jobs" / "b"), alone(tmp_path, text))
+
+
+def test_the_daemon_killed_while_its_slurm_job_runs_finds_it_again_and_submits_nothing_twice(tmp_path, daemons):
+    home = daemons.home
+    text = job_text("c", samples=6000, epochs=6)
+    first = daemons.start("--executor", "slurm")
+    submit(home, tmp_path, "c", text)
+    wait_for(lambda: step_of(home, "c") >= 100, "the job to train a while", timeout=180)
+    job_id = slurm_record(home, "c")["job_id"]
+    first.kill()
+    first.wait()
+    assert state(home, "c") == "running"  # the Slurm job goes on without the daemon
+    daemons.start("--executor", "slurm")
+    wait_for(lambda: state(home, "c") == "done", "the job to finish under the second daemon", timeout=300)
+    assert slurm_record(home, "c")["job_id"] == job_id
+    events = daemons.events()
+    assert events.count("c: started on") == 1 and f"c: found running again (Slurm job {job_id})" in events
+    assert equal(weights(home / "jobs" / "c"), alone(tmp_path, text))
+
+
+def worker_pid(home: Path, name: str) -> int | None:
+    done = subprocess.run(["pgrep", "-f", f"traind.daemon.slurm_job --home {home} {name}$"], capture_output=True,
+                          text=True)
+    pids = done.stdout.split()
+    return int(pids[0]) if pids else None
+
+
+def test_a_scancel_from_outside_and_a_worker_killed_on_its_node_are_told_and_retried(tmp_path, daemons):
+    home = daemons.home
+    text = job_text("d", samples=6000, epochs=8)
+    daemons.start("--executor", "slurm")
+    submit(home, tmp_path, "d", text)
+    wait_for(lambda: step_of(home, "d") >= 100, "the job to train a while", timeout=180)
+    first = slurm_record(home, "d")["job_id"]
+    subprocess.run(["scancel", first], check=True, timeout=30)
+    wait_for(lambda: "cancelled outside traind (scancel)" in daemons.events(), "the scancel to be told")
+    wait_for(lambda: slurm_record(home, "d").get("job_id") not in (None, first), "a new submission", timeout=60)
+    assert rows(home)["d"]["restarts"] == 1
+    wait_for(lambda: step_of(home, "d") >= 400 and worker_pid(home, "d"), "the retry to train", timeout=180)
+    os.kill(worker_pid(home, "d"), signal.SIGKILL)  # the worker dies on its node, unsaved
+    wait_for(lambda: "the worker was killed by SIGKILL" in daemons.events(), "the crash to be told")
+    wait_for(lambda: state(home, "d") == "done", "the job to finish after its retries", timeout=400)
+    assert rows(home)["d"]["restarts"] == 2
+    assert equal(weights(home / "jobs" / "d"), alone(tmp_path, text))
+
+
+def test_pause_resume_save_load_and_cancel_work_on_a_slurm_job_through_the_cli(tmp_path, daemons):
+    home = daemons.home
+    text = job_text("a", samples=6000, epochs=8)
+    daemons.start("--executor", "slurm")
+    submit(home, tmp_path, "a", text)
+    wait_for(lambda: step_of(home, "a") >= 100, "the job to train a while", timeout=180)
+    assert traind(home, "save", "a", "--note", "on slurm").exit_code == 0
+    manual = wait_for(lambda: [s for s in json.loads(traind(home, "saves", "a", "--json").output)
+                               if "manual" in s["kinds"]], "the quicksave")[0]
+    assert traind(home, "pause", "a").exit_code == 0
+    wait_for(lambda: state(home, "a") == "paused", "the pause")
+    paused_job, paused_at = slurm_record(home, "a")["job_id"], step_of(home, "a")
+    shown = subprocess.run(["squeue", "-h", f"--jobs={paused_job}", "--states=PENDING,RUNNING"], capture_output=True,
+                           text=True)
+    assert shown.stdout.strip() == ""  # its Slurm job ended, and was not requeued
+    assert traind(home, "resume", "a").exit_code == 0
+    wait_for(lambda: slurm_record(home, "a").get("job_id") not in (None, paused_job) and state(home, "a") == "running",
+             "a new Slurm job")
+    wait_for(lambda: step_of(home, "a") > paused_at + 50, "it to train on from the pause", timeout=180)
+    assert traind(home, "load", "a", manual["id"]).exit_code == 0
+    wait_for(lambda: f"from save {manual['id']}" in (home / "jobs" / "a" / "log").read_text(), "the load game",
+             timeout=180)
+    assert traind(home, "cancel", "a").exit_code == 0
+    wait_for(lambda: state(home, "a") == "cancelled", "the cancel", timeout=120)
+    assert traind(home, "resume", "a").exit_code == 0
+    wait_for(lambda: state(home, "a") == "done", "the job to finish", timeout=400)
+    assert any(s["id"] == manual["id"] for s in json.loads(traind(home, "saves", "a", "--json").output))
+    assert equal(weights(home / "jobs" / "a"), alone(tmp_path, text))
