@@ -413,6 +413,10 @@ for _name, _example in EXAMPLES.items():
 
 
 def main() -> None:
+    if "SLURM_JOB_ID" in os.environ:  # `traind run` in a Slurm job: the cluster's warning saves, never kills
+        from traind.daemon import preempt
+
+        preempt.catch()
     try:
         try:
             cli(prog_name="traind")

@@ -5,6 +5,7 @@ what happened in words at the end."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 from contextlib import nullcontext
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import TextIO
 
 import click
 
+from traind.daemon import preempt
 from traind.daemon.launch import Launch, LauncherStopped, RanksFailed, launch
 from traind.daemon.run import LAUNCHER_HOLDS, Run, holding
 from traind.jobs import world
@@ -80,6 +82,11 @@ def run_job(job_file: JobFile, folder: Path, echo: Callable[[str], None], progre
         echo(f"cancelled at step {p.step}/{total}; the saves stay")
     elif ending == "stopped":
         echo(f"stopped at step {p.step}/{total} for a load request; run again to continue from that save")
+    elif ending is None and preempt.warned.is_set():
+        not_requeued = preempt.requeue_self()  # under Slurm: the job comes back and continues from this save
+        echo(f"warned by the cluster ({signal.Signals(preempt.warning_signal()).name}), saved at step "
+             f"{p.step}/{total}; " + (f"Slurm job {os.environ['SLURM_JOB_ID']} requeued" if not_requeued is None
+                                      else f"not requeued ({not_requeued}): run again to continue"))
     else:
         why = "paused" if ending == "paused" else "stopped by signal"
         echo(f"{why} at step {p.step}/{total}, saved; run again to continue")

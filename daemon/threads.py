@@ -8,7 +8,8 @@ other slots or by `traind run`, trains with the recorded count, whatever else ru
 The first start picks, in this order: the job's `threads` key; the count the daemon hands
 its workers (TRAIND_THREADS: its `--threads`, else an explicit OMP_NUM_THREADS, else the
 machine's cores divided among its worker slots, so that two jobs at once do not fight over
-the cores); an explicit OMP_NUM_THREADS (`traind run`); all cores.
+the cores); an explicit OMP_NUM_THREADS (`traind run`); all cores (in a Slurm job: the
+CPUs it was given).
 """
 
 from __future__ import annotations
@@ -25,11 +26,17 @@ ENV = "TRAIND_THREADS"
 
 
 def cores() -> int:
-    """The cores this process may run on (its affinity mask: a cgroup or taskset may limit it)."""
+    """The cores this process may run on (its affinity mask: a cgroup or taskset may limit
+    it); in a Slurm job, at most the CPUs Slurm gave this task (a cluster without CPU
+    binding leaves the mask whole)."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        mask = len(os.sched_getaffinity(0)) or 1
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        mask = os.cpu_count() or 1
+    given = _env("SLURM_CPUS_PER_TASK")
+    if given is None and (on_node := _env("SLURM_CPUS_ON_NODE")) is not None:
+        given = max(1, on_node // (_env("SLURM_NTASKS_PER_NODE") or 1))
+    return min(mask, given) if given else mask
 
 
 def _env(name: str) -> int | None:

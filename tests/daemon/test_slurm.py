@@ -60,6 +60,10 @@ def cluster():
     subprocess.run(["scancel", "--quiet", "--name=preemptor"], timeout=30)
 
 
+MID = {"samples": 8000, "epochs": 40}  # about 10 s of training here
+LONG = {"samples": 40000, "epochs": 30}  # about 45 s: long enough for slurmctld's look at time limits (~20 s)
+
+
 def job_text(name: str, samples: int = 6000, epochs: int = 6) -> str:
     return JOB.replace("NAME", name).replace("SAMPLES", str(samples)).replace("EPOCHS", str(epochs))
 
@@ -72,15 +76,22 @@ def equal(a, b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+ALONE: dict[str, dict[str, torch.Tensor]] = {}
+
+
 def alone(tmp_path: Path, text: str) -> dict[str, torch.Tensor]:
-    """The job run by `traind run` in one go, with the thread count its Slurm job gets."""
-    path = tmp_path / "alone.toml"
-    path.write_text(text)
-    folder = tmp_path / "alone"
-    done = subprocess.run([str(BIN / "traind"), "run", str(path), "--dir", str(folder)], capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return weights(folder)
+    """The job run by `traind run` in one go, with the thread count its Slurm job gets
+    (once per job file, whatever its name: the name changes nothing of the result)."""
+    key = text.split("\n", 2)[2]
+    if key not in ALONE:
+        path = tmp_path / "alone.toml"
+        path.write_text(text)
+        folder = tmp_path / "alone"
+        done = subprocess.run([str(BIN / "traind"), "run", str(path), "--dir", str(folder)], capture_output=True,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        ALONE[key] = weights(folder)
+    return ALONE[key]
 
 
 @pytest.fixture
@@ -126,27 +137,49 @@ def test_a_job_runs_as_a_slurm_job_to_the_end_and_ends_as_it_would_alone(tmp_pat
     assert equal(weights(home / "jobs" / "a"), alone(tmp_path, text))
 
 
-def test_preempted_by_a_high_partition_job_it_saves_requeues_resumes_and_ends_bitwise_equal(tmp_path, daemons):
-    home = daemons.home
-    text = job_text("b", samples=12000, epochs=8)
-    daemons.start("--executor", "slurm")
-    submit(home, tmp_path, "b", text)
-    wait_for(lambda: step_of(home, "b") >= 200, "the job to train a while", timeout=180)
+def preempt() -> None:
+    """Submit a job to the high partition that needs every CPU of the node."""
     cpus = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0]
     subprocess.run(["sbatch", "--quiet", "--partition=high", f"--cpus-per-task={cpus}", "--job-name=preemptor",
-                    f"--output={tmp_path / 'preemptor.out'}", "--wrap", "sleep 2"], check=True, timeout=30)
-    wait_for(lambda: state(home, "b") == "done", "the preempted job to finish", timeout=400)
-    ending = json.loads((home / "jobs" / "b" / "ending.json").read_text())
-    assert ending["restart"] >= 1 and ending["code"] == 0  # the Slurm job was requeued and came back
-    log = (home / "jobs" / "b" / "log").read_text()
-    assert "stopped at step" in log and "resumed from save" in log
+                    "--output=/dev/null", "--wrap", "sleep 2"], check=True, timeout=30)
+
+
+def test_preempted_then_warned_of_its_time_limit_it_saves_requeues_resumes_and_ends_bitwise_equal(tmp_path, daemons):
+    """Preemption by a job of the high partition, then the time limit's warning (the
+    limit cut to a minute, under the 120 s grace, and lifted once it has requeued): each
+    time the worker saves and requeues its Slurm job, which resumes from that save."""
+    home = daemons.home
+    text = job_text("b", **LONG)
+    daemons.start("--executor", "slurm")
+    submit(home, tmp_path, "b", text)
+    ending = home / "jobs" / "b" / "ending.json"
+
+    def requeued(times: int) -> bool:
+        record = json.loads(ending.read_text()) if ending.exists() else {}
+        return record.get("code") == 80 and record.get("restart") == times - 1
+
+    wait_for(lambda: step_of(home, "b") >= 200, "the job to train a while", timeout=180)
+    job_id = slurm_record(home, "b")["job_id"]
+    preempt()
+    wait_for(lambda: requeued(1), "the preempted job to requeue itself", timeout=60)
+    log = home / "jobs" / "b" / "log"
+    wait_for(lambda: "JobState=RUNNING" in subprocess.run(["scontrol", "show", "job", "-o", job_id],
+                                                          capture_output=True, text=True).stdout
+             and log.read_text().count("resumed from save") == 1, "its restart", timeout=120)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=1"], check=True, timeout=30)
+    wait_for(lambda: requeued(2), "the job warned of its time limit to requeue itself", timeout=120)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=UNLIMITED"], check=True, timeout=30)
+    wait_for(lambda: state(home, "b") == "done", "the job to finish", timeout=300)
+    record = json.loads(ending.read_text())
+    assert (record["code"], record["restart"]) == (0, 2) and slurm_record(home, "b")["job_id"] == job_id
+    assert log.read_text().count("resumed from save") == 2
     assert "restart" not in daemons.events()  # Slurm requeued it: the daemon never saw it end
     assert equal(weights(home / "jobs" / "b"), alone(tmp_path, text))
 
 
 def test_the_daemon_killed_while_its_slurm_job_runs_finds_it_again_and_submits_nothing_twice(tmp_path, daemons):
     home = daemons.home
-    text = job_text("c", samples=6000, epochs=6)
+    text = job_text("c", **MID)
     first = daemons.start("--executor", "slurm")
     submit(home, tmp_path, "c", text)
     wait_for(lambda: step_of(home, "c") >= 100, "the job to train a while", timeout=180)
@@ -171,7 +204,7 @@ def worker_pid(home: Path, name: str) -> int | None:
 
 def test_a_scancel_from_outside_and_a_worker_killed_on_its_node_are_told_and_retried(tmp_path, daemons):
     home = daemons.home
-    text = job_text("d", samples=6000, epochs=8)
+    text = job_text("d", **MID)
     daemons.start("--executor", "slurm")
     submit(home, tmp_path, "d", text)
     wait_for(lambda: step_of(home, "d") >= 100, "the job to train a while", timeout=180)
@@ -190,7 +223,7 @@ def test_a_scancel_from_outside_and_a_worker_killed_on_its_node_are_told_and_ret
 
 def test_pause_resume_save_load_and_cancel_work_on_a_slurm_job_through_the_cli(tmp_path, daemons):
     home = daemons.home
-    text = job_text("a", samples=6000, epochs=8)
+    text = job_text("a", **MID)
     daemons.start("--executor", "slurm")
     submit(home, tmp_path, "a", text)
     wait_for(lambda: step_of(home, "a") >= 100, "the job to train a while", timeout=180)
@@ -216,3 +249,38 @@ def test_pause_resume_save_load_and_cancel_work_on_a_slurm_job_through_the_cli(t
     wait_for(lambda: state(home, "a") == "done", "the job to finish", timeout=400)
     assert any(s["id"] == manual["id"] for s in json.loads(traind(home, "saves", "a", "--json").output))
     assert equal(weights(home / "jobs" / "a"), alone(tmp_path, text))
+
+
+SBATCH = """#!/bin/sh
+#SBATCH --job-name=traind.b
+#SBATCH --requeue
+#SBATCH --signal=B:USR2@120
+#SBATCH --open-mode=append
+exec {traind} run {job} --dir {folder}
+"""
+
+
+def test_traind_run_in_a_hand_written_batch_script_is_preempted_requeued_and_ends_bitwise_equal(tmp_path, cluster):
+    """The README's batch script, no daemon: the warning saves, the job requeues itself."""
+    text = job_text("b", **MID)
+    job, folder = tmp_path / "b.toml", tmp_path / "b"
+    job.write_text(text)
+    script = tmp_path / "b.sh"
+    script.write_text(SBATCH.format(traind=BIN / "traind", job=job, folder=folder))
+    out = tmp_path / "b.out"
+    job_id = subprocess.run(["sbatch", "--parsable", f"--output={out}", str(script)], capture_output=True, text=True,
+                            check=True, timeout=30).stdout.strip().split(";")[0]
+    try:
+        wait_for(lambda: folder.exists() and len(list_saves(folder / "saves")[0]) >= 4, "saves", timeout=180)
+        preempt()
+
+        def shown():
+            return subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+
+        wait_for(lambda: "JobState=COMPLETED" in shown(), "the batch job to complete", timeout=400)
+        assert "Restarts=1" in shown() or "Restarts=2" in shown()
+        said = out.read_text()
+        assert "saved at step" in said and f"Slurm job {job_id} requeued" in said and "done: step" in said
+        assert equal(weights(folder), alone(tmp_path, text))
+    finally:
+        subprocess.run(["scancel", "--quiet", job_id], timeout=30)

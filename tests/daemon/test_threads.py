@@ -97,3 +97,16 @@ def test_a_job_resumed_beside_other_jobs_and_under_other_workers_ends_bitwise_eq
     assert threads.recorded(folder) == half
     assert_equal(final_weights(folder), expected)
     assert traind(home, "ls").exit_code == 0
+
+
+def test_in_a_slurm_job_the_cores_are_the_cpus_slurm_gave_the_task(monkeypatch):
+    mask = len(os.sched_getaffinity(0))
+    for name in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    assert threads.cores() == mask
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "1")  # a batch job given one CPU, on a node without CPU binding
+    assert threads.cores() == 1
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "64")
+    assert threads.cores() == mask  # never more than the mask allows
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert threads.cores() == 1
