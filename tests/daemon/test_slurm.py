@@ -61,7 +61,7 @@ def cluster():
 
 
 MID = {"samples": 8000, "epochs": 40}  # about 10 s of training here
-LONG = {"samples": 40000, "epochs": 30}  # about 45 s: long enough for slurmctld's look at time limits (~20 s)
+LONG = {"samples": 40000, "epochs": 80}  # 50 s and more: longer than slurmctld takes to look at time limits (20-30 s) after a restart
 
 
 def job_text(name: str, samples: int = 6000, epochs: int = 6) -> str:
