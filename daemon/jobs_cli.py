@@ -163,6 +163,9 @@ def show_status(home: Home, folder: Path, as_json: bool) -> None:
     info["daemon"] = None if daemon is None else {"pid": daemon.pid, "started": daemon.started}
     rate, left = info.get("steps_per_s"), (info["total_steps"] or 0) - (info["step"] or 0)
     info["eta_s"] = round(left / rate, 1) if info["state"] == JobState.RUNNING.value and rate and left > 0 else None
+    from traind.daemon.slurm import slurm_status
+
+    info["slurm"] = slurm_status(folder)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -180,6 +183,11 @@ def show_status(home: Home, folder: Path, as_json: bool) -> None:
                 "last_error", "cause"):
         if info.get(key) is not None:
             click.echo(f"  {key.replace('_per_', '/')}: {info[key]}")
+    if info["slurm"] is not None:
+        slurm = info["slurm"]
+        where = f" on {slurm['node']}" if slurm["node"] else ""
+        why = f" ({slurm['reason']})" if slurm["reason"] and slurm["reason"] != "None" else ""
+        click.echo(f"  slurm: job {slurm['job_id']}, {slurm['state'] or 'no longer known to Slurm'}{where}{why}")
     click.echo(f"  {daemon_line(home)}")
 
 

@@ -32,11 +32,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from traind.daemon.executor import Need
 from traind.jobs.folder import ENDING_FILE, SLURM_RECORD, SLURM_SCRIPT, WORKER_ERROR, WORKER_OUT
 from traind.store.errors import TraindError
 from traind.store.fs import FileSystem, write_durably
+
+if TYPE_CHECKING:
+    from traind.daemon.executor import Need
 
 log = logging.getLogger("traind.daemon")
 
@@ -206,6 +209,8 @@ class SlurmExecutor:
                              "as job folders are read and written where each job runs")
 
     def need(self, spec: dict) -> Need:
+        from traind.daemon.executor import Need
+
         return Need(1)
 
     def unfit(self, need: Need) -> str | None:
@@ -292,6 +297,25 @@ class SlurmExecutor:
         """End the Slurm job: SIG to its batch script's process (the worker saves on SIGTERM)."""
         _run(["scancel", f"--signal={signal.Signals(sig).name.removeprefix('SIG')}", "--batch", job_id]
              if sig != signal.SIGKILL else ["scancel", job_id])
+
+
+def slurm_status(folder: Path) -> dict | None:
+    """The Slurm job of the job in FOLDER, for `traind status`: its id, and its state, node
+    and reason as squeue tells them now ("" where it no longer lists it); None for a job
+    never submitted to Slurm."""
+    try:
+        job_id = str(json.loads((folder / SLURM_RECORD).read_text())["job_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    found = {"job_id": job_id, "state": "", "node": "", "reason": ""}
+    try:
+        out = _run(["squeue", "--noheader", "--states=all", f"--jobs={job_id}", "--format=%T|%N|%r"], timeout=10)
+    except SlurmError:
+        return found
+    for line in out.splitlines():
+        state, node, reason = (line.split("|") + ["", ""])[:3]
+        found.update(state=state, node=node, reason=reason)
+    return found
 
 
 def _fstype(path: Path) -> str:

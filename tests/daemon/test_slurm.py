@@ -134,6 +134,9 @@ def test_a_job_runs_as_a_slurm_job_to_the_end_and_ends_as_it_would_alone(tmp_pat
     shown = subprocess.run(["scontrol", "show", "job", "-o", record["job_id"]], capture_output=True, text=True)
     assert "JobName=traind.a" in shown.stdout and "JobState=COMPLETED" in shown.stdout
     assert f"Slurm job {record['job_id']}" in daemons.events()
+    status = json.loads(traind(home, "status", "a", "--json").output)["slurm"]
+    assert status["job_id"] == record["job_id"] and status["state"] == "COMPLETED" and status["node"]
+    assert f"slurm: job {record['job_id']}, COMPLETED on {status['node']}" in traind(home, "status", "a").output
     assert equal(weights(home / "jobs" / "a"), alone(tmp_path, text))
 
 
