@@ -24,13 +24,13 @@ REQUEUED = 80
 """ending.json's code for a run that was warned, saved, and put its Slurm job back in the queue."""
 
 
-def ending(folder: Path, code: int, why: str | None = None) -> None:
+def ending(folder: Path, code: int) -> None:
     """Record how this worker ended, durably (the daemon may read it hours later)."""
     from traind.jobs.folder import ENDING_FILE
     from traind.store.fs import FileSystem, write_durably
 
     record = {"code": code, "job_id": os.environ.get("SLURM_JOB_ID"),
-              "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0), "why": why}
+              "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)}
     try:
         write_durably(FileSystem(), folder / ENDING_FILE, json.dumps(record).encode())
     except OSError:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name")
     args = parser.parse_args(argv)
     from traind.daemon.home import Home
-    from traind.daemon.worker import Exit, run
+    from traind.daemon.worker import Exit, end_as, run
 
     home = Home(args.home)
     folder = home.job_dir(args.name)
@@ -55,13 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(f"traind: warned, saved, and could not requeue: {why}; the daemon submits it again", file=sys.stderr)
     ending(folder, code)
-    if code < 0:  # a rank was killed: so is this process, as worker.main does
-        import signal
-
-        if -code != signal.SIGKILL:
-            signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
-    return code
+    return end_as(code)
 
 
 if __name__ == "__main__":

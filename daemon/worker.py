@@ -112,8 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", type=Path, required=True)
     parser.add_argument("name")
     args = parser.parse_args(argv)
-    code = run(Home(args.home), args.name)
-    if code < 0:  # a rank was killed: so is the worker, so that the daemon judges the death as its own
+    return end_as(run(Home(args.home), args.name))
+
+
+def end_as(code: int) -> int:
+    """CODE, for the worker to exit with; where a rank was killed (minus its signal), the
+    worker is killed by the same signal, so that whoever watches judges the death as its own."""
+    if code < 0:
         if -code != signal.SIGKILL:
             signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)

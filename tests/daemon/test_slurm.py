@@ -181,11 +181,8 @@ def test_preempted_then_warned_of_its_time_limit_it_saves_requeues_resumes_and_e
 
 
 def test_the_daemon_killed_while_its_slurm_job_runs_finds_it_again_and_submits_nothing_twice(tmp_path, daemons):
-    home = daemons.home
-    text = job_text("c", **MID)
-    first = daemons.start("--executor", "slurm")
-    submit(home, tmp_path, "c", text)
-    wait_for(lambda: step_of(home, "c") >= 100, "the job to train a while", timeout=180)
+    home, text = started(tmp_path, daemons, "c", MID)
+    first = daemons.procs[-1]
     job_id = slurm_record(home, "c")["job_id"]
     first.kill()
     first.wait()
@@ -205,12 +202,18 @@ def worker_pid(home: Path, name: str) -> int | None:
     return int(pids[0]) if pids else None
 
 
-def test_a_scancel_from_outside_and_a_worker_killed_on_its_node_are_told_and_retried(tmp_path, daemons):
-    home = daemons.home
-    text = job_text("d", **MID)
+def started(tmp_path: Path, daemons: Daemons, name: str, size: dict) -> tuple[Path, str]:
+    """A daemon on the Slurm executor, and the job NAME of SIZE submitted to it and
+    trained a while; the home and the job file's text."""
+    text = job_text(name, **size)
     daemons.start("--executor", "slurm")
-    submit(home, tmp_path, "d", text)
-    wait_for(lambda: step_of(home, "d") >= 100, "the job to train a while", timeout=180)
+    submit(daemons.home, tmp_path, name, text)
+    wait_for(lambda: step_of(daemons.home, name) >= 100, "the job to train a while", timeout=180)
+    return daemons.home, text
+
+
+def test_a_scancel_from_outside_and_a_worker_killed_on_its_node_are_told_and_retried(tmp_path, daemons):
+    home, text = started(tmp_path, daemons, "d", MID)
     first = slurm_record(home, "d")["job_id"]
     subprocess.run(["scancel", first], check=True, timeout=30)
     wait_for(lambda: "cancelled outside traind (scancel)" in daemons.events(), "the scancel to be told")
@@ -225,11 +228,7 @@ def test_a_scancel_from_outside_and_a_worker_killed_on_its_node_are_told_and_ret
 
 
 def test_pause_resume_save_load_and_cancel_work_on_a_slurm_job_through_the_cli(tmp_path, daemons):
-    home = daemons.home
-    text = job_text("a", **MID)
-    daemons.start("--executor", "slurm")
-    submit(home, tmp_path, "a", text)
-    wait_for(lambda: step_of(home, "a") >= 100, "the job to train a while", timeout=180)
+    home, text = started(tmp_path, daemons, "a", MID)
     assert traind(home, "save", "a", "--note", "on slurm").exit_code == 0
     manual = wait_for(lambda: [s for s in json.loads(traind(home, "saves", "a", "--json").output)
                                if "manual" in s["kinds"]], "the quicksave")[0]
