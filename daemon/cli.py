@@ -215,18 +215,28 @@ def daemon(home: Home, workers: int, threads: int | None, executor: str, partiti
     """Run the service in the foreground. The first SIGTERM or SIGINT: every running job
     saves at its next step boundary and stops (queued, to resume at the next start), then
     exit 0; a second one: stop at once. With --executor slurm, each job is a Slurm job,
-    which goes on when the daemon stops; the next daemon finds it again."""
+    which goes on when the daemon stops; the next daemon finds it again. The Slurm options
+    not given as flags come from the [slurm] table of HOME/config.toml (the same names,
+    with underscores: partition, account, options, grace, warn_signal, cpus_per_process,
+    gpus_per_process, max_jobs), else their defaults."""
     from traind.daemon.supervisor import Daemon
 
     runner = None
     if executor == "slurm":
-        from traind.daemon.slurm import SlurmConfig, SlurmExecutor
+        from click.core import ParameterSource
 
-        if not hasattr(signal, f"SIG{warn_signal.upper().removeprefix('SIG')}"):
-            raise click.BadParameter(f"{warn_signal} is no signal (USR2, URG, ...)", param_hint="--warn-signal")
-        runner = SlurmExecutor(SlurmConfig(partition, account, list(sbatch_options), grace,
-                                           warn_signal.upper().removeprefix("SIG"), cpus_per_process,
-                                           gpus_per_process, max_jobs))
+        from traind.daemon.slurm import SlurmExecutor, read_config
+
+        ctx = click.get_current_context()
+        given = {field: value for field, value in (
+            ("partition", partition), ("account", account), ("options", list(sbatch_options)), ("grace", grace),
+            ("warn_signal", warn_signal.upper().removeprefix("SIG")), ("cpus_per_process", cpus_per_process),
+            ("gpus_per_process", gpus_per_process), ("max_jobs", max_jobs))
+            if ctx.get_parameter_source("sbatch_options" if field == "options" else field) == ParameterSource.COMMANDLINE}
+        config = read_config(home.root, given)
+        if not hasattr(signal, f"SIG{config.warn_signal.upper().removeprefix('SIG')}"):
+            raise click.BadParameter(f"{config.warn_signal} is no signal (USR2, URG, ...)", param_hint="--warn-signal")
+        runner = SlurmExecutor(config)
     stop = threading.Event()
 
     def on_signal(signum, frame):

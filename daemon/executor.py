@@ -103,6 +103,10 @@ class Executor(Protocol):
     def describe(self, handle: Handle) -> str:
         """The worker in words, for the daemon's log: "worker pid 12", "Slurm job 7"."""
 
+    def steer(self, handle: Handle, folder: Path) -> None:
+        """Act for a worker that cannot take its job's requests yet (a Slurm job still
+        pending): a pause or a cancel then ends it at once."""
+
 
 def worker_argv(home_root: Path, name: str) -> list[str]:
     return [sys.executable, "-m", "traind.daemon.worker", "--home", str(home_root), name]
@@ -164,3 +168,6 @@ class LocalExecutor:
 
     def describe(self, handle: Handle) -> str:
         return f"worker pid {handle.pid}"
+
+    def steer(self, handle: Handle, folder: Path) -> None:
+        pass  # a local worker starts at once, and takes its requests itself

@@ -30,11 +30,31 @@ def warning_signal() -> int:
     return int(getattr(signal, name if name.startswith("SIG") else f"SIG{name}"))
 
 
+_forward: int | None = None
+
+
 def catch() -> None:
-    """From now on the warning signal sets `warned` rather than ending the process."""
+    """From now on the warning signal sets `warned` rather than ending the process (and,
+    where `forward_as` asked, sends this process that signal too)."""
     global _caught
     _caught = warning_signal()
-    signal.signal(_caught, lambda signum, frame: warned.set())
+
+    def on_warning(signum, frame):
+        warned.set()
+        if _forward is not None:
+            os.kill(os.getpid(), _forward)
+
+    signal.signal(_caught, on_warning)
+
+
+def forward_as(sig: int) -> None:
+    """Take the warning as SIG from now on (a launcher of ranks: SIGTERM, which torch's
+    agent passes on to them, and on which each saves and stops); a warning that came
+    before is passed on at once."""
+    global _forward
+    _forward = sig
+    if warned.is_set():
+        os.kill(os.getpid(), sig)
 
 
 def caught() -> int | None:

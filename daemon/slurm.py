@@ -99,6 +99,49 @@ class SlurmConfig:
     """Slurm jobs this daemon has in the queue or running at once."""
 
 
+CONFIG_FILE = "config.toml"
+"""The home's config file: its [slurm] table holds defaults for the daemon's Slurm flags."""
+
+
+def read_config(home_root: Path, flags: dict) -> SlurmConfig:
+    """The Slurm options: FLAGS (those given on the command line: field name -> value)
+    over the [slurm] table of HOME_ROOT/config.toml, over the defaults. A key the table
+    should not have, or a value of the wrong type, is an error naming the file and key."""
+    import dataclasses
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    path = home_root / CONFIG_FILE
+    table: dict = {}
+    if path.exists():
+        try:
+            table = tomllib.loads(path.read_text()).get("slurm", {})
+        except (OSError, ValueError) as e:
+            raise SlurmError(f"{path}: {e}") from e
+    known = {f.name: f for f in dataclasses.fields(SlurmConfig)}
+    defaults = SlurmConfig()
+    for key, value in table.items():
+        if key not in known:
+            from traind.jobs.names import suggest
+
+            raise SlurmError(f"{path}: unknown key '{key}' in [slurm]{suggest(key, known)}; the keys are "
+                             f"{', '.join(known)}")
+        want = type(getattr(defaults, key)) if getattr(defaults, key) is not None else str
+        if want is list:
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        else:
+            ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+        if not ok or (want is int and value < (0 if key == "gpus_per_process" else 1)):
+            kind = "a list of strings" if want is list else {int: "a positive whole number", str: "a string"}[want]
+            raise SlurmError(f"{path}: [slurm] {key} = {value!r}: it must be {kind}")
+    config = SlurmConfig(**{**table, **flags})
+    config.warn_signal = config.warn_signal.upper().removeprefix("SIG")
+    return config
+
+
 class SlurmJob:
     """A job's worker as a Slurm job: a Handle (executor.Handle) whose poll tells, once the
     Slurm job is over, how the worker ended (worker.Exit, or minus a signal)."""
@@ -164,6 +207,12 @@ class SlurmJob:
         self._why(why)
         return -int(sig)
 
+    def withdraw(self, code: int) -> None:
+        """End the Slurm job before its worker started (a pause or cancel of a pending job):
+        it ends as CODE (worker.Exit)."""
+        self.executor.cancel(self.job_id, signal.SIGKILL)
+        self.returncode = code
+
     def send_signal(self, sig: int) -> None:
         self.executor.cancel(self.job_id, sig)
 
@@ -218,6 +267,27 @@ class SlurmExecutor:
 
     def describe(self, handle: SlurmJob) -> str:
         return f"Slurm job {handle.job_id}"
+
+    def steer(self, handle: SlurmJob, folder: Path) -> None:
+        """A pause or cancel of a job whose Slurm job waits in the queue (not started yet,
+        or requeued and waiting to start again) ends it now: its worker would take the
+        request only once Slurm starts it, hours later on a busy cluster."""
+        if handle.returncode is not None or self.state(handle.job_id) != "PENDING":
+            return
+        from traind.daemon import requests
+        from traind.daemon.worker import Exit
+
+        for request in requests.pending(folder):
+            if request.kind in ("pause", "cancel"):
+                try:
+                    handle.withdraw(Exit.PAUSED if request.kind == "pause" else Exit.CANCELLED)
+                except SlurmError as e:
+                    log.warning("%s: %s (the request waits for the job to start)", folder.name, e)
+                    return
+                requests.done(request)
+                log.info("%s: %s while its Slurm job %s was pending: taken out of Slurm's queue", folder.name,
+                         request.kind, handle.job_id)
+                return
 
     def state(self, job_id: str) -> str | None:
         """The Slurm state of JOB_ID ("" once squeue no longer lists it), as of a look at

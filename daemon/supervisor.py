@@ -192,6 +192,7 @@ class Daemon:
         if outcomes:
             self._rescan_at = 0.0
         for name, worker in list(self.running.items()):
+            self.executor.steer(worker.proc, self.home.job_dir(name))
             code = worker.proc.poll()
             if code is not None:
                 del self.running[name]

@@ -19,6 +19,7 @@ import sys
 from enum import IntEnum
 from pathlib import Path
 
+from traind.daemon import preempt
 from traind.daemon.home import Home
 from traind.daemon.launch import Launch, LauncherStopped, RanksFailed, launch
 from traind.daemon.run import LAUNCHER_HOLDS, JobBusy, Run, holding
@@ -84,6 +85,8 @@ def _launch(home: Home, name: str, folder: Path, spec: JobSpec) -> int:
                        "machine only; run it with traind run on each machine (or set nodes = 1)")
     with holding(folder, wait=LOCK_WAIT):
         os.environ[LAUNCHER_HOLDS] = str(os.getpid())
+        if preempt.caught() is not None:  # a Slurm job: the cluster's warning stops the ranks as a SIGTERM does
+            preempt.forward_as(signal.SIGTERM)
         try:
             return launch(["worker", str(home.root), name], Launch(ranks.processes))
         except RanksFailed as e:

@@ -79,16 +79,16 @@ def equal(a, b) -> bool:
 ALONE: dict[str, dict[str, torch.Tensor]] = {}
 
 
-def alone(tmp_path: Path, text: str) -> dict[str, torch.Tensor]:
+def alone(tmp_path: Path, text: str, threads: int = 1) -> dict[str, torch.Tensor]:
     """The job run by `traind run` in one go, with the thread count its Slurm job gets
     (once per job file, whatever its name: the name changes nothing of the result)."""
-    key = text.split("\n", 2)[2]
+    key = f"{threads} threads" + text.split("\n", 2)[2]
     if key not in ALONE:
         path = tmp_path / "alone.toml"
         path.write_text(text)
         folder = tmp_path / "alone"
         done = subprocess.run([str(BIN / "traind"), "run", str(path), "--dir", str(folder)], capture_output=True,
-                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, timeout=600)
         assert done.returncode == 0, done.stdout + done.stderr
         ALONE[key] = weights(folder)
     return ALONE[key]
@@ -286,3 +286,66 @@ def test_traind_run_in_a_hand_written_batch_script_is_preempted_requeued_and_end
         assert equal(weights(folder), alone(tmp_path, text))
     finally:
         subprocess.run(["scancel", "--quiet", job_id], timeout=30)
+
+
+def test_a_pause_or_cancel_of_a_job_pending_in_slurms_queue_takes_it_out_of_the_queue(tmp_path, daemons):
+    home = daemons.home
+    cpus = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0]
+    holder = subprocess.run(["sbatch", "--parsable", "--partition=high", f"--cpus-per-task={cpus}",
+                             "--job-name=preemptor", "--output=/dev/null", "--wrap", "sleep 300"], capture_output=True,
+                            text=True, check=True, timeout=30).stdout.strip()
+    try:
+        daemons.start("--executor", "slurm")
+        submit(home, tmp_path, "c", job_text("c", **MID))
+        wait_for(lambda: slurm_record(home, "c"), "its submission")
+        job_id = slurm_record(home, "c")["job_id"]
+        wait_for(lambda: json.loads(traind(home, "status", "c", "--json").output)["slurm"]["state"] == "PENDING",
+                 "it to wait behind the node's holder")
+        assert traind(home, "pause", "c").exit_code == 0
+        wait_for(lambda: state(home, "c") == "paused", "the pause of a pending job", timeout=30)
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+        assert "JobState=CANCELLED" in shown and not list((home / "jobs" / "c" / "requests").glob("*"))
+        assert traind(home, "resume", "c").exit_code == 0
+        wait_for(lambda: slurm_record(home, "c").get("job_id") not in (None, job_id), "a new submission")
+        assert traind(home, "cancel", "c").exit_code == 0
+        wait_for(lambda: state(home, "c") == "cancelled", "the cancel of a pending job", timeout=30)
+        assert list_saves(home / "jobs" / "c" / "saves")[0] == []  # it never ran
+    finally:
+        subprocess.run(["scancel", holder], timeout=30)
+
+
+def test_a_two_process_job_preempted_on_slurm_stops_both_ranks_at_a_save_and_ends_bitwise_equal(tmp_path, daemons):
+    """The warning reaches the worker, which launched the ranks: it stops them as a SIGTERM
+    does (each saves at the same step), then requeues the Slurm job."""
+    home = daemons.home
+    text = job_text("a", **MID).replace("[checkpoint]", "[distributed]\nprocesses = 2\n[checkpoint]")
+    daemons.start("--executor", "slurm")
+    submit(home, tmp_path, "a", text)
+    wait_for(lambda: step_of(home, "a") >= 100, "the job to train a while", timeout=180)
+    preempt()
+    ending = home / "jobs" / "a" / "ending.json"
+    wait_for(lambda: ending.exists() and json.loads(ending.read_text())["code"] == 80, "the ranks to save, requeued")
+    wait_for(lambda: state(home, "a") == "done", "the job to finish", timeout=400)
+    assert json.loads(ending.read_text())["restart"] == 1
+    log = (home / "jobs" / "a" / "log").read_text()
+    assert "x 2 processes (gloo)" in log and "resumed from save" in log
+    assert equal(weights(home / "jobs" / "a"), alone(tmp_path, text, threads=2))
+
+
+def test_the_homes_config_gives_the_slurm_options_that_flags_do_not_and_a_wrong_key_is_named(tmp_path):
+    from traind.daemon.slurm import SlurmConfig, SlurmError, read_config
+
+    assert read_config(tmp_path, {}) == SlurmConfig()  # no config.toml: the defaults
+    (tmp_path / "config.toml").write_text('[slurm]\npartition = "gpu"\ngrace = 300\noptions = ["--time=1:00:00"]\n'
+                                          'warn_signal = "sigusr2"\n')
+    config = read_config(tmp_path, {"grace": 60})
+    assert (config.partition, config.grace, config.options, config.warn_signal) == ("gpu", 60, ["--time=1:00:00"],
+                                                                                     "USR2")
+    for text, said in (("partiton = 'gpu'", "unknown key 'partiton' in [slurm]; did you mean 'partition'?"),
+                       ("grace = '300'", "[slurm] grace = '300': it must be a positive whole number"),
+                       ("options = '--qos=x'", "[slurm] options = '--qos=x': it must be a list of strings"),
+                       ("max_jobs = 0", "it must be a positive whole number")):
+        (tmp_path / "config.toml").write_text(f"[slurm]\n{text}\n")
+        with pytest.raises(SlurmError) as e:
+            read_config(tmp_path, {})
+        assert str(tmp_path / "config.toml") in str(e.value) and said in str(e.value)
