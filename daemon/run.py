@@ -23,7 +23,7 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from traind.daemon import preempt, threads
+from traind.daemon import preempt, requests, threads
 from traind.daemon.liveness import die_with_parent, holder, stamp
 from traind.daemon.requests import Request, JobRequests
 from traind.jobs.build import build_job
@@ -154,6 +154,10 @@ class Run:
             with stop_on_signals() as stop:
                 checkpoints = Checkpointer(trainer, folder, recorder, stop, protect=lambda: loadgame.protected(folder))
                 requested = loadgame.take(folder, checkpoints.store) if main else None
+                if requested is not None:  # the reloads that asked for it (or an older load) are answered by this start
+                    for request in requests.pending(folder):
+                        if request.kind == "reload":
+                            requests.done(request)
                 if checkpoints.resume(requested) is None:
                     recorder.keep_until(0, 0)  # a fresh start: no records yet
                     seed_rank(self.spec.seed, self.world.rank)

@@ -108,6 +108,28 @@ def test_load_then_run_continues_from_that_save(folder, tmp_path):
     assert all((final_a[k] == final_b[k]).all() for k in final_a)
 
 
+def test_a_reload_request_that_a_start_answers_by_taking_its_load_does_not_stop_that_run(folder, tmp_path):
+    """A load game sent while the job was between runs (a daemon's worker starting, a Slurm
+    job pending): the next run takes the load at its start, and the reload request that
+    came with it must not stop that run again (a needless restart)."""
+    import shutil
+
+    from traind.daemon import requests
+    from traind.jobs.loadgame import request_load
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    chosen = list_saves(copy / "saves")[0][3]
+    request_load(copy, chosen.id)
+    requests.send(copy, "reload")
+    path = tmp_path / "small.toml"
+    path.write_text(JOB)
+    rerun = invoke("run", path, "--dir", copy)
+    assert rerun.exit_code == 0 and f"resumed from save {chosen.id}" in rerun.output
+    assert "done: step" in rerun.output and "for a load request" not in rerun.output
+    assert requests.pending(copy) == []
+
+
 def test_plot_writes_a_png_of_the_curves(folder, tmp_path):
     out = tmp_path / "curves.png"
     result = invoke("plot", "--dir", folder, "-o", out)
