@@ -90,8 +90,9 @@ class Executor(Protocol):
     def need(self, spec: dict) -> Need:
         """What a job (its spec.json) takes of the slots."""
 
-    def unfit(self, need: Need) -> str | None:
-        """Why no placement here can ever give NEED (the job is refused), or None."""
+    def unfit(self, spec: dict) -> str | None:
+        """Why this executor can never run the job of SPEC (a JobSpec's dump): the job is
+        refused when it is taken in, with these words; or None."""
 
     def start(self, home_root: Path, name: str, folder: Path, slots: list[str]) -> Handle:
         """Start the worker of job NAME (its folder FOLDER) on SLOTS."""
@@ -149,8 +150,8 @@ class LocalExecutor:
     def need(self, spec: dict) -> Need:
         return Need.of(spec)
 
-    def unfit(self, need: Need) -> str | None:
-        return need.unfit(self.slots, self.found_gpus) if self.slots else None
+    def unfit(self, spec: dict) -> str | None:
+        return self.need(spec).unfit(self.slots, self.found_gpus) if self.slots else None
 
     def start(self, home_root: Path, name: str, folder: Path, slots: list[str]) -> Handle:
         env = dict(os.environ, CUDA_DEVICE_ORDER="PCI_BUS_ID")

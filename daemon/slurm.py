@@ -262,8 +262,15 @@ class SlurmExecutor:
 
         return Need(1)
 
-    def unfit(self, need: Need) -> str | None:
-        return None  # Slurm says at submission (sbatch's words go to the job's last_error)
+    def unfit(self, spec: dict) -> str | None:
+        """Slurm itself judges the resources at submission (sbatch's words go to the job's
+        last_error); refused here only what this executor cannot run yet."""
+        nodes = int(spec.get("distributed", {}).get("nodes", 1))
+        if nodes > 1:
+            return (f"distributed.nodes = {nodes}: the Slurm executor runs a job on one node for now (its ranks "
+                    "across nodes, srun torchrun, are not written yet); set nodes = 1, or run `traind run` on each "
+                    "node with --rdzv-endpoint in a batch script of your own")
+        return None
 
     def describe(self, handle: SlurmJob) -> str:
         return f"Slurm job {handle.job_id}"

@@ -298,7 +298,7 @@ class Daemon:
         return self._needs[name]
 
     def _unfit(self, spec: JobSpec) -> str | None:
-        return self.executor.unfit(self.executor.need(spec.model_dump()))
+        return self.executor.unfit(spec.model_dump())
 
     def _launch(self, name: str, slots: list[str], now: float) -> None:
         folder = self.home.job_dir(name)
