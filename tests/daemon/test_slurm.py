@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,10 @@ def cluster():
                     "and export the SLURM_CONF it prints")
     yield
     subprocess.run(["scancel", "--quiet", "--name=preemptor"], timeout=30)
+    for proc in RUNNING_ALONE:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 MID = {"samples": 8000, "epochs": 40}  # about 10 s of training here
@@ -77,21 +82,30 @@ def equal(a, b) -> bool:
 
 
 ALONE: dict[str, dict[str, torch.Tensor]] = {}
+RUNNING_ALONE: list[subprocess.Popen] = []  # killed at the end if a failed test left one
 
 
-def alone(tmp_path: Path, text: str, threads: int = 1) -> dict[str, torch.Tensor]:
+def alone(tmp_path: Path, text: str, threads: int = 1) -> Callable[[], dict[str, torch.Tensor]]:
     """The job run by `traind run` in one go, with the thread count its Slurm job gets
-    (once per job file, whatever its name: the name changes nothing of the result)."""
+    (once per job file, whatever its name: the name changes nothing of the result). It
+    starts now, beside the Slurm job (each takes one of the cores), and the call it
+    returns gives its final weights."""
     key = f"{threads} threads" + text.split("\n", 2)[2]
-    if key not in ALONE:
-        path = tmp_path / "alone.toml"
-        path.write_text(text)
-        folder = tmp_path / "alone"
-        done = subprocess.run([str(BIN / "traind"), "run", str(path), "--dir", str(folder)], capture_output=True,
-                              text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, timeout=600)
-        assert done.returncode == 0, done.stdout + done.stderr
+    if key in ALONE:
+        return lambda: ALONE[key]
+    path, folder = tmp_path / "alone.toml", tmp_path / "alone"
+    path.write_text(text)
+    proc = subprocess.Popen([str(BIN / "traind"), "run", str(path), "--dir", str(folder)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    RUNNING_ALONE.append(proc)
+
+    def result() -> dict[str, torch.Tensor]:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
         ALONE[key] = weights(folder)
-    return ALONE[key]
+        return ALONE[key]
+
+    return result
 
 
 @pytest.fixture
@@ -126,6 +140,7 @@ def state(home: Path, name: str) -> str | None:
 def test_a_job_runs_as_a_slurm_job_to_the_end_and_ends_as_it_would_alone(tmp_path, daemons):
     home = daemons.home
     text = job_text("a", samples=1500, epochs=3)
+    reference = alone(tmp_path, text)
     daemons.start("--executor", "slurm")
     submit(home, tmp_path, "a", text)
     wait_for(lambda: state(home, "a") == "done", "the Slurm job to finish", timeout=180)
@@ -137,7 +152,7 @@ def test_a_job_runs_as_a_slurm_job_to_the_end_and_ends_as_it_would_alone(tmp_pat
     status = json.loads(traind(home, "status", "a", "--json").output)["slurm"]
     assert status["job_id"] == record["job_id"] and status["state"] == "COMPLETED" and status["node"]
     assert f"slurm: job {record['job_id']}, COMPLETED on {status['node']}" in traind(home, "status", "a").output
-    assert equal(weights(home / "jobs" / "a"), alone(tmp_path, text))
+    assert equal(weights(home / "jobs" / "a"), reference())
 
 
 def preempt() -> None:
@@ -153,6 +168,7 @@ def test_preempted_then_warned_of_its_time_limit_it_saves_requeues_resumes_and_e
     time the worker saves and requeues its Slurm job, which resumes from that save."""
     home = daemons.home
     text = job_text("b", **LONG)
+    reference = alone(tmp_path, text)
     daemons.start("--executor", "slurm")
     submit(home, tmp_path, "b", text)
     ending = home / "jobs" / "b" / "ending.json"
@@ -177,11 +193,22 @@ def test_preempted_then_warned_of_its_time_limit_it_saves_requeues_resumes_and_e
     assert (record["code"], record["restart"]) == (0, 2) and slurm_record(home, "b")["job_id"] == job_id
     assert log.read_text().count("resumed from save") == 2
     assert "restart" not in daemons.events()  # Slurm requeued it: the daemon never saw it end
-    assert equal(weights(home / "jobs" / "b"), alone(tmp_path, text))
+    assert equal(weights(home / "jobs" / "b"), reference())
+
+
+def started(tmp_path: Path, daemons: Daemons, name: str, size: dict) -> tuple[Path, Callable]:
+    """A daemon on the Slurm executor, and the job NAME of SIZE submitted to it and
+    trained a while; the home, and the job's weights run alone (see `alone`)."""
+    text = job_text(name, **size)
+    reference = alone(tmp_path, text)
+    daemons.start("--executor", "slurm")
+    submit(daemons.home, tmp_path, name, text)
+    wait_for(lambda: step_of(daemons.home, name) >= 100, "the job to train a while", timeout=180)
+    return daemons.home, reference
 
 
 def test_the_daemon_killed_while_its_slurm_job_runs_finds_it_again_and_submits_nothing_twice(tmp_path, daemons):
-    home, text = started(tmp_path, daemons, "c", MID)
+    home, reference = started(tmp_path, daemons, "c", MID)
     first = daemons.procs[-1]
     job_id = slurm_record(home, "c")["job_id"]
     first.kill()
@@ -192,7 +219,7 @@ def test_the_daemon_killed_while_its_slurm_job_runs_finds_it_again_and_submits_n
     assert slurm_record(home, "c")["job_id"] == job_id
     events = daemons.events()
     assert events.count("c: started on") == 1 and f"c: found running again (Slurm job {job_id})" in events
-    assert equal(weights(home / "jobs" / "c"), alone(tmp_path, text))
+    assert equal(weights(home / "jobs" / "c"), reference())
 
 
 def worker_pid(home: Path, name: str) -> int | None:
@@ -202,18 +229,8 @@ def worker_pid(home: Path, name: str) -> int | None:
     return int(pids[0]) if pids else None
 
 
-def started(tmp_path: Path, daemons: Daemons, name: str, size: dict) -> tuple[Path, str]:
-    """A daemon on the Slurm executor, and the job NAME of SIZE submitted to it and
-    trained a while; the home and the job file's text."""
-    text = job_text(name, **size)
-    daemons.start("--executor", "slurm")
-    submit(daemons.home, tmp_path, name, text)
-    wait_for(lambda: step_of(daemons.home, name) >= 100, "the job to train a while", timeout=180)
-    return daemons.home, text
-
-
 def test_a_scancel_from_outside_and_a_worker_killed_on_its_node_are_told_and_retried(tmp_path, daemons):
-    home, text = started(tmp_path, daemons, "d", MID)
+    home, reference = started(tmp_path, daemons, "d", MID)
     first = slurm_record(home, "d")["job_id"]
     subprocess.run(["scancel", first], check=True, timeout=30)
     wait_for(lambda: "cancelled outside traind (scancel)" in daemons.events(), "the scancel to be told")
@@ -224,11 +241,11 @@ def test_a_scancel_from_outside_and_a_worker_killed_on_its_node_are_told_and_ret
     wait_for(lambda: "the worker was killed by SIGKILL" in daemons.events(), "the crash to be told")
     wait_for(lambda: state(home, "d") == "done", "the job to finish after its retries", timeout=400)
     assert rows(home)["d"]["restarts"] == 2
-    assert equal(weights(home / "jobs" / "d"), alone(tmp_path, text))
+    assert equal(weights(home / "jobs" / "d"), reference())
 
 
 def test_pause_resume_save_load_and_cancel_work_on_a_slurm_job_through_the_cli(tmp_path, daemons):
-    home, text = started(tmp_path, daemons, "a", MID)
+    home, reference = started(tmp_path, daemons, "a", MID)
     assert traind(home, "save", "a", "--note", "on slurm").exit_code == 0
     manual = wait_for(lambda: [s for s in json.loads(traind(home, "saves", "a", "--json").output)
                                if "manual" in s["kinds"]], "the quicksave")[0]
@@ -250,7 +267,7 @@ def test_pause_resume_save_load_and_cancel_work_on_a_slurm_job_through_the_cli(t
     assert traind(home, "resume", "a").exit_code == 0
     wait_for(lambda: state(home, "a") == "done", "the job to finish", timeout=400)
     assert any(s["id"] == manual["id"] for s in json.loads(traind(home, "saves", "a", "--json").output))
-    assert equal(weights(home / "jobs" / "a"), alone(tmp_path, text))
+    assert equal(weights(home / "jobs" / "a"), reference())
 
 
 SBATCH = """#!/bin/sh
@@ -265,6 +282,7 @@ exec {traind} run {job} --dir {folder}
 def test_traind_run_in_a_hand_written_batch_script_is_preempted_requeued_and_ends_bitwise_equal(tmp_path, cluster):
     """The README's batch script, no daemon: the warning saves, the job requeues itself."""
     text = job_text("b", **MID)
+    reference = alone(tmp_path, text)
     job, folder = tmp_path / "b.toml", tmp_path / "b"
     job.write_text(text)
     script = tmp_path / "b.sh"
@@ -283,7 +301,7 @@ def test_traind_run_in_a_hand_written_batch_script_is_preempted_requeued_and_end
         assert "Restarts=1" in shown() or "Restarts=2" in shown()
         said = out.read_text()
         assert "saved at step" in said and f"Slurm job {job_id} requeued" in said and "done: step" in said
-        assert equal(weights(folder), alone(tmp_path, text))
+        assert equal(weights(folder), reference())
     finally:
         subprocess.run(["scancel", "--quiet", job_id], timeout=30)
 
@@ -319,6 +337,7 @@ def test_a_two_process_job_preempted_on_slurm_stops_both_ranks_at_a_save_and_end
     does (each saves at the same step), then requeues the Slurm job."""
     home = daemons.home
     text = job_text("a", **MID).replace("[checkpoint]", "[distributed]\nprocesses = 2\n[checkpoint]")
+    reference = alone(tmp_path, text, threads=2)
     daemons.start("--executor", "slurm")
     submit(home, tmp_path, "a", text)
     wait_for(lambda: step_of(home, "a") >= 100, "the job to train a while", timeout=180)
@@ -329,7 +348,7 @@ def test_a_two_process_job_preempted_on_slurm_stops_both_ranks_at_a_save_and_end
     assert json.loads(ending.read_text())["restart"] == 1
     log = (home / "jobs" / "a" / "log").read_text()
     assert "x 2 processes (gloo)" in log and "resumed from save" in log
-    assert equal(weights(home / "jobs" / "a"), alone(tmp_path, text, threads=2))
+    assert equal(weights(home / "jobs" / "a"), reference())
 
 
 def test_the_homes_config_gives_the_slurm_options_that_flags_do_not_and_a_wrong_key_is_named(tmp_path):
@@ -349,3 +368,12 @@ def test_the_homes_config_gives_the_slurm_options_that_flags_do_not_and_a_wrong_
         with pytest.raises(SlurmError) as e:
             read_config(tmp_path, {})
         assert str(tmp_path / "config.toml") in str(e.value) and said in str(e.value)
+
+
+def test_a_job_of_several_nodes_is_refused_by_the_slurm_executor_with_what_to_do():
+    from traind.daemon.slurm import SlurmExecutor
+
+    executor = SlurmExecutor()
+    assert executor.unfit({"distributed": {"processes": 4, "nodes": 1}}) is None
+    why = executor.unfit({"distributed": {"processes": 4, "nodes": 2}})
+    assert "distributed.nodes = 2" in why and "set nodes = 1" in why and "--rdzv-endpoint" in why
