@@ -49,12 +49,11 @@ def catch() -> None:
 
 def forward_as(sig: int) -> None:
     """Take the warning as SIG from now on (a launcher of ranks: SIGTERM, which torch's
-    agent passes on to them, and on which each saves and stops); a warning that came
-    before is passed on at once."""
+    agent passes on to them, and on which each saves and stops). A warning that came
+    before is the caller's to act on (`warned`): sent now, SIG could meet its default
+    action before the agent's handler is in place."""
     global _forward
     _forward = sig
-    if warned.is_set():
-        os.kill(os.getpid(), sig)
 
 
 def caught() -> int | None:

@@ -53,7 +53,6 @@ ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEU
           "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
 """Slurm job states of a job still under way (pending again after a requeue, too)."""
 LOCAL_FILESYSTEMS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "f2fs", "vfat", "ramfs"}
-REQUEUED = 80  # daemon/slurm_job.py's code (not imported: that module catches a signal on import)
 
 
 class SlurmError(TraindError):
@@ -175,7 +174,7 @@ class SlurmJob:
         except (OSError, ValueError):
             record = None
         code = None if record is None else int(record["code"])
-        if code == REQUEUED:  # it asked to be requeued, and yet the Slurm job is over (cancelled since): stopped
+        if code == Exit.REQUEUED:  # it asked to be requeued, and yet the Slurm job is over (cancelled since): stopped
             code = Exit.STOPPED
         if state == "CANCELLED" and code not in (Exit.DONE, Exit.PAUSED, Exit.CANCELLED, Exit.BAD_JOB, Exit.FAILED):
             return self._died(signal.SIGTERM, f"its Slurm job {self.job_id} was cancelled outside traind (scancel)")

@@ -20,10 +20,6 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-REQUEUED = 80
-"""ending.json's code for a run that was warned, saved, and put its Slurm job back in the queue."""
-
-
 def ending(folder: Path, code: int) -> None:
     """Record how this worker ended, durably (the daemon may read it hours later)."""
     from traind.jobs.folder import ENDING_FILE
@@ -49,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = home.job_dir(args.name)
     code = int(run(home, args.name))
     if code == Exit.STOPPED and preempt.warned.is_set():
-        ending(folder, REQUEUED)  # first: the requeue ends this process soon after
+        ending(folder, Exit.REQUEUED)  # first: the requeue ends this process soon after
         why = preempt.requeue_self()
         if why is None:
             return 0

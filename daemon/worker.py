@@ -47,6 +47,9 @@ class Exit(IntEnum):
     """An allocation failed (host or device); tried again, as memory may free up."""
     DISK_FULL = 79
     """A save did not fit; queued again once the disk has room."""
+    REQUEUED = 80
+    """A Slurm job's worker, warned (preemption, time limit), saved and requeued its Slurm
+    job; written to ending.json only (daemon/slurm_job.py), as Slurm starts it again."""
 
 
 ENDINGS = {"paused": Exit.PAUSED, "cancelled": Exit.CANCELLED, "stopped": Exit.STOPPED}  # a request ended the run
@@ -86,6 +89,8 @@ def _launch(home: Home, name: str, folder: Path, spec: JobSpec) -> int:
     with holding(folder, wait=LOCK_WAIT):
         os.environ[LAUNCHER_HOLDS] = str(os.getpid())
         if preempt.caught() is not None:  # a Slurm job: the cluster's warning stops the ranks as a SIGTERM does
+            if preempt.warned.is_set():
+                return Exit.STOPPED  # warned before any rank started: nothing new to save, requeue now
             preempt.forward_as(signal.SIGTERM)
         try:
             return launch(["worker", str(home.root), name], Launch(ranks.processes))

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from tests.daemon.live import Daemons, rows, traind, wait_for
+from traind.daemon.worker import Exit
 from traind.store.saves import list_saves, load_tensors
 
 BIN = Path(sys.executable).parent
@@ -155,10 +156,13 @@ def test_a_job_runs_as_a_slurm_job_to_the_end_and_ends_as_it_would_alone(tmp_pat
     assert equal(weights(home / "jobs" / "a"), reference())
 
 
+def node_cpus() -> str:
+    return subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0]
+
+
 def preempt() -> None:
     """Submit a job to the high partition that needs every CPU of the node."""
-    cpus = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0]
-    subprocess.run(["sbatch", "--quiet", "--partition=high", f"--cpus-per-task={cpus}", "--job-name=preemptor",
+    subprocess.run(["sbatch", "--quiet", "--partition=high", f"--cpus-per-task={node_cpus()}", "--job-name=preemptor",
                     "--output=/dev/null", "--wrap", "sleep 2"], check=True, timeout=30)
 
 
@@ -175,7 +179,7 @@ def test_preempted_then_warned_of_its_time_limit_it_saves_requeues_resumes_and_e
 
     def requeued(times: int) -> bool:
         record = json.loads(ending.read_text()) if ending.exists() else {}
-        return record.get("code") == 80 and record.get("restart") == times - 1
+        return record.get("code") == Exit.REQUEUED and record.get("restart") == times - 1
 
     wait_for(lambda: step_of(home, "b") >= 200, "the job to train a while", timeout=180)
     job_id = slurm_record(home, "b")["job_id"]
@@ -308,8 +312,7 @@ def test_traind_run_in_a_hand_written_batch_script_is_preempted_requeued_and_end
 
 def test_a_pause_or_cancel_of_a_job_pending_in_slurms_queue_takes_it_out_of_the_queue(tmp_path, daemons):
     home = daemons.home
-    cpus = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0]
-    holder = subprocess.run(["sbatch", "--parsable", "--partition=high", f"--cpus-per-task={cpus}",
+    holder = subprocess.run(["sbatch", "--parsable", "--partition=high", f"--cpus-per-task={node_cpus()}",
                              "--job-name=preemptor", "--output=/dev/null", "--wrap", "sleep 300"], capture_output=True,
                             text=True, check=True, timeout=30).stdout.strip()
     try:
@@ -343,7 +346,8 @@ def test_a_two_process_job_preempted_on_slurm_stops_both_ranks_at_a_save_and_end
     wait_for(lambda: step_of(home, "a") >= 100, "the job to train a while", timeout=180)
     preempt()
     ending = home / "jobs" / "a" / "ending.json"
-    wait_for(lambda: ending.exists() and json.loads(ending.read_text())["code"] == 80, "the ranks to save, requeued")
+    wait_for(lambda: ending.exists() and json.loads(ending.read_text())["code"] == Exit.REQUEUED,
+             "the ranks to save, requeued")
     wait_for(lambda: state(home, "a") == "done", "the job to finish", timeout=400)
     assert json.loads(ending.read_text())["restart"] == 1
     log = (home / "jobs" / "a" / "log").read_text()
