@@ -207,18 +207,20 @@ def load(home: Home, args: tuple[str, ...], folder: Path | None) -> None:
               help="Slurm: GPUs for each training process of a job.")
 @click.option("--max-jobs", default=64, show_default=True, type=click.IntRange(min=1),
               help="Slurm: this daemon's jobs in the queue or running at once.")
+@click.option("--shared-home", is_flag=True,
+              help="Slurm: the home is on storage every node sees, though its file system looks local (a bind mount).")
 @home_option
 @pass_home
 def daemon(home: Home, workers: int, threads: int | None, executor: str, partition: str | None,
            account: str | None, sbatch_options: tuple[str, ...], grace: int, warn_signal: str,
-           cpus_per_process: int, gpus_per_process: int, max_jobs: int) -> None:
+           cpus_per_process: int, gpus_per_process: int, max_jobs: int, shared_home: bool) -> None:
     """Run the service in the foreground. The first SIGTERM or SIGINT: every running job
     saves at its next step boundary and stops (queued, to resume at the next start), then
     exit 0; a second one: stop at once. With --executor slurm, each job is a Slurm job,
     which goes on when the daemon stops; the next daemon finds it again. The Slurm options
     not given as flags come from the [slurm] table of HOME/config.toml (the same names,
     with underscores: partition, account, options, grace, warn_signal, cpus_per_process,
-    gpus_per_process, max_jobs), else their defaults."""
+    gpus_per_process, max_jobs, shared_home), else their defaults."""
     from traind.daemon.supervisor import Daemon
 
     runner = None
@@ -231,7 +233,7 @@ def daemon(home: Home, workers: int, threads: int | None, executor: str, partiti
         given = {field: value for field, value in (
             ("partition", partition), ("account", account), ("options", list(sbatch_options)), ("grace", grace),
             ("warn_signal", warn_signal.upper().removeprefix("SIG")), ("cpus_per_process", cpus_per_process),
-            ("gpus_per_process", gpus_per_process), ("max_jobs", max_jobs))
+            ("gpus_per_process", gpus_per_process), ("max_jobs", max_jobs), ("shared_home", shared_home))
             if ctx.get_parameter_source("sbatch_options" if field == "options" else field) == ParameterSource.COMMANDLINE}
         config = read_config(home.root, given)
         if not hasattr(signal, f"SIG{config.warn_signal.upper().removeprefix('SIG')}"):

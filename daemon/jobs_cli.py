@@ -16,7 +16,7 @@ from traind.daemon.home import KEPT, REMOVING, Home, NoSuchJob, finish_removal, 
 from traind.daemon.index import Index, row
 from traind.daemon.jobstate import JobState, read_state, transition
 from traind.daemon.liveness import serving, trained
-from traind.jobs.folder import JOB_FILE, LOG_FILE, SAVES, STATE_FILE
+from traind.jobs.folder import JOB_FILE, LOG_FILE, SAVES, SLURM_RECORD, STATE_FILE
 from traind.jobs.loadgame import request_load
 from traind.store.errors import TraindError
 from traind.store.fs import FileSystem
@@ -78,11 +78,17 @@ def _run_folder(folder: Path) -> bool:
 
 
 def show_ls(home: Home, as_json: bool, states: tuple[str, ...] = ()) -> None:
-    if as_json and not states:  # one row per line: cached rows are printed as stored, in queue order
+    slurm = any(home.jobs.glob(f"*/{SLURM_RECORD}")) if home.jobs.is_dir() else False
+    if as_json and not states and not slurm:  # one row per line: cached rows are printed as stored, in queue order
         texts = Index(home).rows_json(queue=True)
         click.echo("[\n" + ",\n".join(f"  {t}" for t in texts) + "\n]" if texts else "[]")
         return
     rows = [r for r in Index(home).rows(queue=True) if not states or r["state"] in states]
+    if slurm:  # jobs of the Slurm executor: their Slurm job beside traind's row
+        from traind.daemon.slurm import slurm_states
+
+        for name, found in slurm_states({r["name"]: home.job_dir(r["name"]) for r in rows}).items():
+            next(r for r in rows if r["name"] == name)["slurm"] = found
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -116,6 +122,10 @@ def table(rows: list[dict]) -> str:
               _num(r.get("steps_per_s")) if r["state"] == "running" else "-", duration(r.get("elapsed")),
               r["device"] or "-", str(r["restarts"]))
              for r in rows]
+    if any("slurm" in r for r in rows):  # the Slurm executor's jobs: id, Slurm state, node(s)
+        head += ("slurm",)
+        cells = [(*c, " ".join(x for x in (r["slurm"]["job_id"], r["slurm"]["state"], r["slurm"]["node"]) if x)
+                  if "slurm" in r else "-") for c, r in zip(cells, rows)]
     widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(head)]
     right = {2, 3, 4, 6, 7, 9}  # numbers line up on the right
     line = lambda cs: "  ".join(c.rjust(w) if i in right else c.ljust(w)  # noqa: E731

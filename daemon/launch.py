@@ -54,6 +54,9 @@ class Launch:
     """HOST:PORT of the rendezvous for several nodes; one node alone takes a free loopback port."""
     run_id: str = ""
     """The rendezvous's name: the same on every machine of the job (one machine: a fresh one)."""
+    outcome: Path | None = None
+    """The file the main rank writes its ending into: one every machine sees, for a launch
+    on several that waits for it (a Slurm job's); by default one of this launch's own."""
 
 
 def launch(argv: list[str], how: Launch) -> int:
@@ -66,7 +69,7 @@ def launch(argv: list[str], how: Launch) -> int:
 
     os.environ[threads.ENV] = str(threads.per_rank(how.processes))  # this launcher's cores, shared by its ranks
     with tempfile.TemporaryDirectory(prefix="traind-ranks-") as scratch:  # the agent's files and the ending
-        outcome = Path(scratch) / "outcome"
+        outcome = how.outcome or Path(scratch) / "outcome"
         os.environ[OUTCOME] = str(outcome)
         config = LaunchConfig(min_nodes=how.nodes, max_nodes=how.nodes, nproc_per_node=how.processes,
                               run_id=how.run_id or uuid.uuid4().hex, rdzv_backend="c10d",

@@ -30,19 +30,19 @@ def warning_signal() -> int:
     return int(getattr(signal, name if name.startswith("SIG") else f"SIG{name}"))
 
 
-_forward: int | None = None
+_forward: tuple[int, int] | None = None
+_forwarded = False
 
 
 def catch() -> None:
     """From now on the warning signal sets `warned` rather than ending the process (and,
-    where `forward_as` asked, sends this process that signal too)."""
+    where `forward_as` or `forward_to` asked, passes it on, once)."""
     global _caught
     _caught = warning_signal()
 
     def on_warning(signum, frame):
         warned.set()
-        if _forward is not None:
-            os.kill(os.getpid(), _forward)
+        pass_on()
 
     signal.signal(_caught, on_warning)
 
@@ -52,8 +52,21 @@ def forward_as(sig: int) -> None:
     agent passes on to them, and on which each saves and stops). A warning that came
     before is the caller's to act on (`warned`): sent now, SIG could meet its default
     action before the agent's handler is in place."""
+    forward_to(os.getpid(), sig)
+
+
+def forward_to(pid: int, sig: int) -> None:
+    """Pass the warning on to process PID as SIG from now on (once, however many come)."""
     global _forward
-    _forward = sig
+    _forward = (pid, sig)
+
+
+def pass_on() -> None:
+    """Send the signal that forward_to asked for, unless it was sent already."""
+    global _forwarded
+    if _forward is not None and not _forwarded:
+        _forwarded = True
+        os.kill(*_forward)
 
 
 def caught() -> int | None:

@@ -8,7 +8,9 @@ Submission: the batch script (`slurm.sh` in the job folder) `exec`s the job's wo
 `--signal=B:USR2@GRACE`: the warning before preemption or the time limit, on which the
 worker saves at its next step boundary and requeues its Slurm job itself (one that ends
 by itself would not be requeued: measured), and the requeued job resumes from that save.
-The job's output goes to its `worker.out`, whatever node it ran on.
+The job's output goes to its `worker.out`, whatever node it ran on. A job of several
+nodes is one Slurm job of that many, its worker on the first running srun, which starts
+torch's elastic agent on each node (daemon/slurm_nodes.py).
 
 State: read from `squeue` (every POLL seconds, one call for every job this daemon
 watches) and, once a job has left it, `scontrol show job`; not `sacct` (many small
@@ -96,6 +98,9 @@ class SlurmConfig:
     gpus_per_process: int = 0
     max_jobs: int = 64
     """Slurm jobs this daemon has in the queue or running at once."""
+    shared_home: bool = False
+    """The home is on storage every node sees, although its file system looks like this
+    machine's own (a bind mount of shared storage; nodes that run on this machine)."""
 
 
 CONFIG_FILE = "config.toml"
@@ -134,7 +139,8 @@ def read_config(home_root: Path, flags: dict) -> SlurmConfig:
         else:
             ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
         if not ok or (want is int and value < (0 if key == "gpus_per_process" else 1)):
-            kind = "a list of strings" if want is list else {int: "a positive whole number", str: "a string"}[want]
+            kind = "a list of strings" if want is list else {int: "a positive whole number", str: "a string",
+                                                                bool: "true or false"}[want]
             raise SlurmError(f"{path}: [slurm] {key} = {value!r}: it must be {kind}")
     config = SlurmConfig(**{**table, **flags})
     config.warn_signal = config.warn_signal.upper().removeprefix("SIG")
@@ -246,15 +252,29 @@ class SlurmExecutor:
         self.home_root: Path | None = None
 
     def prepare(self, home_root: Path) -> None:
-        """Refuse a home that the cluster's other nodes cannot see, where that can be told:
-        a cluster of several nodes, and the home on a file system local to this machine."""
+        """Refuse a home that the other nodes of the partition cannot see, where that can be
+        told: a partition of several nodes, and the home on a file system that looks local
+        to this machine (unless config.shared_home says it is shared all the same)."""
         self.home_root = home_root
-        nodes = [n for n in _run(["sinfo", "-h", "-N", "-o", "%N"]).split() if n]
+        nodes = self.nodes()
         fstype = _fstype(home_root)
-        if len(set(nodes)) > 1 and fstype in LOCAL_FILESYSTEMS:
-            raise SlurmError(f"{home_root} is on {fstype}, a file system of this machine only, and the cluster has "
-                             f"{len(set(nodes))} nodes: put the home on storage every node mounts (NFS, Lustre...), "
-                             "as job folders are read and written where each job runs")
+        if len(nodes) > 1 and fstype in LOCAL_FILESYSTEMS and not self.config.shared_home:
+            where = f"partition {self.config.partition}" if self.config.partition else "the default partition"
+            raise SlurmError(f"{home_root} is on {fstype}, a file system of this machine only, and {where} has "
+                             f"{len(nodes)} nodes: put the home on storage every node mounts (NFS, Lustre...), "
+                             "as job folders are read and written where each job runs; if it is shared all the "
+                             "same (a bind mount of shared storage), say so with --shared-home")
+
+    def nodes(self) -> set[str]:
+        """The nodes of the partition jobs go to (the cluster's default one, where none is set)."""
+        if self.config.partition:
+            return {n for n in _run(["sinfo", "-h", "-N", "-p", self.config.partition, "-o", "%N"]).split() if n}
+        found: set[str] = set()
+        for line in _run(["sinfo", "-h", "-N", "-o", "%N %P"]).splitlines():
+            node, _, partition = line.partition(" ")
+            if partition.strip().endswith("*"):
+                found.add(node)
+        return found
 
     def need(self, spec: dict) -> Need:
         from traind.daemon.executor import Need
@@ -262,13 +282,8 @@ class SlurmExecutor:
         return Need(1)
 
     def unfit(self, spec: dict) -> str | None:
-        """Slurm itself judges the resources at submission (sbatch's words go to the job's
-        last_error); refused here only what this executor cannot run yet."""
-        nodes = int(spec.get("distributed", {}).get("nodes", 1))
-        if nodes > 1:
-            return (f"distributed.nodes = {nodes}: the Slurm executor runs a job on one node for now (its ranks "
-                    "across nodes, srun torchrun, are not written yet); set nodes = 1, or run `traind run` on each "
-                    "node with --rdzv-endpoint in a batch script of your own")
+        """Slurm itself judges the resources, at submission (sbatch's words go to the job's
+        last_error): nothing is refused here."""
         return None
 
     def describe(self, handle: SlurmJob) -> str:
@@ -391,6 +406,31 @@ def slurm_status(folder: Path) -> dict | None:
     for line in out.splitlines():
         state, node, reason = (line.split("|") + ["", ""])[:3]
         found.update(state=state, node=node, reason=reason)
+    return found
+
+
+def slurm_states(folders: dict[str, Path]) -> dict[str, dict]:
+    """For `traind ls`: the Slurm job of each job in FOLDERS (name -> folder) that has one,
+    as slurm_status tells it, from one squeue call for them all."""
+    ids: dict[str, str] = {}
+    for name, folder in folders.items():
+        try:
+            ids[name] = str(json.loads((folder / SLURM_RECORD).read_text())["job_id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    if not ids:
+        return {}
+    shown: dict[str, list[str]] = {}
+    try:
+        out = _run(["squeue", "--noheader", "--states=all", f"--jobs={','.join(sorted(set(ids.values())))}",
+                    "--format=%i|%T|%N|%r"], timeout=10)
+        shown = {parts[0]: parts[1:] for parts in (line.split("|") for line in out.splitlines()) if len(parts) == 4}
+    except SlurmError:
+        pass  # Slurm does not answer, or has forgotten every one of them: the ids alone
+    found = {}
+    for name, job_id in ids.items():
+        state, node, reason = shown.get(job_id, ["", "", ""])
+        found[name] = {"job_id": job_id, "state": state, "node": node, "reason": reason}
     return found
 
 

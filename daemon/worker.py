@@ -25,7 +25,7 @@ from traind.daemon.launch import Launch, LauncherStopped, RanksFailed, launch
 from traind.daemon.run import LAUNCHER_HOLDS, JobBusy, Run, holding
 from traind.jobs import world
 from traind.jobs.errors import JobSpecError, OutOfMemory
-from traind.jobs.folder import SPEC_FILE, WORKER_ERROR
+from traind.jobs.folder import RANKS_OUTCOME, SPEC_FILE, WORKER_ERROR
 from traind.jobs.spec import JobSpec
 from traind.store.errors import DiskFull, TraindError
 from traind.store.fs import FileSystem, write_durably
@@ -84,10 +84,16 @@ def _launch(home: Home, name: str, folder: Path, spec: JobSpec) -> int:
     """Hold the job's folder and train it in its ranks, which the worker launches."""
     ranks = spec.distributed
     if ranks.nodes > 1:
-        return _failed(folder, Exit.BAD_JOB, f"distributed.nodes = {ranks.nodes}: the daemon trains a job on this "
-                       "machine only; run it with traind run on each machine (or set nodes = 1)")
+        from traind.daemon import slurm_nodes
+
+        why = slurm_nodes.in_allocation(ranks.nodes)
+        if why is not None:
+            return _failed(folder, Exit.BAD_JOB, why)
     with holding(folder, wait=LOCK_WAIT):
         os.environ[LAUNCHER_HOLDS] = str(os.getpid())
+        if ranks.nodes > 1:  # a Slurm job of that many nodes: srun starts a launcher on each
+            return slurm_nodes.across(home.root, name, folder, ranks.processes, ranks.nodes, folder / RANKS_OUTCOME,
+                                      lambda code, why: _failed(folder, code, why))
         if preempt.caught() is not None:  # a Slurm job: the cluster's warning stops the ranks as a SIGTERM does
             if preempt.warned.is_set():
                 return Exit.STOPPED  # warned before any rank started: nothing new to save, requeue now

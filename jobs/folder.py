@@ -46,6 +46,7 @@ WORKER_ERROR = "worker.error"
 SLURM_RECORD = "slurm.json"
 SLURM_SCRIPT = "slurm.sh"
 ENDING_FILE = "ending.json"
+RANKS_OUTCOME = "ranks.outcome"  # a job of several nodes: the main rank's ending, for the worker (daemon/slurm_nodes.py)
 
 
 
