@@ -92,6 +92,10 @@ def run(file: Path, folder: Path | None, endpoint: str | None) -> None:
     from traind.jobs.jobfile import load_job
 
     job_file = load_job(file)
+    if job_file.spec.sweep is not None:
+        raise click.UsageError(f"{file} is a sweep ([sweep]): its trials are jobs the daemon makes; submit it with "
+                               f"`traind submit {file}`, or run one trial's job file (`traind sweep NAME --trial N "
+                               "--spec`)")
     folder = folder or Path(job_file.name)
     ranks = job_file.spec.distributed
     if ranks.world_size > 1 and world.ranks_in_environment() == 1:  # not under torchrun: launch the ranks here
@@ -163,9 +167,21 @@ def verify(home: Home, name: str | None, folder: Path | None, quiet: bool, as_js
 @pass_home
 def export(home: Home, name: str | None, folder: Path | None, save_id: str | None, best: bool, last: bool,
            ema: bool, out: Path) -> None:
-    """Write a save's model state_dict (or its EMA) as one safetensors file (job, step, metrics in its metadata)."""
+    """Write a save's model state_dict (or its EMA) as one safetensors file (job, step, metrics
+    in its metadata). For a sweep, --best is its best trial's best save."""
     if sum(map(bool, (save_id, best, last))) > 1:
         raise click.UsageError("give at most one of --save, --best and --last")
+    if name and folder is None and not home.job_dir(name).exists():
+        from traind.daemon.sweeps import sweep_dir
+
+        if sweep_dir(home, name).is_dir():
+            if not best:
+                raise click.UsageError(f"'{name}' is a sweep: give --best (its best trial's best save), or name a "
+                                       f"trial's job (`traind sweep {name}` lists them)")
+            from traind.daemon.sweep_cli import best_job
+
+            name = best_job(home, name)
+            click.echo(f"the best trial of the sweep is {name}")
     save = saves_cli.export(home, name, folder, save_id, best, out, ema=ema)
     click.echo(f"exported {'the EMA of ' if ema else ''}save {save.id} (step {save.step}) to {out}")
 
@@ -392,6 +408,29 @@ def systemd_unit(ctx: click.Context, user: bool, sub_home: Path | None) -> None:
     exe = str(script) if script.exists() else f"{sys.executable} -m traind.daemon.cli"
     home = sub_home or ctx.parent.params.get("home") or os.environ.get("TRAIND_HOME") or None
     click.echo(units.unit(user=user, exe=exe, home=str(Path(home).resolve()) if home else None), nl=False)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Machine output: {name, objective, direction, trials, best}.")
+@click.option("--trial", "number", type=click.IntRange(min=0), help="One trial, by its number (with --spec).")
+@click.option("--spec", "show_spec", is_flag=True, help="With --trial: that trial's full job file.")
+@home_option
+@pass_home
+def sweep(home: Home, name: str, as_json: bool, number: int | None, show_spec: bool) -> None:
+    """A sweep's trials: number, job, state, objective, epochs, values; the best marked *.
+
+    \b
+    Example:  traind sweep lr-search
+              traind sweep lr-search --trial 3 --spec"""
+    from traind.daemon import sweep_cli
+
+    if show_spec != (number is not None):
+        raise click.UsageError("give --trial N and --spec together")
+    if show_spec:
+        click.echo(sweep_cli.trial_spec_text(home, name, number), nl=False)
+        return
+    sweep_cli.show(home, name, as_json)
 
 
 @cli.command()

@@ -33,6 +33,7 @@ from traind.jobs.build import build_job
 from traind.jobs.errors import JobSpecError
 from traind.jobs.folder import job_file_name, write_job
 from traind.jobs.jobfile import FORMATS, JobFile, load_job, parse_text
+from traind.jobs.jobname import is_job_name
 from traind.jobs.spec import JobSpec
 from traind.store.errors import TraindError
 from traind.store.fs import FileSystem, write_durably
@@ -66,6 +67,10 @@ def name_in_use(home: Home, name: str) -> str | None:
     if home.jobs.is_dir() and (home.job_dir(name)).exists():
         return (f"a job named '{name}' exists already in {home.jobs}; give this one another name "
                 f"(name = \"...\"), or `traind rm {name}` the old one first")
+    from traind.daemon.sweeps import sweep_dir
+
+    if sweep_dir(home, name).exists():
+        return f"a sweep named '{name}' exists already in {sweep_dir(home, name).parent}; give this one another name"
     for folder in (home.inbox, home.inbox / CLAIMED):
         waiting = sorted(p.name for p in folder.glob(f"{name}.*") if not ignored(p.name)) if folder.is_dir() else []
         if waiting:
@@ -257,6 +262,8 @@ class Intake:
         return JobFile(claimed, FORMATS[claimed.suffix.lower()], claimed.read_text(), spec)
 
     def _accept(self, job_file: JobFile) -> None:
+        if job_file.spec.sweep is not None:
+            return self._accept_sweep(job_file)
         folder = self.home.job_dir(job_file.name)
         copy = job_file_name(job_file.path.suffix)
         origin = _origin(job_file.path)
@@ -280,6 +287,26 @@ class Intake:
         self.fs.fsync_dir(stage)
         self.fs.rename(stage, folder)
         self.fs.fsync_dir(self.home.jobs)
+
+    def _accept_sweep(self, job_file: JobFile) -> None:
+        """A sweep file becomes HOME/sweeps/NAME; the daemon's driver makes its trials' jobs."""
+        from traind.daemon import sweeps
+        from traind.jobs.sweep import trial_name
+
+        name = job_file.name
+        folder = sweeps.sweep_dir(self.home, name)
+        if folder.exists():
+            if (folder / job_file_name(job_file.path.suffix)).is_file() and \
+                    (folder / job_file_name(job_file.path.suffix)).read_text() == job_file.text:
+                return  # accepted before a crash; the claim is all that was left
+            raise NameInUse(f"{job_file.path.name}: a sweep named '{name}' exists already ({folder}); give this one "
+                            "another name (name = \"...\")")
+        if not is_job_name(trial_name(name, job_file.spec.sweep.trials - 1)):
+            raise Rejected(f"{job_file.path.name}: the sweep's name '{name}' is too long for its trials' names "
+                           f"({trial_name(name, 0)}, at most 64 characters); give it a shorter one")
+        if self.home.job_dir(name).exists():
+            raise NameInUse(f"{job_file.path.name}: a job named '{name}' exists already; give the sweep another name")
+        sweeps.accept(self.home, self.fs, job_file)
 
     def _reject(self, claimed: Path, why: str) -> None:
         target = self.home.rejected / claimed.name

@@ -22,7 +22,7 @@ from traind.store.errors import TraindError
 from traind.store.fs import FileSystem
 from traind.store.saves import list_saves
 
-ENDED = {JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.PAUSED}
+ENDED = {JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.PAUSED, JobState.PRUNED}
 
 
 class NotRunning(TraindError):
@@ -93,7 +93,46 @@ def show_ls(home: Home, as_json: bool, states: tuple[str, ...] = ()) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     click.echo(daemon_line(home))
-    click.echo(table(rows))
+    click.echo(table(with_sweeps(home, rows)))
+
+
+def with_sweeps(home: Home, rows: list[dict]) -> list[dict]:
+    """ROWS with each sweep's trials together, under a line for the sweep (where its first
+    trial was in the queue; a sweep without trials yet at the end)."""
+    root = home.root / "sweeps"
+    names = {p.name for p in root.iterdir() if not p.name.startswith(".")} if root.is_dir() else set()
+    if not names:
+        return rows
+    trials: dict[str, list[dict]] = {name: [] for name in names}
+    placed: list[dict] = []
+    for r in rows:
+        base, sep, number = r["name"].rpartition(".t")
+        if sep and number.isdigit() and base in trials:
+            if not trials[base]:
+                placed.append({"sweep": base})
+            trials[base].append(r)
+        else:
+            placed.append(r)
+    placed += [{"sweep": name} for name in sorted(names) if not trials[name]]
+    grouped = []
+    for r in placed:
+        if "sweep" not in r:
+            grouped.append(r)
+            continue
+        name = r["sweep"]
+        record = read_state(root / name)
+        try:
+            total = json.loads((root / name / "spec.json").read_text())["sweep"]["trials"]
+        except (OSError, ValueError, KeyError, TypeError):
+            total = "?"
+        counts: dict[str, int] = {}
+        for t in trials[name]:
+            counts[t["state"]] = counts.get(t["state"], 0) + 1
+        said = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        grouped.append({"line": f"sweep {name}: {record.state.value if record else '?'}, "
+                                f"{len(trials[name])} of {total} trials{': ' + said if said else ''}"})
+        grouped += trials[name]
+    return grouped
 
 
 def _num(value) -> str:
@@ -115,7 +154,10 @@ def duration(seconds: float | None) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """The rows as columns as wide as their widest cell, long job names included."""
+    """The rows as columns as wide as their widest cell, long job names included (a row
+    that is a "line", a sweep's, is printed as it is, between them)."""
+    lines = {i: r["line"] for i, r in enumerate(rows) if "line" in r}
+    rows = [r for r in rows if "line" not in r]
     head = ("name", "state", "epoch", "step", "loss", "best", "steps/s", "elapsed", "device", "restarts")
     cells = [(r["name"], r["state"], str(r["epoch"]), f"{r['step']}/{r['total_steps'] or '?'}", _num(r["loss"]),
               f"{r['monitor']} {_num(r['best'])}" if r.get("monitor") and r["best"] is not None else "-",
@@ -130,7 +172,10 @@ def table(rows: list[dict]) -> str:
     right = {2, 3, 4, 6, 7, 9}  # numbers line up on the right
     line = lambda cs: "  ".join(c.rjust(w) if i in right else c.ljust(w)  # noqa: E731
                                 for i, (c, w) in enumerate(zip(cs, widths))).rstrip()
-    return "\n".join([line(head), *map(line, cells)])
+    out = [line(c) for c in cells]
+    for i in sorted(lines):
+        out.insert(i, lines[i])
+    return "\n".join([line(head), *out])
 
 
 def watch_ls(home: Home, states: tuple[str, ...]) -> None:
@@ -209,7 +254,7 @@ def steer(home: Home, folder: Path, action: str, note: str | None = None) -> str
     state = read_state(folder).state
     if action == "resume":
         if state not in ENDED - {JobState.DONE}:
-            raise NotRunning(f"job '{name}' is {state.value}; only a paused, failed or cancelled job resumes")
+            raise NotRunning(f"job '{name}' is {state.value}; only a paused, failed, cancelled or pruned job resumes")
         transition(folder, JobState.QUEUED, restarts=0, last_error=None, cause=None)
         return f"{name}: queued; it continues from its newest good save"
     if state == JobState.RUNNING:

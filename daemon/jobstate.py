@@ -28,17 +28,20 @@ class JobState(str, Enum):
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    PRUNED = "pruned"
+    """A sweep's trial its pruner stopped (daemon/sweeps.py): saved, kept, resumable by hand."""
 
 
 # Which state may follow which. A job that ended can be queued again by `load` (or
 # `resume` after a failure); a running one goes back to the queue when its worker stops.
 ALLOWED = {
-    JobState.QUEUED: {JobState.RUNNING, JobState.PAUSED, JobState.CANCELLED},
+    JobState.QUEUED: {JobState.RUNNING, JobState.PAUSED, JobState.CANCELLED, JobState.PRUNED},
     JobState.RUNNING: {JobState.QUEUED, JobState.PAUSED, JobState.DONE, JobState.FAILED, JobState.CANCELLED},
-    JobState.PAUSED: {JobState.QUEUED, JobState.CANCELLED},
+    JobState.PAUSED: {JobState.QUEUED, JobState.CANCELLED, JobState.PRUNED},
     JobState.DONE: {JobState.QUEUED},
     JobState.FAILED: {JobState.QUEUED},
     JobState.CANCELLED: {JobState.QUEUED},
+    JobState.PRUNED: {JobState.QUEUED, JobState.CANCELLED},
 }
 
 

@@ -29,6 +29,7 @@ from traind.daemon.executor import Executor, Handle, LocalExecutor, Need, place,
 from traind.daemon.home import Home, check_private, finish_removals
 from traind.daemon.intake import SETTLE, Intake
 from traind.daemon.jobstate import BadTransition, JobRecord, JobState, read_state, signature, transition, write_state
+from traind.daemon.sweeps import Sweeps
 from traind.daemon.validator import Validator
 from traind.daemon.watch import InboxWatch
 from traind.daemon.worker import Exit
@@ -165,6 +166,7 @@ class Daemon:
         self.waiting = 0
         self._states: dict[str, tuple[str, JobRecord]] = {}  # name -> (state.json's signature, its record)
         self._rescan_at = 0.0  # 0: now (the daemon itself changed a state, or took a file in)
+        self.sweeps = Sweeps(self.home)
 
     def start(self) -> None:
         """Take the home (one daemon each). The jobs a crash left running are queued again
@@ -198,6 +200,8 @@ class Daemon:
                 del self.running[name]
                 self._ended(worker, code, now)
                 self._rescan_at = 0.0
+        if self.sweeps.tick(now):  # new trials' jobs, or trials pruned
+            self._rescan_at = 0.0
         self._schedule(now)
 
     def _refresh_states(self) -> None:

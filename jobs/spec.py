@@ -22,6 +22,8 @@ from traind.jobs.errors import Problem
 from traind.jobs.model import check_layers, check_scheme
 from traind.jobs.sections import NonNegativeInt, PositiveInt, Section, report, resolve_path
 from traind.jobs.spec_train import CheckpointSpec, OptimizerSpec, SchedulerSpec, TrainSpec
+from traind.jobs.sweep import SweepSpec
+from traind.jobs.sweep import check as sweep_check
 
 __all__ = ["CheckpointSpec", "DataSpec", "DistributedSpec", "InitSpec", "JobSpec", "ModelSpec", "OptimizerSpec",
            "SchedulerSpec", "TrainSpec"]
@@ -206,6 +208,8 @@ class JobSpec(Section):
     """Save cadence and what is kept."""
     distributed: DistributedSpec = DistributedSpec()
     """How many processes train the job (DDP through torch.distributed); data.batch_size stays the global batch."""
+    sweep: SweepSpec | None = None
+    """A hyperparameter search: the file is a sweep, whose trials are jobs of their own (jobs/sweep.py)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -255,6 +259,8 @@ class JobSpec(Section):
                                     f"(distributed.processes {self.distributed.processes} x nodes {self.distributed.nodes})",
                                     fix=f"make data.batch_size a multiple of {ranks}, such as "
                                         f"{max(ranks, self.data.batch_size // ranks * ranks)}"))
+        if self.sweep is not None:
+            problems += sweep_check(self)
         # context {"imports": False}: checked elsewhere (the daemon never imports job code)
         for path, text in self._import_paths() if (info.context or {}).get("imports", True) else ():
             try:

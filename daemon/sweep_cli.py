@@ -1,0 +1,91 @@
+"""`traind sweep NAME`: a sweep's trials, as its study and its trials' jobs tell them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from traind.daemon.home import Home, NoSuchJob
+from traind.daemon.jobstate import read_state
+from traind.daemon.sweeps import STUDY_FILE, objective_of, open_study, read_spec, sweep_dir, sweep_names, trial_link
+from traind.jobs.folder import JOB_FILE
+from traind.jobs.sweep import resolved_objective, trial_name
+
+
+def folder_of_sweep(home: Home, name: str) -> Path:
+    folder = sweep_dir(home, name)
+    if not folder.is_dir():
+        known = ", ".join(sweep_names(home)[:8]) or "none"
+        raise NoSuchJob(f"no sweep '{name}' in {folder.parent}; sweeps there: {known}")
+    return folder
+
+
+def trials(home: Home, name: str) -> dict:
+    """The sweep NAME as `traind sweep --json` prints it."""
+    folder = folder_of_sweep(home, name)
+    spec = read_spec(folder)
+    metric, direction = resolved_objective(spec)
+    record = read_state(folder)
+    found = {"name": name, "objective": metric, "direction": direction,
+             "state": record.state.value if record else None, "trials": [], "best": None}
+    if not spec.sweep.storage and not (folder / STUDY_FILE).exists():
+        return found  # the daemon has not begun it
+    try:
+        study = open_study(folder, spec)
+    except KeyError:  # the study is not made yet
+        return found
+    best_number = None
+    for t in study.get_trials(deepcopy=False):
+        job = trial_name(name, t.number)
+        job_folder = home.job_dir(job)
+        job_record = read_state(job_folder)
+        value = t.value if t.value is not None else objective_of(job_folder, metric, direction)
+        row = {"number": t.number, "job": job, "state": job_record.state.value if job_record else t.state.name.lower(),
+               "study_state": t.state.name.lower(), "params": t.params, "objective": value,
+               "epochs": len(t.intermediate_values)}
+        found["trials"].append(row)
+        if t.state.name == "COMPLETE" and t.value is not None:
+            better = best_number is None or (t.value < found["best"]["objective"] if direction == "minimize"
+                                             else t.value > found["best"]["objective"])
+            if better:
+                best_number = t.number
+                found["best"] = {k: row[k] for k in ("number", "job", "params", "objective")}
+    return found
+
+
+def show(home: Home, name: str, as_json: bool) -> None:
+    found = trials(home, name)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    best = found["best"]["number"] if found["best"] else None
+    click.echo(f"sweep {name}: {found['state']}, {len(found['trials'])} trials; objective {found['objective']} "
+               f"({found['direction']}){'; best: trial ' + str(best) if best is not None else ''}")
+    head = ("", "trial", "job", "state", found["objective"], "epochs", "params")
+    cells = [("*" if t["number"] == best else "", str(t["number"]), t["job"], t["state"],
+              f"{t['objective']:.6g}" if t["objective"] is not None else "-", str(t["epochs"]),
+              ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["params"].items()))
+             for t in found["trials"]]
+    widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(head)]
+    for row in [head, *cells]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def trial_spec_text(home: Home, name: str, number: int) -> str:
+    """The full job file of trial NUMBER of sweep NAME."""
+    folder_of_sweep(home, name)
+    job = home.job_dir(trial_name(name, number))
+    files = sorted(job.glob(f"{JOB_FILE}.*")) if job.is_dir() else []
+    if not files or trial_link(job) is None:
+        raise NoSuchJob(f"sweep '{name}' has no trial {number} yet; `traind sweep {name}` lists its trials")
+    return files[0].read_text()
+
+
+def best_job(home: Home, name: str) -> str:
+    """The job of the best finished trial of sweep NAME."""
+    best = trials(home, name)["best"]
+    if best is None:
+        raise NoSuchJob(f"sweep '{name}' has no finished trial yet; `traind sweep {name}` lists its trials")
+    return best["job"]

@@ -1,0 +1,332 @@
+"""The daemon's sweeps: a hyperparameter search on Optuna, whose trials are jobs.
+
+A sweep file (a job file with `[sweep]`, jobs/sweep.py) is accepted into
+`HOME/sweeps/NAME/` (its file, spec.json, state.json); its study lives in an Optuna RDB
+storage, by default `study.sqlite` in that folder (SQLite is safe there: the daemon is its
+one writer). The daemon drives it through Optuna's ask-and-tell API, once a tick:
+
+- **ask**: while the study has fewer than `trials` trials and fewer than `parallel` of them
+  are under way, a new trial is asked for, its values suggested, and a job made of it,
+  `NAME.tNNN` (its trial number), queued like any job (its `trial.json` links it to the
+  sweep). A crash after the ask and before the job is there leaves a trial that is running
+  in the study with no job: the next tick finishes its values (Optuna keeps those already
+  suggested) and makes its job; so each trial number gets exactly one job, and the count
+  of trials holds after any crash.
+- **report**: each epoch a trial's job records (metrics.jsonl) is reported as the trial's
+  intermediate value at that epoch, and its pruner asked; a trial to prune is marked
+  (`pruned` in its folder, durably) and paused, and once its worker saved and stopped it
+  is `pruned`: kept, resumable by hand, its device free.
+- **tell**: a trial's job done is told COMPLETE with its objective, the best value of the
+  objective metric over its epochs; pruned, PRUNED; failed or cancelled, FAIL. A tell
+  already made is never made twice (the study's state is read first).
+
+Everything is read again from the folders and the study at each tick: a daemon killed
+anywhere finds the sweep as it left it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from traind.daemon import requests
+from traind.daemon.home import Home
+from traind.daemon.jobstate import BadTransition, JobRecord, JobState, read_state, transition, write_state
+from traind.jobs.folder import METRICS_FILE, SPEC_FILE, write_job
+from traind.jobs.jobfile import JobFile
+from traind.jobs.spec import JobSpec
+from traind.jobs.sweep import resolved_objective, trial_name, trial_spec, with_values
+from traind.store.fs import FileSystem, write_durably, write_new
+
+log = logging.getLogger("traind.daemon")
+
+SWEEPS = "sweeps"
+STUDY_FILE = "study.sqlite"
+TRIAL_FILE = "trial.json"
+"""In a trial's job folder: {"sweep", "number", "params"}, its link to its sweep."""
+PRUNE_MARK = "pruned"
+"""In a trial's job folder: its pruner stopped it (written before the pause that stops it)."""
+TICK = 1.0
+"""Seconds between looks at the sweeps."""
+
+
+def sweeps_dir(home: Home) -> Path:
+    return home.root / SWEEPS
+
+
+def sweep_dir(home: Home, name: str) -> Path:
+    home.job_dir(name)  # the same names as jobs: BadJobName for one that is not
+    return sweeps_dir(home) / name
+
+
+def sweep_names(home: Home) -> list[str]:
+    found = sweeps_dir(home)
+    if not found.is_dir():
+        return []
+    return sorted(p.name for p in found.iterdir() if not p.name.startswith(".") and (p / SPEC_FILE).is_file())
+
+
+def read_spec(folder: Path) -> JobSpec:
+    return JobSpec.model_validate_json((folder / SPEC_FILE).read_text(), context={"imports": False})
+
+
+def storage_url(folder: Path, spec: JobSpec) -> str:
+    return spec.sweep.storage or f"sqlite:///{folder / STUDY_FILE}"
+
+
+def open_study(folder: Path, spec: JobSpec | None = None, create: bool = False):
+    """The Optuna study of the sweep in FOLDER, with its sampler and pruner."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the daemon logs its own events
+    spec = spec or read_spec(folder)
+    sweep = spec.sweep
+    seed = spec.seed if sweep.seed is None else sweep.seed
+    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+                "grid": lambda: optuna.samplers.GridSampler(sweep.grid_space(), seed=seed),
+                "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed)}
+    epochs = spec.train.epochs or 1
+    pruners = {"none": optuna.pruners.NopPruner,
+               "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+               "successive_halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1),
+               "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, epochs))}
+    _, direction = resolved_objective(spec)
+    storage = optuna.storages.RDBStorage(storage_url(folder, spec))
+    if create:
+        return optuna.create_study(study_name=folder.name, storage=storage, sampler=samplers[sweep.sampler](),
+                                   pruner=pruners[sweep.pruner](), direction=direction, load_if_exists=True)
+    return optuna.load_study(study_name=folder.name, storage=storage, sampler=samplers[sweep.sampler](),
+                             pruner=pruners[sweep.pruner]())
+
+
+def suggest(trial, spec: JobSpec) -> dict[str, Any]:
+    """The trial's value for each key of the sweep's space (those it has already, as they are)."""
+    values = {}
+    for path, dim in spec.sweep.space.items():
+        if dim.kind == "choice":
+            values[path] = trial.suggest_categorical(path, dim.choice)
+        elif dim.kind == "int":
+            values[path] = trial.suggest_int(path, dim.int_[0], dim.int_[1], step=int(dim.step or 1), log=dim.log)
+        else:
+            values[path] = trial.suggest_float(path, dim.float_[0], dim.float_[1], step=dim.step, log=dim.log)
+    return values
+
+
+def epoch_values(folder: Path, metric: str) -> dict[int, float]:
+    """METRIC at the end of each epoch the job in FOLDER recorded (the last record of an
+    epoch, where a resume recorded it again)."""
+    found: dict[int, float] = {}
+    try:
+        with open(folder / METRICS_FILE, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if '"epoch"' not in line or '"kind": "epoch"' not in line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line
+                value = record.get(metric)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    found[int(record["epoch"])] = float(value)
+    except OSError:
+        pass
+    return found
+
+
+def objective_of(folder: Path, metric: str, direction: str) -> float | None:
+    """A trial's objective: the best value of METRIC over its epochs, or None if it has none."""
+    values = list(epoch_values(folder, metric).values())
+    if not values:
+        return None
+    return min(values) if direction == "minimize" else max(values)
+
+
+def trial_link(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / TRIAL_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class Sweeps:
+    """The daemon's driver of every sweep of its home."""
+
+    home: Home
+    fs: FileSystem = field(default_factory=FileSystem)
+    _studies: dict[str, Any] = field(default_factory=dict)
+    _next: float = 0.0
+
+    def tick(self, now: float) -> bool:
+        """Drive every sweep under way one step; True where a job was made or changed state."""
+        if now < self._next:
+            return False
+        self._next = now + TICK
+        changed = False
+        for name in sweep_names(self.home):
+            folder = sweeps_dir(self.home) / name
+            record = read_state(folder)
+            if record is None or record.state not in (JobState.QUEUED, JobState.RUNNING):
+                self._studies.pop(name, None)
+                continue
+            try:
+                changed |= self._drive(name, folder, record)
+            except Exception as e:  # the study's storage, a bug: this sweep waits, the daemon serves on
+                log.exception("sweep %s: %s; trying again in %.0f s", name, e, TICK)
+                self._studies.pop(name, None)
+        return changed
+
+    def _drive(self, name: str, folder: Path, record: JobRecord) -> bool:
+        from optuna.trial import TrialState
+
+        if name not in self._studies:
+            spec = read_spec(folder)
+            self._studies[name] = (spec, open_study(folder, spec, create=True))
+        spec, study = self._studies[name]
+        if record.state == JobState.QUEUED:
+            transition(folder, JobState.RUNNING)
+            log.info("sweep %s: started (%d trials, %d at once)", name, spec.sweep.trials, spec.sweep.parallel)
+        metric, direction = resolved_objective(spec)
+        changed = False
+        trials = study.get_trials(deepcopy=False)
+        under_way = 0
+        for frozen in trials:
+            if frozen.state != TrialState.RUNNING:
+                continue
+            told = self._follow(name, spec, study, frozen, metric, direction)
+            changed |= told is not None
+            under_way += told is None
+        count = len(trials)
+        while under_way < spec.sweep.parallel and count < spec.sweep.trials:
+            trial = study.ask()
+            self._make_job(name, spec, study, trial.number, trial)
+            under_way, count, changed = under_way + 1, count + 1, True
+        if count >= spec.sweep.trials and under_way == 0:
+            finished = study.get_trials(deepcopy=False)
+            if all(t.state != TrialState.RUNNING for t in finished):
+                best = _best(study)
+                transition(folder, JobState.DONE,
+                           last_error=None if best is not None else "no trial finished with a value")
+                log.info("sweep %s: done, %d trials%s", name, len(finished),
+                         f"; best {trial_name(name, best.number)}, {metric} {best.value:.6g}" if best else "")
+                self._studies.pop(name, None)
+                changed = True
+        return changed
+
+    def _follow(self, name: str, spec: JobSpec, study, frozen, metric: str, direction: str):
+        """One trial under way: made into a job if it has none, its epochs reported, pruned
+        where its pruner says, told once its job ended. The state it was told, or None."""
+        from optuna.trial import Trial, TrialState
+
+        job = trial_name(name, frozen.number)
+        folder = self.home.job_dir(job)
+        if not folder.exists():  # asked, and the daemon died before its job was made
+            self._make_job(name, spec, study, frozen.number, Trial(study, frozen._trial_id))
+            return None
+        record = read_state(folder)
+        if record is None:
+            return None
+        state = record.state
+        if state == JobState.PAUSED and (folder / PRUNE_MARK).exists():
+            transition(folder, JobState.PRUNED, allow_from={JobState.PAUSED}, last_error=None, cause=None)
+            state = JobState.PRUNED
+            log.info("%s: pruned (sweep %s)", job, name)
+        values = epoch_values(folder, metric)
+        new = {e: v for e, v in values.items() if e not in frozen.intermediate_values}
+        if new:
+            trial = Trial(study, frozen._trial_id)
+            for epoch in sorted(new):
+                trial.report(new[epoch], epoch)
+            if state in (JobState.RUNNING, JobState.QUEUED) and not (folder / PRUNE_MARK).exists() \
+                    and trial.should_prune():
+                self._prune(job, folder, state, max(new))
+                state = read_state(folder).state
+        if state == JobState.DONE:
+            value = objective_of(folder, metric, direction)
+            if value is None:
+                study.tell(frozen.number, state=TrialState.FAIL)
+                log.warning("%s: done, and recorded no %s: told failed (sweep %s)", job, metric, name)
+                return TrialState.FAIL
+            study.tell(frozen.number, value)
+            log.info("%s: done, %s %.6g (sweep %s)", job, metric, value, name)
+            return TrialState.COMPLETE
+        if state == JobState.PRUNED:
+            study.tell(frozen.number, state=TrialState.PRUNED)
+            return TrialState.PRUNED
+        if state in (JobState.FAILED, JobState.CANCELLED):
+            study.tell(frozen.number, state=TrialState.FAIL)
+            log.info("%s: %s: told failed (sweep %s)", job, state.value, name)
+            return TrialState.FAIL
+        return None
+
+    def _prune(self, job: str, folder: Path, state: JobState, epoch: int) -> None:
+        write_durably(self.fs, folder / PRUNE_MARK, json.dumps({"epoch": epoch, "time": time.time()}).encode())
+        if state == JobState.RUNNING:
+            requests.send(folder, "pause", f"pruned after epoch {epoch}")
+            log.info("%s: its pruner stops it after epoch %d: pausing", job, epoch)
+            return
+        try:
+            transition(folder, JobState.PRUNED, allow_from={JobState.QUEUED})
+            log.info("%s: pruned after epoch %d (it was queued)", job, epoch)
+        except BadTransition:  # it started meanwhile: stopped as a running one
+            requests.send(folder, "pause", f"pruned after epoch {epoch}")
+
+    def _make_job(self, name: str, spec: JobSpec, study, number: int, trial) -> None:
+        """The job of trial NUMBER, queued: made in a stage and renamed into place, so that
+        it is there whole or not at all."""
+        values = suggest(trial, spec)
+        job = trial_name(name, number)
+        folder = self.home.job_dir(job)
+        if folder.exists():
+            return
+        job_spec = trial_spec(spec, job, values)
+        # the job as written: what differs from the defaults, and the trial's values even where they do not
+        text = json.dumps(with_values(json.loads(job_spec.model_dump_json(exclude_defaults=True)), values),
+                          indent=2) + "\n"
+        stage = self.home.jobs / f".new-{job}"
+        self.fs.remove_tree(stage)
+        self.fs.mkdir(stage)
+        write_job(self.fs, stage, JobFile(Path(f"{job}.json"), "json", text, job_spec), staged=True)
+        write_new(self.fs, stage / TRIAL_FILE, json.dumps({"sweep": name, "number": number, "params": values},
+                                                          indent=1).encode())
+        now = time.time()
+        write_state(stage, JobRecord(job, JobState.QUEUED, spec.priority, now, changed=now), self.fs, staged=True)
+        self.fs.fsync_dir(stage)
+        self.fs.rename(stage, folder)
+        self.fs.fsync_dir(self.home.jobs)
+        log.info("%s: trial %d of sweep %s, %s", job, number, name,
+                 ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in values.items()))
+
+
+def _best(study):
+    try:
+        return study.best_trial
+    except ValueError:  # no trial finished with a value
+        return None
+
+
+def accept(home: Home, fs: FileSystem, job_file: JobFile) -> Path:
+    """Make the sweep of JOB_FILE in HOME/sweeps/NAME (staged, renamed into place)."""
+    from traind.jobs.folder import job_file_name
+
+    name = job_file.name
+    folder = sweep_dir(home, name)
+    sweeps_dir(home).mkdir(exist_ok=True)
+    stage = sweeps_dir(home) / f".new-{name}"
+    fs.remove_tree(stage)
+    fs.mkdir(stage)
+    write_new(fs, stage / job_file_name(job_file.path.suffix), job_file.text.encode())
+    write_new(fs, stage / SPEC_FILE, job_file.spec.model_dump_json(indent=2).encode())
+    now = time.time()
+    write_state(stage, JobRecord(name, JobState.QUEUED, job_file.spec.priority, now, changed=now), fs, staged=True)
+    fs.fsync_dir(stage)
+    fs.rename(stage, folder)
+    fs.fsync_dir(sweeps_dir(home))
+    return folder
+

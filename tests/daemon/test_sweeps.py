@@ -1,0 +1,217 @@
+"""Sweeps on Optuna (daemon/sweeps.py, jobs/sweep.py): a sweep file run by a real daemon,
+its trials as jobs, pruned by a median pruner, the best one's objective as its own saves
+tell it; the daemon and a trial killed mid-sweep and the study still ends with exactly
+its trials, none twice, a finished one bitwise equal to the same trial run alone; a trial
+asked for and never made into a job (a crash between the two) made on the next tick;
+bad sweep files refused with the line and a fix."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.daemon.live import Daemons, assert_equal, rows, traind, wait_for
+from traind.daemon.home import Home
+from traind.store.saves import list_saves
+
+BIN = Path(sys.executable).parent
+SWEEP = """
+name = "sw"
+seed = 3
+[model]
+layers = [["Linear", 20, 64], ["ReLU"], ["Linear", 64, 10]]
+[data]
+samples = SAMPLES
+batch_size = 32
+[train]
+epochs = EPOCHS
+[checkpoint]
+every_steps = 100
+[sweep]
+trials = TRIALS
+parallel = 2
+pruner = "PRUNER"
+[sweep.space]
+"optimizer.lr" = { float = [1e-5, 3e-2], log = true }
+"data.batch_size" = { choice = [32, 64] }
+"""
+
+
+def sweep_text(trials=12, pruner="median", samples=12000, epochs=6) -> str:
+    return (SWEEP.replace("TRIALS", str(trials)).replace("PRUNER", pruner).replace("SAMPLES", str(samples))
+            .replace("EPOCHS", str(epochs)))
+
+
+def submit(home: Path, tmp_path: Path, text: str) -> None:
+    path = tmp_path / "sw.toml"
+    path.write_text(text)
+    result = traind(home, "submit", path)
+    assert result.exit_code == 0, result.output
+
+
+def ended(home: Path) -> bool:
+    result = traind(home, "sweep", "sw", "--json")  # exit 3 until the daemon took the file in
+    return result.exit_code == 0 and json.loads(result.output)["state"] == "done"
+
+
+def shown(home: Path) -> dict:
+    result = traind(home, "sweep", "sw", "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_a_sweep_runs_its_trials_as_jobs_prunes_the_poor_ones_and_its_best_agrees_with_its_saves(tmp_path):
+    home = tmp_path / "home"
+    daemons = Daemons(home)
+    try:
+        daemons.start("--workers", "2")
+        submit(home, tmp_path, sweep_text())
+        wait_for(lambda: ended(home), "the sweep to end", timeout=400)
+    finally:
+        daemons.close()
+    found = shown(home)
+    trials = found["trials"]
+    assert [t["number"] for t in trials] == list(range(12)) and [t["job"] for t in trials] == \
+        [f"sw.t{n:03d}" for n in range(12)]
+    states = {t["job"]: t["state"] for t in trials}
+    assert set(states.values()) <= {"done", "pruned"} and "pruned" in states.values(), states
+    listed = rows(home)
+    assert all(listed[job]["state"] == state for job, state in states.items())  # the jobs say what the study says
+    for t in trials:
+        if t["state"] == "pruned":  # stopped early, at a save, and kept
+            assert t["study_state"] == "pruned" and t["epochs"] < 6
+            assert list_saves(home / "jobs" / t["job"] / "saves")[0]
+    best = found["best"]
+    assert best["objective"] == min(t["objective"] for t in trials if t["state"] == "done")
+    saves = json.loads(traind(home, "saves", best["job"], "--json").output)
+    assert min(s["metrics"]["val_loss"] for s in saves if "val_loss" in s["metrics"]) == pytest.approx(
+        best["objective"], rel=1e-12)
+    assert best["params"] == json.loads((home / "jobs" / best["job"] / "trial.json").read_text())["params"]
+    listed = traind(home, "ls").output.splitlines()  # the trials under a line for their sweep
+    at = listed.index(next(line for line in listed if line.startswith("sweep sw: done, 12 of 12 trials: ")))
+    assert sorted(line.split()[0] for line in listed[at + 1:at + 13]) == sorted(states)
+    table = traind(home, "sweep", "sw").output
+    assert f"*  {best['number']} " in table and "pruned" in table
+    out = tmp_path / "best.safetensors"
+    result = traind(home, "export", "sw", "--best", "-o", out)
+    assert result.exit_code == 0 and f"the best trial of the sweep is {best['job']}" in result.output
+    spec = traind(home, "sweep", "sw", "--trial", str(best["number"]), "--spec").output
+    assert json.loads(spec)["optimizer"]["lr"] == best["params"]["optimizer.lr"]
+    assert json.loads(spec)["data"]["batch_size"] == best["params"]["data.batch_size"]
+    events = daemons.events()
+    assert "its pruner stops it after epoch" in events and "sweep sw: done, 12 trials" in events
+
+
+def test_the_daemon_and_a_trial_killed_mid_sweep_lose_nothing_and_sample_no_trial_twice(tmp_path):
+    """SIGKILL the daemon while trials run, and a trial's worker under the next one: the
+    study ends with exactly its trials, one job each; a trial that was running resumed
+    from its saves and ends bitwise equal to its job file run alone."""
+    home = tmp_path / "home"
+    daemons = Daemons(home)
+    try:
+        daemons.start("--workers", "2")
+        submit(home, tmp_path, sweep_text(trials=6, pruner="none", samples=16000, epochs=4))
+        wait_for(lambda: any(r["state"] == "running" and r["step"] >= 200 for r in rows(home).values()),
+                 "a trial to train a while", timeout=120)
+        interrupted = sorted(n for n, r in rows(home).items() if r["state"] == "running")
+        daemons.procs[-1].kill()
+        daemons.procs[-1].wait()
+        daemons.start("--workers", "2")
+
+        def worker_of_a_later_trial():
+            for name, r in rows(home).items():
+                if name not in interrupted and r["state"] == "running" and r["step"] >= 150:
+                    pids = subprocess.run(["pgrep", "-f", f"traind.daemon.worker --home {home} {name}$"],
+                                          capture_output=True, text=True).stdout.split()
+                    if pids:
+                        return name, int(pids[0])
+            return None
+
+        killed, pid = wait_for(worker_of_a_later_trial, "a later trial's worker", timeout=180)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: ended(home), "the sweep to end", timeout=400)
+    finally:
+        daemons.close()
+    trials = shown(home)["trials"]
+    assert [t["number"] for t in trials] == list(range(6)) and all(t["state"] == "done" for t in trials)
+    jobs = sorted(p.name for p in (home / "jobs").iterdir() if not p.name.startswith("."))
+    assert jobs == [f"sw.t{n:03d}" for n in range(6)]
+    assert rows(home)[killed]["restarts"] == 1
+    for job in (interrupted[0], killed):
+        log = (home / "jobs" / job / "log").read_text()
+        assert "resumed from save" in log
+        number = int(job.split(".t")[1])
+        spec = tmp_path / f"{job}.json"
+        spec.write_text(traind(home, "sweep", "sw", "--trial", str(number), "--spec").output)
+        alone = tmp_path / f"{job}-alone"
+        done = subprocess.run([str(BIN / "traind"), "run", str(spec), "--dir", str(alone)], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stdout + done.stderr
+        newest = lambda folder: load_file(list_saves(folder / "saves")[0][-1].path / "model.safetensors")  # noqa: E731
+        assert_equal(newest(home / "jobs" / job), newest(alone))
+
+
+def test_a_trial_asked_for_whose_job_a_crash_kept_from_being_made_gets_it_on_the_next_tick(tmp_path):
+    """The window between Optuna's ask and the job's folder: the trial is in the study, with
+    some of its values or none; the driver finishes them and makes its one job."""
+    from traind.daemon.intake import Intake
+    from traind.daemon.sweeps import Sweeps, open_study, sweep_dir
+
+    home = Home(tmp_path / "home")
+    for d in (home.inbox, home.jobs, home.rejected):
+        d.mkdir(parents=True)
+    (home.inbox / "sw.toml").write_text(sweep_text(trials=3, pruner="none"))
+    Intake(home, settle=0.0).scan(now=1e12)
+    assert (sweep_dir(home, "sw") / "spec.json").exists()
+    driver = Sweeps(home)
+    driver.tick(0.0)  # the sweep starts: two trials (parallel = 2)
+    assert sorted(p.name for p in home.jobs.iterdir()) == ["sw.t000", "sw.t001"]
+    study = open_study(sweep_dir(home, "sw"))
+    for number in (0, 1):  # both end, as their jobs
+        study.tell(number, 1.0 + number)
+    orphan = study.ask()  # a daemon's ask, and its death before any value or job
+    orphan.suggest_float("optimizer.lr", 1e-5, 3e-2, log=True)  # one value of two, even
+    lr = orphan.params["optimizer.lr"]
+    Sweeps(home).tick(0.0)  # the next daemon
+    made = json.loads((home.jobs / "sw.t002" / "trial.json").read_text())
+    assert made["number"] == 2 and made["params"]["optimizer.lr"] == lr and "data.batch_size" in made["params"]
+    assert len(open_study(sweep_dir(home, "sw")).trials) == 3  # nothing asked for again
+    assert sorted(p.name for p in home.jobs.iterdir()) == ["sw.t000", "sw.t001", "sw.t002"]
+
+
+@pytest.mark.parametrize("change, line, said, fix", [
+    ('"data.batch_size" = { choice = [32, 64] }', 19, "data has no key 'batchsize'; did you mean 'batch_size'?",
+     "use a dotted path of the job file"),
+    ('"data.val_fraction" = { float = [0.1, 1.5] }', 20, "1.5 does not make a valid job (data.val_fraction",
+     "give values the key takes"),
+    ('"optimizer.lr" = { float = [1e-5, 3e-2], log = true }', 18, "log = true needs low > 0",
+     "see `traind schema`"),
+    ('pruner = "median"', 16, "'meadian' is not one of none, median, successive_halving, hyperband; did you mean 'median'?", ""),
+    ('parallel = 2', 19, "a grid needs a finite set of values, and this float range has no step",
+     "give it a step, or make it a choice"),
+])
+def test_bad_sweep_files_are_refused_with_the_line_and_a_fix(tmp_path, change, line, said, fix):
+    replacement = {
+        '"data.batch_size" = { choice = [32, 64] }': '"data.batchsize" = { choice = [32, 64] }',
+        '"data.val_fraction" = { float = [0.1, 1.5] }': '"data.val_fraction" = { float = [0.1, 1.5] }',
+        '"optimizer.lr" = { float = [1e-5, 3e-2], log = true }': '"optimizer.lr" = { float = [0.0, 3e-2], log = true }',
+        'pruner = "median"': 'pruner = "meadian"',
+        'parallel = 2': 'parallel = 2\nsampler = "grid"',
+    }[change]
+    text = sweep_text()
+    if change in text:
+        text = text.replace(change, replacement)
+    else:
+        text += replacement + "\n"
+    path = tmp_path / "sw.toml"
+    path.write_text(text)
+    result = traind(tmp_path / "home", "validate", path)
+    assert result.exit_code == 2
+    assert f"line {line}" in result.output and said in result.output and fix in result.output, result.output
+    assert traind(tmp_path / "home", "submit", path).exit_code == 2
+    assert not (tmp_path / "home" / "inbox").exists() or not list((tmp_path / "home" / "inbox").glob("*"))
