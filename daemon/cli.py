@@ -415,9 +415,11 @@ def systemd_unit(ctx: click.Context, user: bool, sub_home: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine output: {name, objective, direction, trials, best}.")
 @click.option("--trial", "number", type=click.IntRange(min=0), help="One trial, by its number (with --spec).")
 @click.option("--spec", "show_spec", is_flag=True, help="With --trial: that trial's full job file.")
+@click.option("--plot", "out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Draw the optimisation history and the parameters' importances into this PNG.")
 @home_option
 @pass_home
-def sweep(home: Home, name: str, as_json: bool, number: int | None, show_spec: bool) -> None:
+def sweep(home: Home, name: str, as_json: bool, number: int | None, show_spec: bool, out: Path | None) -> None:
     """A sweep's trials: number, job, state, objective, epochs, values; the best marked *.
 
     \b
@@ -429,6 +431,9 @@ def sweep(home: Home, name: str, as_json: bool, number: int | None, show_spec: b
         raise click.UsageError("give --trial N and --spec together")
     if show_spec:
         click.echo(sweep_cli.trial_spec_text(home, name, number), nl=False)
+        return
+    if out is not None:
+        click.echo(f"wrote {sweep_cli.plot(home, name, out)}")
         return
     sweep_cli.show(home, name, as_json)
 

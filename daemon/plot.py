@@ -45,3 +45,51 @@ def plot(folder: Path, out: Path, title: str) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+
+def plot_sweep(study, out: Path, title: str) -> Path:
+    """A sweep's optimisation history (each trial's objective, pruned ones at their last
+    epoch, the best so far) and its parameters' importances (Optuna's fANOVA), as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise PlotUnavailable("plotting needs matplotlib: pip install 'traind[plot]'") from e
+    import optuna
+
+    trials = study.get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None]
+    if not finished:
+        raise PlotUnavailable(f"sweep {title} has no finished trial yet; plot again once one has finished")
+    fig, (history, importance) = plt.subplots(1, 2, figsize=(12, 4.5))
+    minimize = study.direction.name == "MINIMIZE"
+    best, line = [], None
+    for t in finished:
+        line = t.value if line is None else (min(line, t.value) if minimize else max(line, t.value))
+        best.append(line)
+    history.scatter([t.number for t in finished], [t.value for t in finished], s=18, label="finished trial")
+    pruned = [t for t in trials if t.state.name == "PRUNED" and t.intermediate_values]
+    if pruned:
+        history.scatter([t.number for t in pruned], [t.intermediate_values[max(t.intermediate_values)] for t in pruned],
+                        s=22, marker="x", color="tab:red", label="pruned (at its last epoch)")
+    history.step([t.number for t in finished], best, where="post", color="tab:orange", label="best so far")
+    history.set(xlabel="trial", ylabel="objective", title=f"{title}: optimisation history")
+    history.legend()
+    params = {k for t in finished for k in t.params}
+    if len(finished) >= 2 and len(params) >= 2:
+        found = optuna.importance.get_param_importances(study)
+        names = list(found)[::-1]
+        importance.barh(range(len(names)), [found[n] for n in names], color="tab:blue")
+        importance.set_yticks(range(len(names)), names)
+        importance.set(xlabel="importance (fANOVA)")
+    else:
+        importance.text(0.5, 0.5, "importances need 2 finished trials and 2 parameters", ha="center",
+                        transform=importance.transAxes)
+    importance.set(title=f"{title}: parameter importances")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

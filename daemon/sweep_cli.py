@@ -73,6 +73,17 @@ def show(home: Home, name: str, as_json: bool) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
+def plot(home: Home, name: str, out: Path) -> Path:
+    from traind.daemon.plot import PlotUnavailable, plot_sweep
+
+    folder = folder_of_sweep(home, name)
+    try:
+        study = open_study(folder)
+    except KeyError:
+        raise PlotUnavailable(f"sweep {name} has not begun; plot again once a trial has finished") from None
+    return plot_sweep(study, out, name)
+
+
 def trial_spec_text(home: Home, name: str, number: int) -> str:
     """The full job file of trial NUMBER of sweep NAME."""
     folder_of_sweep(home, name)

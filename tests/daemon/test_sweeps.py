@@ -103,6 +103,9 @@ def test_a_sweep_runs_its_trials_as_jobs_prunes_the_poor_ones_and_its_best_agree
     spec = traind(home, "sweep", "sw", "--trial", str(best["number"]), "--spec").output
     assert json.loads(spec)["optimizer"]["lr"] == best["params"]["optimizer.lr"]
     assert json.loads(spec)["data"]["batch_size"] == best["params"]["data.batch_size"]
+    picture = tmp_path / "sweep.png"
+    result = traind(home, "sweep", "sw", "--plot", picture)
+    assert result.exit_code == 0 and picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", result.output
     events = daemons.events()
     assert "its pruner stops it after epoch" in events and "sweep sw: done, 12 trials" in events
 
