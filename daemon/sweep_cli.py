@@ -9,7 +9,8 @@ import click
 
 from traind.daemon.home import Home, NoSuchJob
 from traind.daemon.jobstate import read_state
-from traind.daemon.sweeps import STUDY_FILE, objective_of, open_study, read_spec, sweep_dir, sweep_names, trial_link
+from traind.daemon.sweeps import (STUDY_FILE, objective_of, open_study, read_spec, retried_numbers, sweep_dir,
+                                  sweep_names, trial_link)
 from traind.jobs.folder import JOB_FILE
 from traind.jobs.sweep import resolved_objective, trial_name
 
@@ -37,14 +38,21 @@ def trials(home: Home, name: str) -> dict:
     except KeyError:  # the study is not made yet
         return found
     best_number = None
-    for t in study.get_trials(deepcopy=False):
+    every = study.get_trials(deepcopy=False)
+    retried = retried_numbers(every)
+    for t in every:
+        if t.user_attrs.get("surplus") or t.user_attrs.get("orphan"):
+            continue  # never a trial of the sweep's count
         job = trial_name(name, t.number)
         job_folder = home.job_dir(job)
         job_record = read_state(job_folder)
         value = t.value if t.value is not None else objective_of(job_folder, metric, direction)
-        row = {"number": t.number, "job": job, "state": job_record.state.value if job_record else t.state.name.lower(),
-               "study_state": t.state.name.lower(), "params": t.params, "objective": value,
-               "epochs": len(t.intermediate_values)}
+        state = job_record.state.value if job_record else t.state.name.lower()
+        if t.number in retried:
+            state = "retried"  # its daemon went silent; a later trial has its values
+        row = {"number": t.number, "job": job, "state": state, "study_state": t.state.name.lower(),
+               "params": t.params, "objective": value, "epochs": len(t.intermediate_values),
+               "home": t.user_attrs.get("home"), "retry_of": t.system_attrs.get("failed_trial")}
         found["trials"].append(row)
         if t.state.name == "COMPLETE" and t.value is not None:
             better = best_number is None or (t.value < found["best"]["objective"] if direction == "minimize"

@@ -76,7 +76,10 @@ def read_spec(folder: Path) -> JobSpec:
 
 
 def storage_url(folder: Path, spec: JobSpec) -> str:
-    return spec.sweep.storage or f"sqlite:///{folder / STUDY_FILE}"
+    url = spec.sweep.storage or f"sqlite:///{folder / STUDY_FILE}"
+    if url.startswith("postgresql://"):  # psycopg 3, whichever driver SQLAlchemy defaults to
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return url
 
 
 def open_study(folder: Path, spec: JobSpec | None = None, create: bool = False):
@@ -97,7 +100,20 @@ def open_study(folder: Path, spec: JobSpec | None = None, create: bool = False):
                "successive_halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1),
                "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, epochs))}
     _, direction = resolved_objective(spec)
-    storage = optuna.storages.RDBStorage(storage_url(folder, spec))
+    if sweep.storage:  # shared by daemons: heartbeats tell a trial whose daemon died, tried again by another
+        import inspect
+        import warnings
+
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are, since 2.8
+        newer = "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
+        retry = (optuna.storages.RetryHeartbeatStaleTrialCallback if newer else
+                 optuna.storages.RetryFailedTrialCallback)(max_retry=3)  # renamed in Optuna 4.9
+        storage = optuna.storages.RDBStorage(storage_url(folder, spec), heartbeat_interval=sweep.heartbeat,
+                                             grace_period=3 * sweep.heartbeat,
+                                             **{"heartbeat_stale_trial_callback" if newer else
+                                                "failed_trial_callback": retry})
+    else:
+        storage = optuna.storages.RDBStorage(storage_url(folder, spec))
     if create:
         return optuna.create_study(study_name=folder.name, storage=storage, sampler=samplers[sweep.sampler](),
                                    pruner=pruners[sweep.pruner](), direction=direction, load_if_exists=True)
@@ -147,6 +163,25 @@ def objective_of(folder: Path, metric: str, direction: str) -> float | None:
     return min(values) if direction == "minimize" else max(values)
 
 
+def retried_numbers(trials: list) -> set[int]:
+    """The trials failed by their heartbeat and tried again as another."""
+    found = set()
+    for t in trials:
+        found.update(t.system_attrs.get("retry_history", []))
+        if "failed_trial" in t.system_attrs:
+            found.add(t.system_attrs["failed_trial"])
+    return found
+
+
+def counted(trials: list) -> list:
+    """The trials that count toward the sweep's `trials`: not one failed by its heartbeat and
+    tried again (its retry counts), nor one asked for beyond the count (a race of daemons),
+    nor one its daemon died before it could own."""
+    retried = retried_numbers(trials)
+    return [t for t in trials if t.number not in retried and not t.user_attrs.get("surplus")
+            and not t.user_attrs.get("orphan")]
+
+
 def trial_link(folder: Path) -> dict | None:
     try:
         return json.loads((folder / TRIAL_FILE).read_text())
@@ -193,23 +228,49 @@ class Sweeps:
             transition(folder, JobState.RUNNING)
             log.info("sweep %s: started (%d trials, %d at once)", name, spec.sweep.trials, spec.sweep.parallel)
         metric, direction = resolved_objective(spec)
+        shared = bool(spec.sweep.storage)
+        me = str(self.home.root)
         changed = False
+        if shared:
+            import optuna
+
+            optuna.storages.fail_stale_trials(study)  # another daemon's trials, silent too long: tried again
         trials = study.get_trials(deepcopy=False)
+        retried = retried_numbers(trials) if shared else set()
         under_way = 0
         for frozen in trials:
             if frozen.state != TrialState.RUNNING:
+                if frozen.number in retried:
+                    self._drop_job_of(name, frozen)
                 continue
+            owner = frozen.user_attrs.get("home")
+            if shared and owner is None:
+                self._orphan(study, frozen, spec.sweep.heartbeat)
+                continue
+            if shared and owner != me:
+                continue  # another daemon's
+            if shared:
+                study._storage.record_heartbeat(frozen._trial_id)
             told = self._follow(name, spec, study, frozen, metric, direction)
             changed |= told is not None
             under_way += told is None
-        count = len(trials)
+        count = len(counted(trials))
         while under_way < spec.sweep.parallel and count < spec.sweep.trials:
             trial = study.ask()
+            trial.set_user_attr("home", me)
+            if shared:
+                study._storage.record_heartbeat(trial._trial_id)
+                ahead = [t for t in counted(study.get_trials(deepcopy=False)) if t.number < trial.number]
+                if len(ahead) >= spec.sweep.trials:  # another daemon asked for the last one at the same time
+                    trial.set_user_attr("surplus", True)
+                    study.tell(trial.number, state=TrialState.FAIL)
+                    break
             self._make_job(name, spec, study, trial.number, trial)
             under_way, count, changed = under_way + 1, count + 1, True
         if count >= spec.sweep.trials and under_way == 0:
-            finished = study.get_trials(deepcopy=False)
-            if all(t.state != TrialState.RUNNING for t in finished):
+            finished = counted(study.get_trials(deepcopy=False))
+            if len(finished) >= spec.sweep.trials and \
+                    all(t.state not in (TrialState.RUNNING, TrialState.WAITING) for t in finished):
                 best = _best(study)
                 transition(folder, JobState.DONE,
                            last_error=None if best is not None else "no trial finished with a value")
@@ -264,6 +325,44 @@ class Sweeps:
             log.info("%s: %s: told failed (sweep %s)", job, state.value, name)
             return TrialState.FAIL
         return None
+
+    def _orphan(self, study, frozen, heartbeat: int) -> None:
+        """A trial of shared storage that no daemon owns: asked for by one that died before
+        it said so. Once older than the heartbeat's grace, it is failed and counts for nothing
+        (a new trial is asked for in its place)."""
+        from optuna.trial import TrialState
+
+        started = frozen.datetime_start.timestamp() if frozen.datetime_start else time.time()
+        if time.time() - started < 3 * heartbeat:
+            return
+        try:
+            study._storage.set_trial_user_attr(frozen._trial_id, "orphan", True)
+            study.tell(frozen.number, state=TrialState.FAIL)
+            log.info("trial %d: asked for by a daemon that died before it took it; another is asked for",
+                     frozen.number)
+        except Exception:  # another daemon did it first
+            pass
+
+    def _drop_job_of(self, name: str, frozen) -> None:
+        """A job of this home whose trial is over in the study while the job is not (failed by
+        its heartbeat while this daemon was down, and tried again by another): cancelled."""
+        if frozen.user_attrs.get("home") != str(self.home.root):
+            return
+        folder = self.home.jobs / trial_name(name, frozen.number)
+        record = read_state(folder) if folder.is_dir() else None
+        if record is None or record.state not in (JobState.QUEUED, JobState.RUNNING, JobState.PAUSED):
+            return
+        why = "its trial was failed in the study (its daemon went silent) and tried again by a daemon alive"
+        from traind.daemon.liveness import trained
+
+        if record.state == JobState.RUNNING and trained(folder):
+            requests.send(folder, "cancel", why)
+        else:
+            try:
+                transition(folder, JobState.CANCELLED, last_error=why, cause=None)
+            except BadTransition:
+                return
+        log.info("%s: %s: cancelled", folder.name, why)
 
     def _prune(self, job: str, folder: Path, state: JobState, epoch: int) -> None:
         write_durably(self.fs, folder / PRUNE_MARK, json.dumps({"epoch": epoch, "time": time.time()}).encode())

@@ -144,6 +144,17 @@ class SweepSpec(Section):
     storage: str = ""
     """Where the study lives: default an Optuna SQLite storage in the sweep's folder; or an
     RDB URL (postgresql://...) that daemons on several machines share."""
+    heartbeat: PositiveInt = 30
+    """Shared storage: seconds between a daemon's heartbeats for its trials; a trial silent
+    for 3 of them (its daemon died) is failed and tried again, with its values, by a daemon alive."""
+
+    @model_validator(mode="after")
+    def _storage_url(self) -> SweepSpec:
+        if self.storage and not self.storage.startswith(("postgresql://", "postgresql+", "mysql://", "mysql+",
+                                                         "sqlite:///")):
+            raise ValueError(f"storage = {self.storage!r}: give an RDB URL such as postgresql://user@host/db "
+                             "(or leave it out for a SQLite study in the home)")
+        return self
     space: dict[str, Dimension] = Field(min_length=1)
     """Dotted paths into this job file ("optimizer.lr", "data.batch_size", "model.kwargs.hidden")
     and the distribution of each."""

@@ -218,3 +218,76 @@ def test_bad_sweep_files_are_refused_with_the_line_and_a_fix(tmp_path, change, l
     assert f"line {line}" in result.output and said in result.output and fix in result.output, result.output
     assert traind(tmp_path / "home", "submit", path).exit_code == 2
     assert not (tmp_path / "home" / "inbox").exists() or not list((tmp_path / "home" / "inbox").glob("*"))
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL server of the test's own (scripts/postgres-server: Debian's package, a
+    fresh cluster, a loopback port), stopped after."""
+    import shutil
+    import socket
+    import tempfile
+
+    script = Path(__file__).parents[2] / "scripts" / "postgres-server"
+    if not list(Path("/usr/lib/postgresql").glob("*/bin/postgres")) or os.geteuid() != 0 and not shutil.which("initdb"):
+        why = "PostgreSQL is not installed (scripts/postgres-server install, as root)"
+        if os.environ.get("CI"):
+            pytest.fail(f"the PostgreSQL test needs Debian's postgresql, which .ci/run installs: {why}")
+        pytest.skip(why)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = tempfile.mkdtemp(prefix="traind-pg-")  # in /tmp itself: the server's user must reach it
+    env = {**os.environ, "TRAIND_PG_PORT": str(port)}
+    started = subprocess.run([str(script), "start", folder], capture_output=True, text=True, env=env, timeout=120)
+    assert started.returncode == 0, started.stderr
+    try:
+        yield started.stdout.strip()
+    finally:
+        subprocess.run([str(script), "stop", folder], env=env, timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_two_daemons_share_one_study_on_postgresql_and_one_killed_mid_trial_loses_no_trial(tmp_path, postgres):
+    """Two homes (two machines), one study on a real PostgreSQL: each daemon runs trials on
+    its own worker; one is SIGKILLed mid-trial, the other fails that trial once its
+    heartbeat is silent, tries it again with its values, and the study ends with exactly
+    its trials; the killed daemon, started again, cancels its dead trial's job rather than
+    train it twice."""
+    import optuna
+
+    from traind.daemon.sweeps import counted
+
+    text = sweep_text(trials=5, pruner="none", samples=16000, epochs=3).replace(
+        "[sweep]\n", f'[sweep]\nstorage = "{postgres}"\nheartbeat = 2\n').replace("parallel = 2", "parallel = 1")
+    a, b = Daemons(tmp_path / "a"), Daemons(tmp_path / "b")
+    try:
+        for daemons in (a, b):
+            daemons.start("--workers", "1")
+            submit(daemons.home, tmp_path, text)
+        running = wait_for(lambda: next((n for n, r in rows(a.home).items() if r["state"] == "running"
+                                         and r["step"] >= 100), None), "a trial of daemon a to train", timeout=180)
+        number = int(running.split(".t")[1])
+        a.procs[-1].kill()  # its worker dies with it
+        a.procs[-1].wait()
+        wait_for(lambda: ended(b.home), "daemon b to end the sweep", timeout=400)
+        study = optuna.load_study(study_name="sw", storage=postgres.replace("postgresql://", "postgresql+psycopg://"))
+        kept = counted(study.trials)
+        assert len(kept) == 5 and all(t.state.name == "COMPLETE" for t in kept)
+        dead = study.trials[number]
+        assert dead.state.name == "FAIL" and dead.user_attrs["home"] == str(a.home)
+        retry = next(t for t in kept if t.system_attrs.get("failed_trial") == number)
+        assert retry.params == dead.params and retry.user_attrs["home"] == str(b.home)
+        assert {t.user_attrs["home"] for t in kept} <= {str(a.home), str(b.home)}
+        for t in kept:  # each trial's job in its own daemon's home, done
+            home = Path(t.user_attrs["home"])
+            assert rows(home)[f"sw.t{t.number:03d}"]["state"] == "done"
+        shown_b = shown(b.home)
+        assert next(t for t in shown_b["trials"] if t["number"] == number)["state"] == "retried"
+        a.start("--workers", "1")
+        wait_for(lambda: ended(a.home), "daemon a, started again, to end its sweep too", timeout=120)
+        wait_for(lambda: rows(a.home)[running]["state"] == "cancelled", "its dead trial's job to be cancelled")
+        assert "tried again by a daemon alive" in traind(a.home, "status", running).output
+    finally:
+        a.close()
+        b.close()
