@@ -229,7 +229,7 @@ def postgres():
     import tempfile
 
     script = Path(__file__).parents[2] / "scripts" / "postgres-server"
-    if not list(Path("/usr/lib/postgresql").glob("*/bin/postgres")) or os.geteuid() != 0 and not shutil.which("initdb"):
+    if not list(Path("/usr/lib/postgresql").glob("*/bin/postgres")):
         why = "PostgreSQL is not installed (scripts/postgres-server install, as root)"
         if os.environ.get("CI"):
             pytest.fail(f"the PostgreSQL test needs Debian's postgresql, which .ci/run installs: {why}")
