@@ -1,7 +1,7 @@
 """The bench's cases on tiny inputs: they run, and the two sides do the same work (the
 figures themselves are bench/'s business, never asserted here)."""
 
-from bench import daemon, ddp, gpu, loop, switches
+from bench import daemon, ddp, gpu, loop, sweep, switches
 
 
 def test_the_loop_and_its_baselines_do_the_same_work():
@@ -45,3 +45,9 @@ def test_the_two_process_job_and_the_hand_torchrun_script_do_the_same_work():
     text = ddp.job_text(512, 2)
     seconds, ours = ddp.run_traind(text)
     assert seconds > 0 and ours == ddp.run_hand(text)[1] > 0
+
+
+def test_a_sweeps_cost_per_trial_is_measured_through_a_real_daemon():
+    rows = sweep.measure(quick=True)
+    assert [r["case"] for r in rows] == ["sweep: trial made -> first step, p50 (s)", "sweep: pruner call (ms)"]
+    assert all(r["traind"] > 0 and r["baseline"] > 0 for r in rows)
