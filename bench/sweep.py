@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from traind.daemon.home import Home
-from traind.jobs.folder import METRICS_FILE, STATE_FILE
+from traind.jobs.folder import STATE_FILE
+from traind.jobs.metrics import read_metrics
 
 SWEEP = """
 name = "bench"
@@ -43,21 +44,8 @@ pruner = "median"
 """
 
 
-def _records(folder: Path) -> list[dict]:
-    found = []
-    try:
-        for line in (folder / METRICS_FILE).read_text().splitlines():
-            try:
-                found.append(json.loads(line))
-            except ValueError:
-                pass
-    except OSError:
-        pass
-    return found
-
-
 def _first_step_time(folder: Path) -> float:
-    return next(r["time"] for r in _records(folder) if r.get("kind") == "step")
+    return next(r["time"] for r in read_metrics(folder) if r.get("kind") == "step")
 
 
 def _sweep(root: Path, trials: int, samples: int, epochs: int) -> tuple[Home, list[float], list[float]]:
@@ -83,7 +71,7 @@ def _sweep(root: Path, trials: int, samples: int, epochs: int) -> tuple[Home, li
         folder = home.job_dir(f"bench.t{n:03d}")
         submitted = json.loads((folder / STATE_FILE).read_text())["submitted"]
         made.append(_first_step_time(folder) - submitted)
-        ends = [r["time"] for r in _records(folder) if r.get("kind") == "epoch"]
+        ends = [r["time"] for r in read_metrics(folder) if r.get("kind") == "epoch"]
         epoch_seconds += [b - a for a, b in zip(ends, ends[1:])]
     return home, made, epoch_seconds
 
