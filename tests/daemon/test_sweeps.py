@@ -294,3 +294,35 @@ def test_two_daemons_share_one_study_on_postgresql_and_one_killed_mid_trial_lose
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("sampler, pruner, space", [
+    ("random", "successive_halving", '"optimizer.lr" = { float = [1e-4, 1e-2], log = true }'),
+    ("grid", "hyperband", '"optimizer.lr" = { choice = [0.001, 0.01] }\n"data.batch_size" = { int = [32, 64], step = 32 }'),
+    ("cmaes", "none", '"optimizer.lr" = { float = [1e-4, 1e-2] }\n"optimizer.weight_decay" = { float = [0.0, 0.1] }'),
+    ("tpe", "median", '"train.epochs" = { int = [2, 4] }'),
+])
+def test_each_sampler_and_pruner_drives_trials_whose_jobs_hold_their_values(tmp_path, sampler, pruner, space):
+    from traind.daemon.intake import Intake
+    from traind.daemon.sweeps import Sweeps, open_study, sweep_dir
+
+    home = Home(tmp_path / "home")
+    for d in (home.inbox, home.jobs, home.rejected):
+        d.mkdir(parents=True)
+    text = sweep_text(trials=4).replace('pruner = "median"', f'pruner = "{pruner}"\nsampler = "{sampler}"')
+    text = text[:text.index("[sweep.space]")] + "[sweep.space]\n" + space + "\n"
+    (home.inbox / "sw.toml").write_text(text)
+    outcome = Intake(home, settle=0.0).scan(now=1e12)
+    assert outcome[0].job == "sw", outcome[0].error
+    Sweeps(home).tick(0.0)
+    made = sorted(p.name for p in home.jobs.iterdir())
+    assert made == ["sw.t000", "sw.t001"]
+    study = open_study(sweep_dir(home, "sw"))
+    assert type(study.sampler).__name__.lower().startswith({"random": "random", "grid": "grid", "cmaes": "cmaes",
+                                                            "tpe": "tpe"}[sampler])
+    for job in made:
+        link = json.loads((home.jobs / job / "trial.json").read_text())
+        spec = json.loads((home.jobs / job / "spec.json").read_text())
+        for path, value in link["params"].items():
+            section, key = path.split(".")
+            assert spec[section][key] == value
