@@ -16,7 +16,8 @@ from traind.daemon.home import KEPT, REMOVING, Home, NoSuchJob, finish_removal, 
 from traind.daemon.index import Index, row
 from traind.daemon.jobstate import JobState, read_state, transition
 from traind.daemon.liveness import serving, trained
-from traind.jobs.folder import JOB_FILE, LOG_FILE, SAVES, SLURM_RECORD, STATE_FILE
+from traind.daemon.slurm import SLURM_HOME
+from traind.jobs.folder import JOB_FILE, LOG_FILE, SAVES, STATE_FILE
 from traind.jobs.loadgame import request_load
 from traind.store.errors import TraindError
 from traind.store.fs import FileSystem
@@ -78,7 +79,7 @@ def _run_folder(folder: Path) -> bool:
 
 
 def show_ls(home: Home, as_json: bool, states: tuple[str, ...] = ()) -> None:
-    slurm = any(home.jobs.glob(f"*/{SLURM_RECORD}")) if home.jobs.is_dir() else False
+    slurm = (home.root / SLURM_HOME).exists()  # a Slurm executor served this home
     if as_json and not states and not slurm:  # one row per line: cached rows are printed as stored, in queue order
         texts = Index(home).rows_json(queue=True)
         click.echo("[\n" + ",\n".join(f"  {t}" for t in texts) + "\n]" if texts else "[]")

@@ -49,6 +49,9 @@ POLL = 1.0
 """Seconds between looks at squeue."""
 NICE_BASE = 10000
 """A job's Slurm nice is NICE_BASE minus its traind priority (at least 0): higher runs first."""
+SLURM_HOME = "slurm.home"
+"""In a home a Slurm executor served: `traind ls` then looks for its jobs' Slurm jobs (one
+file to look at, not a slurm.json per job of 10,000)."""
 COMMENT = "traind home "
 """The start of every Slurm job's comment, then the home: how a daemon knows its own jobs."""
 ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
@@ -256,6 +259,8 @@ class SlurmExecutor:
         told: a partition of several nodes, and the home on a file system that looks local
         to this machine (unless config.shared_home says it is shared all the same)."""
         self.home_root = home_root
+        if not (home_root / SLURM_HOME).exists():
+            write_durably(FileSystem(), home_root / SLURM_HOME, b"served by traind daemon --executor slurm\n")
         nodes = self.nodes()
         fstype = _fstype(home_root)
         if len(nodes) > 1 and fstype in LOCAL_FILESYSTEMS and not self.config.shared_home:
