@@ -89,11 +89,6 @@ def open_study(folder: Path, spec: JobSpec | None = None, create: bool = False):
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the daemon logs its own events
     spec = spec or read_spec(folder)
     sweep = spec.sweep
-    seed = spec.seed if sweep.seed is None else sweep.seed
-    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
-                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-                "grid": lambda: optuna.samplers.GridSampler(sweep.grid_space(), seed=seed),
-                "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed)}
     epochs = spec.train.epochs or 1
     pruners = {"none": optuna.pruners.NopPruner,
                "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
@@ -115,10 +110,24 @@ def open_study(folder: Path, spec: JobSpec | None = None, create: bool = False):
     else:
         storage = optuna.storages.RDBStorage(storage_url(folder, spec))
     if create:
-        return optuna.create_study(study_name=folder.name, storage=storage, sampler=samplers[sweep.sampler](),
+        return optuna.create_study(study_name=folder.name, storage=storage, sampler=sampler_for(spec, 0),
                                    pruner=pruners[sweep.pruner](), direction=direction, load_if_exists=True)
-    return optuna.load_study(study_name=folder.name, storage=storage, sampler=samplers[sweep.sampler](),
+    return optuna.load_study(study_name=folder.name, storage=storage, sampler=sampler_for(spec, 0),
                              pruner=pruners[sweep.pruner]())
+
+
+def sampler_for(spec: JobSpec, number: int):
+    """The sweep's sampler, seeded for the trial NUMBER it is about to pick: the seed plus
+    the number, so that a daemon started again does not begin the random stream anew and
+    pick its first trials' values again (a sampler's state is in the study, its RNG is not)."""
+    import optuna
+
+    sweep = spec.sweep
+    seed = (spec.seed if sweep.seed is None else sweep.seed) + number
+    return {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+            "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+            "grid": lambda: optuna.samplers.GridSampler(sweep.grid_space(), seed=seed),
+            "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed)}[sweep.sampler]()
 
 
 def suggest(trial, spec: JobSpec) -> dict[str, Any]:
@@ -256,6 +265,7 @@ class Sweeps:
             under_way += told is None
         count = len(counted(trials))
         while under_way < spec.sweep.parallel and count < spec.sweep.trials:
+            study.sampler = sampler_for(spec, len(study.get_trials(deepcopy=False)))
             trial = study.ask()
             trial.set_user_attr("home", me)
             if shared:

@@ -121,6 +121,13 @@ def test_sigkills_of_the_daemon_and_its_trials_at_random_moments_lose_nothing_an
     home = tmp_path / "home"
     daemons = Daemons(home)
     kills = {"daemon": 0, "worker": 0}
+    killed: set[str] = set()
+
+    def pid_job(pid: int) -> str:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2].decode()
+        except (OSError, IndexError):
+            return ""
     try:
         daemons.start("--workers", "2")
         submit(home, tmp_path, sweep_text(trials=6, pruner="none", samples=16000, epochs=3))
@@ -131,8 +138,11 @@ def test_sigkills_of_the_daemon_and_its_trials_at_random_moments_lose_nothing_an
                 break
             pids = [int(pid) for pid in subprocess.run(["pgrep", "-f", f"traind.daemon.worker --home {home} "],
                                                        capture_output=True, text=True).stdout.split()]
-            if pids and rng.random() < 0.5:
-                os.kill(rng.choice(pids), signal.SIGKILL)
+            fresh = [pid for pid in pids if pid_job(pid) not in killed]  # once each: three quick deaths fail a job
+            if fresh and rng.random() < 0.5:
+                pid = rng.choice(fresh)
+                killed.add(pid_job(pid))
+                os.kill(pid, signal.SIGKILL)
                 kills["worker"] += 1
             else:
                 daemons.procs[-1].kill()
@@ -147,7 +157,8 @@ def test_sigkills_of_the_daemon_and_its_trials_at_random_moments_lose_nothing_an
         daemons.close()
     assert kills["daemon"] >= 2 and kills["worker"] >= 1, kills
     trials = shown(home)["trials"]
-    assert [t["number"] for t in trials] == list(range(6)) and all(t["state"] == "done" for t in trials)
+    assert [t["number"] for t in trials] == list(range(6)) and all(t["state"] == "done" for t in trials), trials
+    assert len({json.dumps(t["params"], sort_keys=True) for t in trials}) == 6  # a daemon started again picks anew
     jobs = sorted(p.name for p in (home / "jobs").iterdir() if not p.name.startswith("."))
     assert jobs == [f"sw.t{n:03d}" for n in range(6)]
     assert sum("resumed from save" in (home / "jobs" / job / "log").read_text() for job in jobs) >= 1
