@@ -398,17 +398,8 @@ class Sweeps:
         # the job as written: what differs from the defaults, and the trial's values even where they do not
         text = json.dumps(with_values(json.loads(job_spec.model_dump_json(exclude_defaults=True)), values),
                           indent=2) + "\n"
-        stage = self.home.jobs / f".new-{job}"
-        self.fs.remove_tree(stage)
-        self.fs.mkdir(stage)
-        write_job(self.fs, stage, JobFile(Path(f"{job}.json"), "json", text, job_spec), staged=True)
-        write_new(self.fs, stage / TRIAL_FILE, json.dumps({"sweep": name, "number": number, "params": values},
-                                                          indent=1).encode())
-        now = time.time()
-        write_state(stage, JobRecord(job, JobState.QUEUED, spec.priority, now, changed=now), self.fs, staged=True)
-        self.fs.fsync_dir(stage)
-        self.fs.rename(stage, folder)
-        self.fs.fsync_dir(self.home.jobs)
+        link = json.dumps({"sweep": name, "number": number, "params": values}, indent=1).encode()
+        _make_queued(self.fs, folder, JobFile(Path(f"{job}.json"), "json", text, job_spec), {TRIAL_FILE: link})
         log.info("%s: trial %d of sweep %s, %s", job, number, name,
                  ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in values.items()))
 
@@ -421,21 +412,26 @@ def _best(study):
 
 
 def accept(home: Home, fs: FileSystem, job_file: JobFile) -> Path:
-    """Make the sweep of JOB_FILE in HOME/sweeps/NAME (staged, renamed into place)."""
-    from traind.jobs.folder import job_file_name
+    """Make the sweep of JOB_FILE in HOME/sweeps/NAME."""
+    folder = sweep_dir(home, job_file.name)
+    folder.parent.mkdir(exist_ok=True)
+    _make_queued(fs, folder, job_file)
+    return folder
 
-    name = job_file.name
-    folder = sweep_dir(home, name)
-    sweeps_dir(home).mkdir(exist_ok=True)
-    stage = sweeps_dir(home) / f".new-{name}"
+
+def _make_queued(fs: FileSystem, folder: Path, job_file: JobFile, extra: dict[str, bytes] | None = None) -> None:
+    """FOLDER with JOB_FILE (write_job), the EXTRA files and a queued state, made in a stage
+    beside it and renamed into place: there whole or not at all."""
+    stage = folder.parent / f".new-{folder.name}"
     fs.remove_tree(stage)
     fs.mkdir(stage)
-    write_new(fs, stage / job_file_name(job_file.path.suffix), job_file.text.encode())
-    write_new(fs, stage / SPEC_FILE, job_file.spec.model_dump_json(indent=2).encode())
+    write_job(fs, stage, job_file, staged=True)
+    for file, data in (extra or {}).items():
+        write_new(fs, stage / file, data)
     now = time.time()
-    write_state(stage, JobRecord(name, JobState.QUEUED, job_file.spec.priority, now, changed=now), fs, staged=True)
+    write_state(stage, JobRecord(folder.name, JobState.QUEUED, job_file.spec.priority, now, changed=now), fs,
+                staged=True)
     fs.fsync_dir(stage)
     fs.rename(stage, folder)
-    fs.fsync_dir(sweeps_dir(home))
-    return folder
+    fs.fsync_dir(folder.parent)
 
