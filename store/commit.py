@@ -68,6 +68,9 @@ def commit(fs: FileSystem, saves_dir: Path, save_id: str, parts: list[Part], met
         fs.rename(stage, final)
         renamed = True
         fs.fsync_dir(saves_dir)
+    except SaveFailed:  # a part of another size than it said
+        fs.remove_tree(stage)
+        raise
     except OSError as e:
         # The save never existed as far as anyone was told: remove every trace of it (once
         # renamed into place, by one step out of every listing first, as `withdraw` does).

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import xxhash
 
+from traind.store import commit
 from traind.store.commit import FORMAT, HASH, MANIFEST, leftover
-from traind.store.errors import CorruptSave
+from traind.store.errors import CorruptSave, DiskFull, SaveFailed
 from traind.store.fs import FileSystem
 
 QUARANTINE = "quarantine"
@@ -142,6 +143,41 @@ def verify(save_dir: Path, full: bool = True) -> list[str]:
         elif full and _hash(path) != entry.get(HASH):
             problems.append(f"{name}: contents changed ({HASH} does not match the manifest)")
     return problems
+
+
+def copy(fs: FileSystem, info: SaveInfo, saves_dir: Path) -> SaveInfo:
+    """Commit a copy of the save INFO (of another folder) into SAVES_DIR under its own id,
+    each file hashed as it is copied: one read that copies and verifies. CorruptSave when a
+    file is not as INFO's manifest says (the copy is withdrawn: nothing of it stays)."""
+    manifest = read_manifest(info.path)
+    problems = verify(info.path, full=False)  # a stat each, to name a file missing or resized
+    if problems:
+        raise CorruptSave(f"{info.path}: {'; '.join(problems)}")
+    parts = [commit.Part(name, int(entry.get("bytes", 0)), _reader(info.path / name))
+             for name, entry in manifest["files"].items()]
+    meta = {k: v for k, v in manifest.items() if k not in ("format", "id", "files", "bytes", "created")}
+    try:
+        made = commit.commit(fs, saves_dir, info.id, parts, {**meta, "copied_from": str(info.path)})
+    except DiskFull:
+        raise
+    except SaveFailed as e:  # a file shorter or longer than its manifest says, or gone
+        raise CorruptSave(f"{info.path}: cannot be copied whole ({e})") from e
+    changed = [name for name, entry in manifest["files"].items() if made["files"][name][HASH] != entry.get(HASH)]
+    if changed:
+        commit.withdraw(fs, saves_dir, saves_dir / info.id)
+        raise CorruptSave(f"{info.path}: {', '.join(changed)}: contents changed ({HASH} does not match the manifest)")
+    return SaveInfo.from_manifest(saves_dir / info.id, made)
+
+
+def _reader(path: Path):
+    def write(sink) -> int:
+        size = 0
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                sink(memoryview(chunk))
+                size += len(chunk)
+        return size
+    return write
 
 
 def _hash(path: Path) -> str:

@@ -109,3 +109,35 @@ def test_save_ids_are_made_and_read_in_one_place(tmp_path):
         (tmp_path / name).mkdir()
     assert newest_on_disk(tmp_path) == tmp_path / "000010-s50"  # by number, not by the name's sort
     assert newest_on_disk(tmp_path / "none") is None
+
+
+def test_a_copied_save_is_the_same_save_in_another_folder_and_loads_alike(store, tmp_path):
+    from safetensors.torch import load_file
+
+    source = store.saves()[-1]
+    copied = saves.copy(store.fs, source, SaveStore(tmp_path / "other").dir)
+    assert copied.id == source.id and copied.seq == source.seq and copied.step == source.step
+    assert saves.verify(copied.path) == []
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
+        assert (copied.path / name).read_bytes() == (source.path / name).read_bytes()
+    assert json.loads((copied.path / "manifest.json").read_text())["copied_from"] == str(source.path)
+    assert [s.id for s in SaveStore(tmp_path / "other").saves()] == [source.id]
+    assert load_file(copied.path / "model.safetensors").keys() == load_file(source.path / "model.safetensors").keys()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "remove"])
+def test_a_save_that_is_not_as_its_manifest_says_is_not_copied_and_leaves_nothing(store, tmp_path, damage):
+    from traind.store.errors import CorruptSave
+
+    source = store.saves()[-1]
+    target = SaveStore(tmp_path / "other").dir
+    path = source.path / "model.safetensors"
+    if damage == "flip":
+        flip_a_bit(path, 100)
+    elif damage == "truncate":
+        os.truncate(path, 10)
+    else:
+        path.unlink()
+    with pytest.raises(CorruptSave, match="model.safetensors"):
+        saves.copy(store.fs, source, target)
+    assert os.listdir(target) == []  # neither the save nor a staging or deleting leftover
