@@ -94,7 +94,9 @@ def set_rng_state(doc: dict) -> None:
 
 
 def spec_hash(trainer: Trainer) -> str:
-    return hashlib.sha256(trainer.spec.model_dump_json().encode()).hexdigest()
+    """The job file's hash, its name left out: what trains, not what it is called (a sweep's
+    trial taken up by another daemon continues another trial's saves under a name of its own)."""
+    return hashlib.sha256(trainer.spec.model_dump_json(exclude={"name"}).encode()).hexdigest()
 
 
 def capture(trainer: Trainer, copy: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
