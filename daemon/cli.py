@@ -18,7 +18,7 @@ import click
 
 from traind.daemon import jobs_cli, saves_cli, spec_cli, units
 from traind.daemon.completion import complete_job, complete_job_or_save, complete_save
-from traind.daemon.home import Home, default_home, job_folder
+from traind.daemon.home import Home, NoSuchJob, default_home, job_folder
 from traind.jobs.errors import JobSpecError
 from traind.jobs.folder import STATE_FILE
 from traind.store.errors import TraindError
@@ -330,15 +330,28 @@ def _steering(action: str, doc: str):
     @home_option
     @pass_home
     def command(home: Home, name: str | None, folder: Path | None) -> None:
-        click.echo(jobs_cli.steer(home, jobs_cli.folder_of(home, name, folder), action))
+        try:
+            job = jobs_cli.folder_of(home, name, folder)
+        except NoSuchJob:
+            from traind.daemon.sweeps import sweep_names
+
+            if folder is not None or name not in sweep_names(home):
+                raise
+            from traind.daemon.sweep_cli import steer  # a sweep: its trials follow it
+
+            click.echo(steer(home, name, action))
+            return
+        click.echo(jobs_cli.steer(home, job, action))
 
     command.__doc__ = doc
     return cli.command(name=action)(command)
 
 
-_steering("pause", "Save at the next step boundary and stop, freeing the device.")
-_steering("resume", "Queue a paused (or failed, or cancelled) job again, continuing from its newest save.")
-_steering("cancel", "Stop the job; its saves stay.")
+_steering("pause", "Save at the next step boundary and stop, freeing the device.\n\n"
+          "A sweep's name: no new trial is asked for, and its trials pause.")
+_steering("resume", "Queue a paused (or failed, or cancelled) job again, continuing from its newest save.\n\n"
+          "A paused sweep's name: it goes on, with the trials its pause paused.")
+_steering("cancel", "Stop the job; its saves stay.\n\nA sweep's name: it ends, and its trials are cancelled.")
 
 
 @cli.command(name="save")

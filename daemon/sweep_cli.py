@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from traind.daemon.home import Home, NoSuchJob
-from traind.daemon.jobstate import read_state
+from traind.daemon.jobs_cli import NotRunning
+from traind.daemon.jobstate import BadTransition, JobState, read_state, transition
 from traind.daemon.sweeps import (STUDY_FILE, objective_of, open_study, read_spec, retried_numbers, sweep_dir,
                                   sweep_names, trial_link)
 from traind.jobs.folder import JOB_FILE
@@ -21,6 +22,33 @@ def folder_of_sweep(home: Home, name: str) -> Path:
         known = ", ".join(sweep_names(home)[:8]) or "none"
         raise NoSuchJob(f"no sweep '{name}' in {folder.parent}; sweeps there: {known}")
     return folder
+
+
+def steer(home: Home, name: str, action: str) -> str:
+    """pause, resume or cancel the sweep NAME: its state changed here; the daemon's driver
+    makes its trials follow (daemon/sweeps.py). What happened, in words."""
+    folder = folder_of_sweep(home, name)
+    state = read_state(folder).state
+    if action == "resume" and state == JobState.CANCELLED:
+        raise NotRunning(f"sweep '{name}' was cancelled: its trials were told failed in its study; to search "
+                         f"again, submit its file under another name")
+    allowed = {"pause": {JobState.QUEUED, JobState.RUNNING}, "resume": {JobState.PAUSED},
+               "cancel": {JobState.QUEUED, JobState.RUNNING, JobState.PAUSED}}.get(action)
+    if allowed is None:
+        raise NotRunning(f"'{name}' is a sweep, which has no saves of its own; quicksave one of its trials "
+                         f"(`traind sweep {name}` lists them)")
+    if state not in allowed:
+        raise NotRunning(f"sweep '{name}' is {state.value}; only a sweep that is "
+                         f"{' or '.join(sorted(s.value for s in allowed))} can be {action}d")
+    target = {"pause": JobState.PAUSED, "resume": JobState.QUEUED, "cancel": JobState.CANCELLED}[action]
+    try:
+        transition(folder, target, allow_from=allowed)
+    except BadTransition as e:  # the daemon ended it meanwhile
+        raise NotRunning(str(e).replace("job", "sweep", 1)) from e
+    return {"pause": f"sweep {name}: paused; the daemon pauses its trials (each saves and stops) and asks for "
+                     f"no new one until `traind resume {name}`",
+            "resume": f"sweep {name}: queued; the daemon queues again the trials its pause paused",
+            "cancel": f"sweep {name}: cancelled; the daemon cancels its trials (their saves stay)"}[action]
 
 
 def trials(home: Home, name: str) -> dict:

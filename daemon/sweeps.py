@@ -20,6 +20,14 @@ one writer). The daemon drives it through Optuna's ask-and-tell API, once a tick
   objective metric over its epochs; pruned, PRUNED; failed or cancelled, FAIL. A tell
   already made is never made twice (the study's state is read first).
 
+- **retry** (a study shared by daemons of several homes): a trial whose daemon went silent
+  is failed by Optuna's heartbeat and tried again as a new trial; its job takes up the
+  dead trial's newest save that copies whole where that trial's folder is reachable
+  (daemon/takeup.py), else starts again, and says which in its trial.json.
+- **steer**: the sweep paused (`traind pause NAME`) pauses its trials, marking each
+  (`sweep.paused`) before the pause, and asks for none; resumed, it queues again the
+  marked ones only; cancelled, it cancels them, which are then told failed.
+
 Everything is read again from the folders and the study at each tick: a daemon killed
 anywhere finds the sweep as it left it.
 """
@@ -30,6 +38,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +46,7 @@ from typing import Any
 from traind.daemon import requests
 from traind.daemon.home import Home
 from traind.daemon.jobstate import BadTransition, JobRecord, JobState, read_state, transition, write_state
+from traind.daemon.takeup import take_up
 from traind.jobs.folder import METRICS_FILE, SPEC_FILE, write_job
 from traind.jobs.jobfile import JobFile
 from traind.jobs.spec import JobSpec
@@ -51,6 +61,12 @@ TRIAL_FILE = "trial.json"
 """In a trial's job folder: {"sweep", "number", "params"}, its link to its sweep."""
 PRUNE_MARK = "pruned"
 """In a trial's job folder: its pruner stopped it (written before the pause that stops it)."""
+HELD_MARK = "sweep.paused"
+"""In a trial's job folder: its sweep's pause paused it (written before the pause), so that
+the sweep's resume queues it again, and only it: a trial paused by hand stays paused."""
+DRIVEN = (JobState.QUEUED, JobState.RUNNING, JobState.PAUSED, JobState.CANCELLED)
+"""The states of a sweep its driver looks at: a paused one keeps its trials' heartbeats and
+tells the trials that end; a cancelled one, until its trials are told."""
 TICK = 1.0
 """Seconds between looks at the sweeps."""
 
@@ -100,6 +116,7 @@ def open_study(folder: Path, spec: JobSpec | None = None, create: bool = False):
         import warnings
 
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are, since 2.8
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
         newer = "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
         retry = (optuna.storages.RetryHeartbeatStaleTrialCallback if newer else
                  optuna.storages.RetryFailedTrialCallback)(max_retry=3)  # renamed in Optuna 4.9
@@ -205,6 +222,8 @@ class Sweeps:
     home: Home
     fs: FileSystem = field(default_factory=FileSystem)
     _studies: dict[str, Any] = field(default_factory=dict)
+    _settled: set[str] = field(default_factory=set)
+    """Cancelled sweeps whose trials of this home are all told: nothing more to do."""
     _next: float = 0.0
 
     def tick(self, now: float) -> bool:
@@ -216,7 +235,8 @@ class Sweeps:
         for name in sweep_names(self.home):
             folder = sweeps_dir(self.home) / name
             record = read_state(folder)
-            if record is None or record.state not in (JobState.QUEUED, JobState.RUNNING):
+            if record is None or record.state not in DRIVEN or \
+                    (record.state == JobState.CANCELLED and name in self._settled):
                 self._studies.pop(name, None)
                 continue
             try:
@@ -233,9 +253,12 @@ class Sweeps:
             spec = read_spec(folder)
             self._studies[name] = (spec, open_study(folder, spec, create=True))
         spec, study = self._studies[name]
-        if record.state == JobState.QUEUED:
+        sweep_state = record.state
+        if sweep_state == JobState.QUEUED:
             transition(folder, JobState.RUNNING)
-            log.info("sweep %s: started (%d trials, %d at once)", name, spec.sweep.trials, spec.sweep.parallel)
+            sweep_state = JobState.RUNNING
+            log.info("sweep %s: %s (%d trials, %d at once)", name, "resumed" if record.changed > record.submitted
+                     else "started", spec.sweep.trials, spec.sweep.parallel)
         metric, direction = resolved_objective(spec)
         shared = bool(spec.sweep.storage)
         me = str(self.home.root)
@@ -260,10 +283,16 @@ class Sweeps:
                 continue  # another daemon's
             if shared:
                 study._storage.record_heartbeat(frozen._trial_id)
-            told = self._follow(name, spec, study, frozen, metric, direction)
+            told = self._follow(name, spec, study, frozen, metric, direction, sweep_state)
             changed |= told is not None
             under_way += told is None
-        count = len(counted(trials))
+        if sweep_state != JobState.RUNNING:  # paused or cancelled: no trial asked for, none ends the sweep
+            if sweep_state == JobState.CANCELLED and under_way == 0:
+                self._settled.add(name)
+                log.info("sweep %s: cancelled; its trials in this home are cancelled and told failed", name)
+            return changed
+        # a trial waiting (a retry Optuna made) counts once asked for: the next ask takes it first
+        count = sum(t.state != TrialState.WAITING for t in counted(trials))
         while under_way < spec.sweep.parallel and count < spec.sweep.trials:
             study.sampler = sampler_for(spec, len(study.get_trials(deepcopy=False)))
             trial = study.ask()
@@ -290,9 +319,10 @@ class Sweeps:
                 changed = True
         return changed
 
-    def _follow(self, name: str, spec: JobSpec, study, frozen, metric: str, direction: str):
-        """One trial under way: made into a job if it has none, its epochs reported, pruned
-        where its pruner says, told once its job ended. The state it was told, or None."""
+    def _follow(self, name: str, spec: JobSpec, study, frozen, metric: str, direction: str, sweep_state: JobState):
+        """One trial under way: made into a job if it has none, held, let go or cancelled
+        as its sweep is (SWEEP_STATE), its epochs reported, pruned where its pruner says, told
+        once its job ended. The state it was told, or None."""
         from optuna.trial import Trial, TrialState
 
         job = trial_name(name, frozen.number)
@@ -308,6 +338,7 @@ class Sweeps:
             transition(folder, JobState.PRUNED, allow_from={JobState.PAUSED}, last_error=None, cause=None)
             state = JobState.PRUNED
             log.info("%s: pruned (sweep %s)", job, name)
+        state = self._steer(job, folder, state, sweep_state)
         values = epoch_values(folder, metric)
         new = {e: v for e, v in values.items() if e not in frozen.intermediate_values}
         if new:
@@ -335,6 +366,45 @@ class Sweeps:
             log.info("%s: %s: told failed (sweep %s)", job, state.value, name)
             return TrialState.FAIL
         return None
+
+    def _steer(self, job: str, folder: Path, state: JobState, sweep_state: JobState) -> JobState:
+        """Make the trial's job in FOLDER (in STATE) follow its sweep: paused while the sweep
+        is (HELD_MARK first, then the pause), queued again when it goes on, cancelled when it
+        is. Idempotent: asked again each tick until the job is there. The job's state after."""
+        held = folder / HELD_MARK
+        if sweep_state == JobState.RUNNING:
+            if held.exists() and state != JobState.RUNNING:  # running: its pause is still on its way
+                if state == JobState.PAUSED:
+                    transition(folder, JobState.QUEUED, allow_from={JobState.PAUSED}, restarts=0, last_error=None,
+                               cause=None)
+                    state = JobState.QUEUED
+                    log.info("%s: queued again, its sweep goes on", job)
+                self.fs.unlink(held)
+            return state
+        action, why = (("pause", "its sweep was paused") if sweep_state == JobState.PAUSED
+                       else ("cancel", "its sweep was cancelled"))
+        if state == JobState.RUNNING:
+            from traind.daemon.liveness import trained
+
+            # a run that ended (a pause by hand, taken) before the daemon saw it, or a worker
+            # waiting to be restarted: asked at a later tick, once its state says which
+            if trained(folder) and not any(r.kind == action for r in requests.pending(folder)):
+                if action == "pause":
+                    write_durably(self.fs, held, b"{}")
+                requests.send(folder, action, why)
+                log.info("%s: %s: %s requested", job, why, action)
+            return state
+        target = JobState.PAUSED if action == "pause" else JobState.CANCELLED
+        if state in ({JobState.QUEUED} if action == "pause" else {JobState.QUEUED, JobState.PAUSED}):
+            if action == "pause":
+                write_durably(self.fs, held, b"{}")
+            try:
+                transition(folder, target, allow_from={state}, last_error=why, cause=None)
+            except BadTransition:  # it started meanwhile: the next tick asks it as a running one
+                return state
+            log.info("%s: %s: %s", job, why, target.value)
+            return target
+        return state
 
     def _orphan(self, study, frozen, heartbeat: int) -> None:
         """A trial of shared storage that no daemon owns: asked for by one that died before
@@ -398,11 +468,22 @@ class Sweeps:
         # the job as written: what differs from the defaults, and the trial's values even where they do not
         text = json.dumps(with_values(json.loads(job_spec.model_dump_json(exclude_defaults=True)), values),
                           indent=2) + "\n"
-        link = json.dumps({"sweep": name, "number": number, "params": values}, indent=1).encode()
-        _make_queued(self.fs, folder, JobFile(Path(f"{job}.json"), "json", text, job_spec), {TRIAL_FILE: link})
+        link = {"sweep": name, "number": number, "params": values}
+
+        def fill(stage: Path) -> dict[str, bytes]:
+            link.update(take_up(self.fs, name, study, trial, stage))
+            return {TRIAL_FILE: json.dumps(link, indent=1).encode()}
+
+        _make_queued(self.fs, folder, JobFile(Path(f"{job}.json"), "json", text, job_spec), fill=fill)
         log.info("%s: trial %d of sweep %s, %s", job, number, name,
                  ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in values.items()))
-
+        if "taken_up" in link:
+            taken = link["taken_up"]
+            log.info("%s: tries again trial %d, whose daemon went silent: taken up from its save %s (step %d) in %s",
+                     job, link["retries"], taken["save"], taken["step"], taken["from"])
+        elif "started_again" in link:
+            log.info("%s: tries again trial %d, whose daemon went silent: started again, as %s",
+                     job, link["retries"], link["started_again"])
 
 def _best(study):
     try:
@@ -419,14 +500,15 @@ def accept(home: Home, fs: FileSystem, job_file: JobFile) -> Path:
     return folder
 
 
-def _make_queued(fs: FileSystem, folder: Path, job_file: JobFile, extra: dict[str, bytes] | None = None) -> None:
-    """FOLDER with JOB_FILE (write_job), the EXTRA files and a queued state, made in a stage
-    beside it and renamed into place: there whole or not at all."""
+def _make_queued(fs: FileSystem, folder: Path, job_file: JobFile,
+                 fill: Callable[[Path], dict[str, bytes]] | None = None) -> None:
+    """FOLDER with JOB_FILE (write_job), what FILL puts into it and the files it returns, and
+    a queued state, made in a stage beside it and renamed into place: there whole or not at all."""
     stage = folder.parent / f".new-{folder.name}"
     fs.remove_tree(stage)
     fs.mkdir(stage)
     write_job(fs, stage, job_file, staged=True)
-    for file, data in (extra or {}).items():
+    for file, data in (fill(stage) if fill else {}).items():
         write_new(fs, stage / file, data)
     now = time.time()
     write_state(stage, JobRecord(folder.name, JobState.QUEUED, job_file.spec.priority, now, changed=now), fs,

@@ -66,6 +66,31 @@ def shown(home: Path) -> dict:
     return json.loads(result.output)
 
 
+def pid_job(pid: int) -> str:
+    """The job a daemon's worker process trains (the last word of its command line)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+def worker_pids(home: Path) -> dict[str, int]:
+    """The daemon's worker processes of HOME, by the job each trains."""
+    pids = subprocess.run(["pgrep", "-f", f"traind.daemon.worker --home {home} "], capture_output=True,
+                          text=True).stdout.split()
+    return {pid_job(int(pid)): int(pid) for pid in pids}
+
+
+def training(home: Path, jobs: list[str]) -> dict[str, int]:
+    """The workers of JOBS, once each has trained some steps."""
+    def found():
+        pids = worker_pids(home)
+        listed = rows(home)
+        return pids if all(job in pids and listed.get(job, {}).get("state") == "running" and listed[job].get("step", 0) >= 20
+                           for job in jobs) else None
+    return wait_for(found, f"{', '.join(jobs)} to train")
+
+
 def test_a_sweep_runs_its_trials_as_jobs_prunes_the_poor_ones_and_its_best_agrees_with_its_saves(tmp_path):
     home = tmp_path / "home"
     daemons = Daemons(home)
@@ -122,12 +147,6 @@ def test_sigkills_of_the_daemon_and_its_trials_at_random_moments_lose_nothing_an
     daemons = Daemons(home)
     kills = {"daemon": 0, "worker": 0}
     killed: set[str] = set()
-
-    def pid_job(pid: int) -> str:
-        try:
-            return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2].decode()
-        except (OSError, IndexError):
-            return ""
     try:
         daemons.start("--workers", "2")
         submit(home, tmp_path, sweep_text(trials=6, pruner="none", samples=16000, epochs=3))
@@ -136,9 +155,7 @@ def test_sigkills_of_the_daemon_and_its_trials_at_random_moments_lose_nothing_an
             time.sleep(rng.uniform(1.0, 4.0))
             if ended(home):
                 break
-            pids = [int(pid) for pid in subprocess.run(["pgrep", "-f", f"traind.daemon.worker --home {home} "],
-                                                       capture_output=True, text=True).stdout.split()]
-            fresh = [pid for pid in pids if pid_job(pid) not in killed]  # once each: three quick deaths fail a job
+            fresh = [pid for job, pid in worker_pids(home).items() if job not in killed]  # once each: three quick deaths fail a job
             if fresh and rng.random() < 0.5:
                 pid = rng.choice(fresh)
                 killed.add(pid_job(pid))
@@ -173,6 +190,64 @@ def test_sigkills_of_the_daemon_and_its_trials_at_random_moments_lose_nothing_an
         assert_equal(newest(home / "jobs" / t["job"]), newest(alone))
 
 
+def test_a_sweep_paused_holds_its_trials_and_asks_for_none_resumed_goes_on_and_cancelled_ends_them(tmp_path):
+    """`traind pause SWEEP`: its running trials save and stop, no trial is asked for; a
+    trial paused by hand before stays paused through the sweep's resume, which queues
+    again only those the sweep's pause paused (they resume from their saves). `traind
+    cancel SWEEP`: its trials are cancelled (saves kept) and told failed; it cannot resume."""
+    import optuna
+
+    home = tmp_path / "home"
+    daemons = Daemons(home)
+    job = lambda n: f"sw.t{n:03d}"  # noqa: E731
+    try:
+        daemons.start("--workers", "2")
+        text = sweep_text(trials=3, pruner="none", samples=48000, epochs=2)  # long enough that none ends first
+        submit(home, tmp_path, text)
+        # each worker stopped (SIGSTOP) while a request reaches it, so that no trial ends first
+        held = training(home, [job(0), job(1)])
+        for pid in held.values():
+            os.kill(pid, signal.SIGSTOP)
+        assert traind(home, "pause", job(0)).exit_code == 0  # by hand
+        os.kill(held[job(0)], signal.SIGCONT)
+        wait_for(lambda: rows(home)[job(0)]["state"] == "paused", "trial 0 to pause")
+        result = traind(home, "pause", "sw")
+        assert result.exit_code == 0 and "sweep sw: paused" in result.output, result.output
+        wait_for(lambda: f"{job(1)}: its sweep was paused: pause requested" in daemons.events(), "the sweep's pause")
+        os.kill(held[job(1)], signal.SIGCONT)
+        wait_for(lambda: rows(home)[job(1)]["state"] == "paused", "the sweep's pause to pause trial 1")
+        assert shown(home)["state"] == "paused" and sorted(rows(home)) == [job(0), job(1)]  # none asked for
+        assert (home / "jobs" / job(1) / "sweep.paused").exists() and not (home / "jobs" / job(0) / "sweep.paused").exists()
+        assert traind(home, "resume", "sw").exit_code == 0
+        wait_for(lambda: rows(home)[job(1)]["state"] == "done", "trial 1 to go on and end")
+        assert rows(home)[job(0)]["state"] == "paused" and shown(home)["state"] == "running"
+        assert "resumed from save" in (home / "jobs" / job(1) / "log").read_text()
+        assert traind(home, "resume", job(0)).exit_code == 0
+        wait_for(lambda: ended(home), "the sweep to end")
+        assert [t["state"] for t in shown(home)["trials"]] == ["done"] * 3
+
+        submit(home, tmp_path, text.replace('"sw"', '"sx"'))
+        held = training(home, ["sx.t000", "sx.t001"])
+        for pid in held.values():
+            os.kill(pid, signal.SIGSTOP)
+        result = traind(home, "cancel", "sx")
+        assert result.exit_code == 0 and "sweep sx: cancelled" in result.output, result.output
+        wait_for(lambda: daemons.events().count("its sweep was cancelled: cancel requested") == 2, "the cancel")
+        for pid in held.values():
+            os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: "sweep sx: cancelled; its trials" in daemons.events(), "the cancel to reach its trials")
+        listed = rows(home)
+        assert sorted(n for n in listed if n.startswith("sx.")) == ["sx.t000", "sx.t001"]
+        assert all(listed[n]["state"] == "cancelled" for n in ("sx.t000", "sx.t001"))
+        study = optuna.load_study(study_name="sx", storage=f"sqlite:///{home / 'sweeps' / 'sx' / 'study.sqlite'}")
+        assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
+        again = traind(home, "resume", "sx")
+        assert again.exit_code == 1 and "was cancelled" in again.output and "another name" in again.output
+        assert any(line.startswith("sweep sx: cancelled") for line in traind(home, "ls").output.splitlines())
+    finally:
+        daemons.close()
+
+
 def test_a_trial_asked_for_whose_job_a_crash_kept_from_being_made_gets_it_on_the_next_tick(tmp_path):
     """The window between Optuna's ask and the job's folder: the trial is in the study, with
     some of its values or none; the driver finishes them and makes its one job."""
@@ -199,6 +274,62 @@ def test_a_trial_asked_for_whose_job_a_crash_kept_from_being_made_gets_it_on_the
     assert made["number"] == 2 and made["params"]["optimizer.lr"] == lr and "data.batch_size" in made["params"]
     assert len(open_study(sweep_dir(home, "sw")).trials) == 3  # nothing asked for again
     assert sorted(p.name for p in home.jobs.iterdir()) == ["sw.t000", "sw.t001", "sw.t002"]
+
+
+@pytest.mark.parametrize("case", ["unreachable", "newest_corrupt", "all_corrupt", "no_save"])
+def test_a_trial_tried_again_takes_up_the_dead_trials_newest_whole_save_where_it_can_reach_it(tmp_path, case):
+    """Shared storage: a trial failed by its heartbeat is tried again (Optuna's retry) by
+    this daemon, which copies the dead trial's newest save that copies whole, its records
+    and its thread count into the retry's job; where the dead trial's folder is not
+    reachable, or no save of it is whole, the retry starts again and says why."""
+    import optuna
+
+    from tests.store.test_commit import save
+    from traind.daemon.intake import Intake
+    from traind.daemon.sweeps import Sweeps, open_study, sweep_dir
+    from traind.store.store import SaveStore
+
+    home = Home(tmp_path / "home")
+    for d in (home.inbox, home.jobs, home.rejected):
+        d.mkdir(parents=True)
+    url = f"sqlite:///{tmp_path / 'shared.sqlite'}"
+    (home.inbox / "sw.toml").write_text(sweep_text(trials=1, pruner="none").replace(
+        "[sweep]\n", f'[sweep]\nstorage = "{url}"\n').replace("parallel = 2", "parallel = 1"))
+    Intake(home, settle=0.0).scan(now=1e12)
+    study = open_study(sweep_dir(home, "sw"), create=True)
+    dead = study.ask()  # another daemon's trial, and that daemon's death
+    dead.suggest_float("optimizer.lr", 1e-5, 3e-2, log=True)
+    dead.suggest_categorical("data.batch_size", [32, 64])
+    other = tmp_path / ("gone" if case == "unreachable" else "other")
+    dead.set_user_attr("home", str(other))
+    if case != "unreachable":
+        folder = Home(other).job_dir("sw.t000")
+        store = SaveStore(folder / "saves")
+        if case != "no_save":
+            older, newest = save(store, 100, seed=1), save(store, 200, seed=2)
+            for info in ([newest] if case == "newest_corrupt" else [older, newest]):
+                (info.path / "state.json").write_text("{}")  # the size it had, or not: either way not whole
+        (folder / "metrics.jsonl").write_text('{"kind": "epoch", "epoch": 1, "val_loss": 0.5}\n')
+        (folder / "threads.json").write_text('{"threads": 3}')
+    study._storage.set_trial_state_values(dead._trial_id, optuna.trial.TrialState.FAIL)
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
+        optuna.storages.RetryFailedTrialCallback  # renamed in Optuna 4.9
+    retry(max_retry=3)(study, study._storage.get_trial(dead._trial_id))  # as fail_stale_trials does
+    Sweeps(home).tick(0.0)
+    job = home.jobs / "sw.t001"
+    link = json.loads((job / "trial.json").read_text())
+    assert link["retries"] == 0 and link["params"] == dead.params
+    if case == "newest_corrupt":
+        assert link["taken_up"] == {"from": str(other / "jobs" / "sw.t000"), "save": older.id, "step": 100}
+        assert [s.id for s in list_saves(job / "saves")[0]] == [older.id]
+        assert (job / "state.json").is_file() and (job / "threads.json").read_text() == '{"threads": 3}'
+        assert "val_loss" in (job / "metrics.jsonl").read_text()
+        assert (other / "jobs" / "sw.t000" / "saves" / newest.id).is_dir()  # the dead home is only read
+        return
+    assert "taken_up" not in link and not list_saves(job / "saves")[0]
+    assert not (job / "threads.json").exists()
+    assert {"unreachable": "are not reachable from this machine", "all_corrupt": "none of its saves copies whole",
+            "no_save": "it had made no save yet"}[case] in link["started_again"]
 
 
 @pytest.mark.parametrize("change, line, said, fix", [
@@ -264,10 +395,11 @@ def postgres():
 
 def test_two_daemons_share_one_study_on_postgresql_and_one_killed_mid_trial_loses_no_trial(tmp_path, postgres):
     """Two homes (two machines), one study on a real PostgreSQL: each daemon runs trials on
-    its own worker; one is SIGKILLed mid-trial, the other fails that trial once its
-    heartbeat is silent, tries it again with its values, and the study ends with exactly
-    its trials; the killed daemon, started again, cancels its dead trial's job rather than
-    train it twice."""
+    its own worker; one is SIGKILLed mid-trial, after a save, the other fails that trial
+    once its heartbeat is silent and tries it again with its values, taking it up from the
+    dead trial's newest save (both homes are on one disk here: shared storage), and ends
+    bitwise equal to the trial run alone; the study ends with exactly its trials; the
+    killed daemon, started again, cancels its dead trial's job rather than train it twice."""
     import optuna
 
     from traind.daemon.sweeps import counted
@@ -280,7 +412,8 @@ def test_two_daemons_share_one_study_on_postgresql_and_one_killed_mid_trial_lose
             daemons.start("--workers", "1")
             submit(daemons.home, tmp_path, text)
         running = wait_for(lambda: next((n for n, r in rows(a.home).items() if r["state"] == "running"
-                                         and r["step"] >= 100), None), "a trial of daemon a to train", timeout=180)
+                                         and list_saves(a.home / "jobs" / n / "saves")[0]), None),
+                           "a trial of daemon a to save", timeout=180)
         number = int(running.split(".t")[1])
         a.procs[-1].kill()  # its worker dies with it
         a.procs[-1].wait()
@@ -298,6 +431,21 @@ def test_two_daemons_share_one_study_on_postgresql_and_one_killed_mid_trial_lose
             assert rows(home)[f"sw.t{t.number:03d}"]["state"] == "done"
         shown_b = shown(b.home)
         assert next(t for t in shown_b["trials"] if t["number"] == number)["state"] == "retried"
+        again = b.home / "jobs" / f"sw.t{retry.number:03d}"
+        link = json.loads((again / "trial.json").read_text())
+        taken = link["taken_up"]
+        assert link["retries"] == number and taken["from"] == str(a.home / "jobs" / running)
+        assert f"resumed from save {taken['save']} at step {taken['step']}" in (again / "log").read_text()
+        assert "job file changed" not in (again / "log").read_text()  # another name, the same job
+        spec = tmp_path / "alone.json"
+        spec.write_text(traind(b.home, "sweep", "sw", "--trial", str(retry.number), "--spec").output)
+        threads = json.loads((again / "threads.json").read_text())["threads"]  # daemon a's, taken up with the save
+        done = subprocess.run([str(BIN / "traind"), "run", str(spec), "--dir", str(tmp_path / "alone")],
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        assert done.returncode == 0, done.stdout + done.stderr
+        newest = lambda folder: load_file(list_saves(folder / "saves")[0][-1].path / "model.safetensors")  # noqa: E731
+        assert_equal(newest(again), newest(tmp_path / "alone"))
         a.start("--workers", "1")
         wait_for(lambda: ended(a.home), "daemon a, started again, to end its sweep too", timeout=120)
         wait_for(lambda: rows(a.home)[running]["state"] == "cancelled", "its dead trial's job to be cancelled")
