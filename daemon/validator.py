@@ -3,14 +3,16 @@ model's constructor, the dry forward pass) never runs inside the daemon.
 
     python -m traind.daemon.validator      (reads requests on stdin, answers on stdout)
 
-The child imports torch once and answers one JSON line per file. If a file's code ends
-the child (a segfault, an exit, an OOM kill) or hangs it past TIMEOUT, only the child
-goes: the file is rejected, and the next file gets a new child.
+The child imports torch once, and answers one JSON line per file from a fork of itself, so
+that no file's code reaches the next file's validation. If a file's code ends its fork (a
+segfault, an exit, an OOM kill), the file is rejected; one that hangs the child past
+TIMEOUT is rejected too, and the next file gets a new child.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import select
 import signal
 import subprocess
@@ -19,6 +21,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from traind.daemon import liveness
 from traind.daemon.intake import validate
 from traind.jobs.jobfile import load_job
 from traind.store.errors import TraindError
@@ -102,18 +105,52 @@ def unexpected(path: str, error: Exception) -> str:
             "try it with `traind validate` for the whole traceback")
 
 
+def answer(request: dict) -> dict:
+    """The verdict on one file: its name and resolved spec, or what is wrong with it."""
+    try:
+        job_file = validate(load_job(request["path"], base_dir=request["base_dir"]))
+        spec = job_file.spec.model_copy(update={"name": job_file.name})
+        return {"name": job_file.name, "spec_json": spec.model_dump_json(indent=2), "error": None}
+    except TraindError as e:
+        return {"name": None, "spec_json": None, "error": str(e)}
+    except Exception as e:  # noqa: BLE001 - an answer, never a dead child blamed on the file
+        return {"name": None, "spec_json": None, "error": unexpected(request["path"], e)}
+
+
 def serve() -> None:
+    """Answer each request on stdin from a fork of this process, which has paid the imports
+    and a first optimizer step once (daemon/warm.py): no file's code changes what the next
+    file's validation sees (its dtype, flags, RNG, environment, cwd), and a file whose code
+    ends its process ends only that fork, which is answered for here."""
+    from traind.daemon.warm import warm_up
+
+    warm_up()
     for line in sys.stdin:
         request = json.loads(line)
-        try:
-            job_file = validate(load_job(request["path"], base_dir=request["base_dir"]))
-            spec = job_file.spec.model_copy(update={"name": job_file.name})
-            answer = {"name": job_file.name, "spec_json": spec.model_dump_json(indent=2), "error": None}
-        except TraindError as e:
-            answer = {"name": None, "spec_json": None, "error": str(e)}
-        except Exception as e:  # noqa: BLE001 - an answer, never a dead child blamed on the file
-            answer = {"name": None, "spec_json": None, "error": unexpected(request["path"], e)}
-        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            code = 1
+            try:
+                liveness.die_with_parent(signal.SIGKILL)  # the daemon's timeout kills the parent, and so this
+                os.dup2(2, 1)  # what the file's code prints goes to stderr, never into the answers
+                with os.fdopen(write, "w") as out:
+                    out.write(json.dumps(answer(request)))
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        with os.fdopen(read) as got:
+            said = got.read()
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if not said:  # its code ended the fork before the answer
+            how = f"{signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+            said = json.dumps({"name": None, "spec_json": None, "error": (
+                f"{Path(request['path']).name}: its code ended the validating process ({how}: a segfault, an "
+                f"exit, an OOM kill?); try it with `traind validate`")})
+        sys.stdout.write(said + "\n")
         sys.stdout.flush()
 
 

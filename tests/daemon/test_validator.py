@@ -36,6 +36,23 @@ def test_code_that_kills_the_process_takes_only_the_validator_down(validator, tm
     assert validator.check(tmp_path / "good.toml", tmp_path).error is None  # a new child took over
 
 
+def test_a_files_code_that_changes_the_process_changes_nothing_of_the_next_files_validation(validator, tmp_path):
+    """Each file is validated in a fork of the warm child: its dtype, cwd, environment,
+    imported modules and printed lines stay there."""
+    (tmp_path / "meddle.py").write_text(
+        "import os, torch\nprint('noise on stdout')\ndef net():\n    torch.set_default_dtype(torch.float64)\n"
+        "    os.environ['MEDDLED'] = '1'\n    os.chdir('/')\n    return torch.nn.Linear(20, 10)\n")
+    (tmp_path / "meddle.toml").write_text('python_path = ["."]\n[model]\ntarget = "meddle:net"\n[data]\nsamples = 100\n')
+    first = validator.check(tmp_path / "meddle.toml", tmp_path)  # its own float64 layer fails its dry forward
+    assert "fit that input" in first.error  # an answer: the printed line did not get into the answers
+    (tmp_path / "meddle.py").write_text(  # the same module name, new code: imported again, not cached
+        "import os, torch\ndef net():\n    assert torch.get_default_dtype() == torch.float32, 'dtype leaked'\n"
+        "    assert 'MEDDLED' not in os.environ and os.getcwd() != '/', 'process state leaked'\n"
+        "    return torch.nn.Linear(20, 10)\n")
+    verdict = validator.check(tmp_path / "meddle.toml", tmp_path)
+    assert verdict.error is None, verdict.error
+
+
 def test_code_that_hangs_is_cut_off(tmp_path):
     (tmp_path / "hang.py").write_text("def net():\n    while True:\n        pass\n")
     (tmp_path / "hang.toml").write_text('python_path = ["."]\n[model]\ntarget = "hang:net"\n')
