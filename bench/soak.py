@@ -134,7 +134,8 @@ class Soak:
             if not entry.name.isdigit():
                 continue
             try:
-                cmd = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
+                # its words: a warm worker's title is one string (setproctitle), a cold one's NUL-separated
+                cmd = Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ").split()
             except OSError:
                 continue
             if (b"traind.daemon.worker" in cmd or b"traind.daemon.rank" in cmd) and str(self.home).encode() in cmd:
@@ -145,7 +146,7 @@ class Soak:
                 seen = self.seen.setdefault((int(entry.name), born), time.time())
                 if b"traind.daemon.rank" in cmd:
                     self.ranks.add(int(entry.name))
-                found.append((int(entry.name), cmd[-2].decode(), seen))
+                found.append((int(entry.name), cmd[-1].decode(), seen))
         return found
 
     # the jobs

@@ -207,6 +207,8 @@ def load(home: Home, args: tuple[str, ...], folder: Path | None) -> None:
               help="Jobs at once without a GPU (with GPUs: one per GPU); 0: take files in, start no job.")
 @click.option("--threads", type=click.IntRange(min=1),
               help="CPU threads for each new job (default: OMP_NUM_THREADS, else the cores shared among the workers).")
+@click.option("--warm/--cold", default=False, show_default=True,
+              help="Start each job's worker as a fork of a process that imported torch once (--cold: a new Python each).")
 @click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
               help="Where jobs run: worker processes on this machine, or sbatch jobs on a Slurm cluster.")
 @click.option("--partition", help="Slurm: the partition jobs are submitted to (default: the cluster's).")
@@ -227,7 +229,7 @@ def load(home: Home, args: tuple[str, ...], folder: Path | None) -> None:
               help="Slurm: the home is on storage every node sees, though its file system looks local (a bind mount).")
 @home_option
 @pass_home
-def daemon(home: Home, workers: int, threads: int | None, executor: str, partition: str | None,
+def daemon(home: Home, workers: int, threads: int | None, warm: bool, executor: str, partition: str | None,
            account: str | None, sbatch_options: tuple[str, ...], grace: int, warn_signal: str,
            cpus_per_process: int, gpus_per_process: int, max_jobs: int, shared_home: bool) -> None:
     """Run the service in the foreground. The first SIGTERM or SIGINT: every running job
@@ -269,7 +271,7 @@ def daemon(home: Home, workers: int, threads: int | None, executor: str, partiti
     stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
     logging.basicConfig(level=logging.INFO, format=f"{stamp}traind: %(message)s", stream=sys.stderr)
     click.echo(f"traind daemon serving {home.root}", err=True)
-    Daemon(home, workers=workers, threads=threads, executor=runner).serve(stop)
+    Daemon(home, workers=workers, threads=threads, executor=runner, warm=warm).serve(stop)
 
 
 STATES = ("queued", "running", "paused", "done", "failed", "cancelled")

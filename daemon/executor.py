@@ -5,7 +5,8 @@ that says when and how the worker ended (the worker.Exit protocol: an Exit, or m
 signal that killed it).
 
 - `LocalExecutor`: a worker process per job on this machine, one per device slot (GPUs,
-  else `--workers` CPU slots), killed with the daemon (PR_SET_PDEATHSIG).
+  else `--workers` CPU slots), killed with the daemon (PR_SET_PDEATHSIG); with --warm a
+  fork of a warm template that paid the imports once (daemon/warm.py).
 - `SlurmExecutor` (daemon/slurm.py): an sbatch job per job; Slurm places it, and it
   outlives the daemon, which finds it again when it starts.
 """
@@ -108,6 +109,9 @@ class Executor(Protocol):
         """Act for a worker that cannot take its job's requests yet (a Slurm job still
         pending): a pause or a cancel then ends it at once."""
 
+    def close(self) -> None:
+        """The daemon stops: free what PREPARE took (its workers are stopped already)."""
+
 
 def worker_argv(home_root: Path, name: str) -> list[str]:
     return [sys.executable, "-m", "traind.daemon.worker", "--home", str(home_root), name]
@@ -138,14 +142,25 @@ class LocalExecutor:
 
     def __init__(self, workers: int = 1, threads_per_worker: int | None = None,
                  gpus: Callable[[], list[str]] = visible_gpus,
-                 spawn: Callable[[list[str], IO[bytes], dict[str, str]], subprocess.Popen] = spawn_worker):
+                 spawn: Callable[[list[str], IO[bytes], dict[str, str]], subprocess.Popen] = spawn_worker,
+                 warm: bool = False):
         self.found_gpus = gpus()
         self.slots = [] if workers == 0 else self.found_gpus or [f"cpu{i}" for i in range(workers)]
         self.threads = threads_per_worker
-        self.spawn = spawn
+        self.warm = None
+        if warm and self.slots:  # workers forked from a template that paid the imports (daemon/warm.py)
+            from traind.daemon.warm import WarmWorkers
+
+            self.warm = WarmWorkers(spawn)
+        self.spawn = self.warm or spawn
 
     def prepare(self, home_root: Path) -> None:
-        pass
+        if self.warm is not None:
+            self.warm.prepare()  # warm by the time the first job starts
+
+    def close(self) -> None:
+        if self.warm is not None:
+            self.warm.close()
 
     def need(self, spec: dict) -> Need:
         return Need.of(spec)
@@ -168,7 +183,7 @@ class LocalExecutor:
         return None  # a worker dies with the daemon that started it
 
     def describe(self, handle: Handle) -> str:
-        return f"worker pid {handle.pid}"
+        return f"{'warm ' if getattr(handle, 'warm', False) else ''}worker pid {handle.pid}"
 
     def steer(self, handle: Handle, folder: Path) -> None:
         pass  # a local worker starts at once, and takes its requests itself

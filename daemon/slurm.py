@@ -294,6 +294,9 @@ class SlurmExecutor:
     def describe(self, handle: SlurmJob) -> str:
         return f"Slurm job {handle.job_id}"
 
+    def close(self) -> None:
+        pass  # its Slurm jobs go on; the next daemon finds them
+
     def steer(self, handle: SlurmJob, folder: Path) -> None:
         """A pause or cancel of a job whose Slurm job waits in the queue (not started yet,
         or requeued and waiting to start again) ends it now: its worker would take the

@@ -147,6 +147,8 @@ class Daemon:
     clock: Callable[[], float] = time.time
     watch: Callable[[Path, threading.Event], InboxWatch] = InboxWatch
     executor: Executor | None = None
+    warm: bool = False
+    """Workers forked from a warm template (daemon/warm.py) rather than started cold."""
 
     reserve_after: float = RESERVE_AFTER
     """Seconds a job may wait for devices while smaller jobs behind it start on the free
@@ -155,7 +157,8 @@ class Daemon:
     def __post_init__(self):
         if self.executor is None:
             # one device per rank: the GPUs; without one, --workers CPU slots; --workers 0 takes files in, runs nothing
-            self.executor = LocalExecutor(self.workers, self.threads, gpus=self.gpus, spawn=self.spawn)
+            self.executor = LocalExecutor(self.workers, self.threads, gpus=self.gpus, spawn=self.spawn,
+                                          warm=self.warm)
         self.slots = self.executor.slots
         self.validator = Validator()
         self.intake = Intake(self.home, settle=self.settle, check=self.validator.check, fits=self._unfit)
@@ -412,6 +415,7 @@ class Daemon:
                 code = worker.proc.wait()
             del self.running[name]
             self._ended(worker, code, time.monotonic())
+        self.executor.close()
         self.validator.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)

@@ -69,7 +69,7 @@ def shown(home: Path) -> dict:
 def pid_job(pid: int) -> str:
     """The job a daemon's worker process trains (the last word of its command line)."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2].decode()
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").split()[-1].decode()
     except (OSError, IndexError):
         return ""
 
