@@ -176,8 +176,8 @@ class WarmHandle:
 
     warm = True
 
-    def __init__(self, pool: WarmWorkers, pid: int, template: Template):
-        self.pool, self.pid, self.template = pool, pid, template
+    def __init__(self, pid: int, template: Template):
+        self.pid, self.template = pid, template
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
@@ -282,8 +282,6 @@ class WarmWorkers:
         self.cold = cold
         self.template: Template | None = None
         self.serial = 0
-        self.warm_starts = 0
-        self.cold_starts = 0
 
     def prepare(self) -> None:
         """Start the template, so that it is warm by the first job."""
@@ -298,10 +296,8 @@ class WarmWorkers:
             self.serial += 1
             pid = template.start({"id": self.serial, "argv": argv, "env": env, "cwd": os.getcwd()}, out)
             if pid is not None:
-                self.warm_starts += 1
-                return WarmHandle(self, pid, template)
+                return WarmHandle(pid, template)
             self.prepare()  # it died or hung: a new one, warm by the next job
-        self.cold_starts += 1
         return self.cold(argv, out, env)
 
     def close(self) -> None:
