@@ -81,14 +81,65 @@ def worker_pids(home: Path) -> dict[str, int]:
     return {pid_job(int(pid)): int(pid) for pid in pids}
 
 
-def training(home: Path, jobs: list[str]) -> dict[str, int]:
-    """The workers of JOBS, once each has trained some steps."""
+GATE = """
+import os, time
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+calls = 0
+
+
+def loss(output, target):
+    \"\"\"Cross-entropy, held at its 21st call in this process while HERE/hold exists and
+    HERE/go.PID does not (HERE/at.PID says it is held): a trial stopped mid-step.\"\"\"
+    global calls
+    calls += 1
+    if calls == 21 and os.path.exists(os.path.join(HERE, "hold")):
+        pid = os.getpid()
+        open(os.path.join(HERE, f"at.{pid}"), "w").close()
+        while os.path.exists(os.path.join(HERE, "hold")) and not os.path.exists(os.path.join(HERE, f"go.{pid}")):
+            time.sleep(0.02)
+    return F.cross_entropy(output, target)
+"""
+
+
+def gated(text: str, gate: Path) -> str:
+    """TEXT, a sweep file whose trials' loss is GATE's (see `held`)."""
+    gate.mkdir(exist_ok=True)
+    (gate / "gate.py").write_text(GATE)
+    return f"python_path = [{json.dumps(str(gate))}]\n" + text.replace("[train]\n", '[train]\nloss = "gate:loss"\n')
+
+
+def held(home: Path, gate: Path, jobs: list[str]) -> dict[str, int]:
+    """The worker pids of JOBS once each is held mid-step by GATE (its file `hold` made
+    before they started): no trial of them can end, or take a request, until let go
+    (`go.PID`, or `hold` removed). No signal, and no race with how fast they train."""
     def found():
-        pids = worker_pids(home)
-        listed = rows(home)
-        return pids if all(job in pids and listed.get(job, {}).get("state") == "running" and listed[job].get("step", 0) >= 20
-                           for job in jobs) else None
-    return wait_for(found, f"{', '.join(jobs)} to train")
+        at = {pid_job(pid): pid for pid in (int(f.name[3:]) for f in gate.glob("at.*"))}
+        return at if all(job in at for job in jobs) else None
+    return wait_for(found, f"{', '.join(jobs)} to be held mid-step", timeout=240)
+
+
+def let_go(gate: Path, pid: int | None = None) -> None:
+    """Let the worker PID go on, or, with no PID, every worker: none held from then on."""
+    if pid:
+        (gate / f"go.{pid}").touch()
+    else:
+        (gate / "hold").unlink()
+
+
+def state_of(home: Path, job: str) -> str:
+    return rows(home).get(job, {}).get("state", "")
+
+
+def wait_state(home: Path, job: str, state: str, what: str, timeout: float = 120) -> None:
+    """Wait for JOB to reach STATE; failing, tell its state and its log's end."""
+    try:
+        wait_for(lambda: state_of(home, job) == state, what, timeout)
+    except AssertionError as e:
+        log = home / "jobs" / job / "log"
+        tail = log.read_text()[-3000:] if log.exists() else "(no log)"
+        raise AssertionError(f"{e}: {job} is {state_of(home, job)!r}; its log ends:\n{tail}") from None
 
 
 def test_a_sweep_runs_its_trials_as_jobs_prunes_the_poor_ones_and_its_best_agrees_with_its_saves(tmp_path):
@@ -149,10 +200,10 @@ def test_sigkills_of_the_daemon_and_its_trials_at_random_moments_lose_nothing_an
     killed: set[str] = set()
     try:
         daemons.start("--workers", "2")
-        submit(home, tmp_path, sweep_text(trials=6, pruner="none", samples=16000, epochs=3))
+        submit(home, tmp_path, sweep_text(trials=6, pruner="none", samples=24000, epochs=3))
         wait_for(lambda: (home / "jobs").is_dir() and any((home / "jobs").iterdir()), "the first trial", timeout=120)
         for _ in range(7):
-            time.sleep(rng.uniform(1.0, 4.0))
+            time.sleep(rng.uniform(0.5, 2.5))  # (warm workers start a trial in a tenth of a second)
             if ended(home):
                 break
             fresh = [pid for job, pid in worker_pids(home).items() if job not in killed]  # once each: three quick deaths fail a job
@@ -200,41 +251,42 @@ def test_a_sweep_paused_holds_its_trials_and_asks_for_none_resumed_goes_on_and_c
     home = tmp_path / "home"
     daemons = Daemons(home)
     job = lambda n: f"sw.t{n:03d}"  # noqa: E731
+    gate = tmp_path / "gate"
     try:
         daemons.start("--workers", "2")
-        text = sweep_text(trials=3, pruner="none", samples=48000, epochs=2)  # long enough that none ends first
+        text = gated(sweep_text(trials=3, pruner="none", samples=48000, epochs=2), gate)
+        (gate / "hold").touch()
         submit(home, tmp_path, text)
-        # each worker stopped (SIGSTOP) while a request reaches it, so that no trial ends first
-        held = training(home, [job(0), job(1)])
-        for pid in held.values():
-            os.kill(pid, signal.SIGSTOP)
+        pids = held(home, gate, [job(0), job(1)])
         assert traind(home, "pause", job(0)).exit_code == 0  # by hand
-        os.kill(held[job(0)], signal.SIGCONT)
-        wait_for(lambda: rows(home)[job(0)]["state"] == "paused", "trial 0 to pause")
+        let_go(gate, pids[job(0)])
+        wait_state(home, job(0), "paused", "trial 0 to pause")
         result = traind(home, "pause", "sw")
         assert result.exit_code == 0 and "sweep sw: paused" in result.output, result.output
         wait_for(lambda: f"{job(1)}: its sweep was paused: pause requested" in daemons.events(), "the sweep's pause")
-        os.kill(held[job(1)], signal.SIGCONT)
-        wait_for(lambda: rows(home)[job(1)]["state"] == "paused", "the sweep's pause to pause trial 1")
+        let_go(gate, pids[job(1)])
+        wait_state(home, job(1), "paused", "the sweep's pause to pause trial 1")
+        let_go(gate)  # none held from here on
         assert shown(home)["state"] == "paused" and sorted(rows(home)) == [job(0), job(1)]  # none asked for
         assert (home / "jobs" / job(1) / "sweep.paused").exists() and not (home / "jobs" / job(0) / "sweep.paused").exists()
         assert traind(home, "resume", "sw").exit_code == 0
-        wait_for(lambda: rows(home)[job(1)]["state"] == "done", "trial 1 to go on and end")
-        assert rows(home)[job(0)]["state"] == "paused" and shown(home)["state"] == "running"
+        wait_state(home, job(1), "done", "trial 1 to go on and end")
+        assert state_of(home, job(0)) == "paused" and shown(home)["state"] == "running"
         assert "resumed from save" in (home / "jobs" / job(1) / "log").read_text()
         assert traind(home, "resume", job(0)).exit_code == 0
         wait_for(lambda: ended(home), "the sweep to end")
         assert [t["state"] for t in shown(home)["trials"]] == ["done"] * 3
 
+        for f in gate.glob("*.*"):
+            if f.name != "gate.py":
+                f.unlink()
+        (gate / "hold").touch()
         submit(home, tmp_path, text.replace('"sw"', '"sx"'))
-        held = training(home, ["sx.t000", "sx.t001"])
-        for pid in held.values():
-            os.kill(pid, signal.SIGSTOP)
+        held(home, gate, ["sx.t000", "sx.t001"])
         result = traind(home, "cancel", "sx")
         assert result.exit_code == 0 and "sweep sx: cancelled" in result.output, result.output
         wait_for(lambda: daemons.events().count("its sweep was cancelled: cancel requested") == 2, "the cancel")
-        for pid in held.values():
-            os.kill(pid, signal.SIGCONT)
+        let_go(gate)
         wait_for(lambda: "sweep sx: cancelled; its trials" in daemons.events(), "the cancel to reach its trials")
         listed = rows(home)
         assert sorted(n for n in listed if n.startswith("sx.")) == ["sx.t000", "sx.t001"]
@@ -245,6 +297,7 @@ def test_a_sweep_paused_holds_its_trials_and_asks_for_none_resumed_goes_on_and_c
         assert again.exit_code == 1 and "was cancelled" in again.output and "another name" in again.output
         assert any(line.startswith("sweep sx: cancelled") for line in traind(home, "ls").output.splitlines())
     finally:
+        (gate / "hold").unlink(missing_ok=True)  # a worker still held would keep its daemon from stopping
         daemons.close()
 
 
