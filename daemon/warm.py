@@ -166,6 +166,12 @@ def _child(sock: socket.socket, request: dict, out: int) -> None:
 
 
 def main() -> None:
+    import setproctitle
+
+    # Before anything changes the environment: setproctitle takes the room for a title
+    # (argv's and the environment's memory, the environment moved aside) at its first
+    # call; made first in a child, after its environment was replaced, it garbles the title.
+    setproctitle.getproctitle()
     serve(socket.socket(fileno=int(sys.argv[1])))
 
 

@@ -6,11 +6,14 @@ bitwise equal; a start never waits on a template that is not ready."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.daemon.live import assert_equal, final_weights, rows, submit, wait_for
+from traind.daemon.executor import worker_argv
 
 MEDDLE = '''
 import os, random, torch
@@ -102,6 +105,10 @@ def test_a_killed_template_takes_its_running_worker_which_saves_and_the_job_resu
     submit(daemons.home, tmp_path, SOAK)
     wait_for(lambda: rows(daemons.home).get("soak", {}).get("step", 0) > 40, "the job to train")
     assert started_warm(daemons, "soak")
+    # ps and pgrep see it as the cold worker's command line
+    pid = int(re.search(r"soak: started on cpu0 \(warm worker pid (\d+)\)", daemons.events()).group(1))
+    title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().split()
+    assert title == worker_argv(daemons.home, "soak"), title
     os.kill(first, signal.SIGKILL)
     wait_for(lambda: rows(daemons.home)["soak"]["state"] == "done", "the job to end", timeout=300)
     log = (daemons.home / "jobs" / "soak" / "log").read_text()
