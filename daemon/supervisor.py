@@ -203,6 +203,7 @@ class Daemon:
                 del self.running[name]
                 self._ended(worker, code, now)
                 self._rescan_at = 0.0
+                self.sweeps.wake()
         if self.sweeps.tick(now):  # new trials' jobs, or trials pruned
             self._rescan_at = 0.0
         self._schedule(now)

@@ -226,6 +226,11 @@ class Sweeps:
     """Cancelled sweeps whose trials of this home are all told: nothing more to do."""
     _next: float = 0.0
 
+    def wake(self) -> None:
+        """Drive at the next tick, not a TICK later: a job ended (a trial's, maybe, whose
+        place the next trial takes at once)."""
+        self._next = 0.0
+
     def tick(self, now: float) -> bool:
         """Drive every sweep under way one step; True where a job was made or changed state."""
         if now < self._next:
