@@ -207,7 +207,7 @@ def load(home: Home, args: tuple[str, ...], folder: Path | None) -> None:
               help="Jobs at once without a GPU (with GPUs: one per GPU); 0: take files in, start no job.")
 @click.option("--threads", type=click.IntRange(min=1),
               help="CPU threads for each new job (default: OMP_NUM_THREADS, else the cores shared among the workers).")
-@click.option("--warm/--cold", default=False, show_default=True,
+@click.option("--warm/--cold", default=True, show_default=True,
               help="Start each job's worker as a fork of a process that imported torch once (--cold: a new Python each).")
 @click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
               help="Where jobs run: worker processes on this machine, or sbatch jobs on a Slurm cluster.")
