@@ -109,6 +109,10 @@ class Executor(Protocol):
         """Act for a worker that cannot take its job's requests yet (a Slurm job still
         pending): a pause or a cancel then ends it at once."""
 
+    def tend(self) -> None:
+        """At each turn of the daemon's loop: look after what PREPARE started (a warm
+        template that died is replaced before the next job needs it)."""
+
     def close(self) -> None:
         """The daemon stops: free what PREPARE took (its workers are stopped already)."""
 
@@ -157,6 +161,10 @@ class LocalExecutor:
     def prepare(self, home_root: Path) -> None:
         if self.warm is not None:
             self.warm.prepare()  # warm by the time the first job starts
+
+    def tend(self) -> None:
+        if self.warm is not None:
+            self.warm.tend()
 
     def close(self) -> None:
         if self.warm is not None:

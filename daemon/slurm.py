@@ -294,6 +294,9 @@ class SlurmExecutor:
     def describe(self, handle: SlurmJob) -> str:
         return f"Slurm job {handle.job_id}"
 
+    def tend(self) -> None:
+        pass  # it keeps nothing running between its jobs
+
     def close(self) -> None:
         pass  # its Slurm jobs go on; the next daemon finds them
 

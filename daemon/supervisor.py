@@ -204,6 +204,7 @@ class Daemon:
                 self._ended(worker, code, now)
                 self._rescan_at = 0.0
                 self.sweeps.wake()
+        self.executor.tend()
         if self.sweeps.tick(now):  # new trials' jobs, or trials pruned
             self._rescan_at = 0.0
         self._schedule(now)

@@ -30,6 +30,7 @@ What makes it safe:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import signal
@@ -41,6 +42,8 @@ from pathlib import Path
 from typing import IO
 
 from traind.daemon import liveness
+
+log = logging.getLogger("traind.daemon")
 
 ANSWER_WAIT = 5.0
 """Seconds a start waits for the template's answer before it starts the job cold."""
@@ -280,6 +283,14 @@ class Template:
             self.proc.wait()
 
 
+def _ended_how(code: int | None) -> str:
+    if code is None:
+        return "closed"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"signal {-code}"
+    return f"exit {code}"
+
+
 class WarmWorkers:
     """The spawn of LocalExecutor (argv, out, env) that forks workers from a template,
     starting a job cold (COLD) whenever the template is not ready or does not answer."""
@@ -288,11 +299,27 @@ class WarmWorkers:
         self.cold = cold
         self.template: Template | None = None
         self.serial = 0
+        self._told: tuple[int, bool] | None = None  # (the template's pid, ready): what the log said last
 
     def prepare(self) -> None:
         """Start the template, so that it is warm by the first job."""
         if self.template is None or self.template.dead:
             self.template = Template()
+
+    def tend(self) -> None:
+        """Read what the template told; one that died is replaced now, not at the next job."""
+        template = self.template
+        if template is None:
+            return
+        template.pump()
+        if template.dead:
+            log.warning("warm template pid %d ended (%s); starting another", template.proc.pid,
+                        _ended_how(template.proc.returncode))
+            self.template = None
+            self.prepare()
+        elif template.ready and self._told != (template.proc.pid, True):
+            log.info("warm template pid %d ready: jobs start as its forks", template.proc.pid)
+            self._told = (template.proc.pid, True)
 
     def __call__(self, argv: list[str], out: IO[bytes], env: dict[str, str]):
         self.prepare()

@@ -49,6 +49,11 @@ JOB = 'name = "NAME"\nseed = 4\npython_path = ["."]\nthreads = 1\n[model]\ntarge
       '[data]\nsamples = 3000\n[train]\nepochs = 3\n'
 
 
+def ready_templates(daemons) -> list[int]:
+    """The pids of the templates the daemon's log has said ready, in order."""
+    return [int(pid) for pid in re.findall(r"warm template pid (\d+) ready", daemons.events())]
+
+
 def template_pids(daemons) -> list[int]:
     """The template processes of DAEMONS' live daemon (its children running traind.daemon.warm)."""
     found = subprocess.run(["pgrep", "-P", str(daemons.procs[-1].pid), "-f", "traind.daemon.warm"],
@@ -67,7 +72,7 @@ def test_a_job_that_changes_the_processs_global_state_changes_nothing_of_the_nex
     probe_out = tmp_path / "probe.jsonl"
     monkeypatch.setenv("TRAIND_PROBE_OUT", str(probe_out))
     daemons.start("--workers", "1", "--warm")
-    wait_for(lambda: template_pids(daemons), "the template")
+    wait_for(lambda: ready_templates(daemons), "the template to be ready")
     inbox = daemons.home / "inbox"
     for module in ("meddle", "probe"):  # into the inbox (relative paths start there), never run in this process
         (inbox / f"{module}.py").write_text((tmp_path / f"{module}.py").read_text())
@@ -97,11 +102,8 @@ def test_a_killed_template_takes_its_running_worker_which_saves_and_the_job_resu
     from tests.daemon.live import JOB as SOAK
 
     daemons.start("--workers", "1", "--warm")
-    first = wait_for(lambda: template_pids(daemons), "the template")[0]
-    # a first job, started cold or warm: by its end (a cold start's time) the template is ready
-    submit(daemons.home, tmp_path, SOAK.replace("name: soak", "name: first").replace("epochs: 8", "epochs: 1"),
-           name="first.yaml")
-    wait_for(lambda: rows(daemons.home).get("first", {}).get("state") == "done", "the first job")
+    first = wait_for(lambda: ready_templates(daemons), "the template to be ready")[0]
+    assert template_pids(daemons) == [first]
     submit(daemons.home, tmp_path, SOAK)
     wait_for(lambda: rows(daemons.home).get("soak", {}).get("step", 0) > 40, "the job to train")
     assert started_warm(daemons, "soak")
@@ -114,8 +116,10 @@ def test_a_killed_template_takes_its_running_worker_which_saves_and_the_job_resu
     log = (daemons.home / "jobs" / "soak" / "log").read_text()
     assert "resumed from save" in log  # its worker saved on the SIGTERM its template's death sent
     assert_equal(final_weights(daemons.home / "jobs" / "soak"), reference)
-    again = wait_for(lambda: [p for p in template_pids(daemons) if p != first], "a new template")
-    assert first not in template_pids(daemons) and again
+    # the daemon saw it die and started another at once, which got ready
+    assert f"warm template pid {first} ended (killed by SIGKILL); starting another" in daemons.events()
+    again = wait_for(lambda: ready_templates(daemons)[1:], "a new template to be ready")
+    assert again[0] != first and template_pids(daemons) == again
     submit(daemons.home, tmp_path, SOAK.replace("name: soak", "name: next"), name="next.yaml")
     wait_for(lambda: rows(daemons.home).get("next", {}).get("state") == "done", "the next job")
     assert started_warm(daemons, "next")
