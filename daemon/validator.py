@@ -117,16 +117,46 @@ def answer(request: dict) -> dict:
         return {"name": None, "spec_json": None, "error": unexpected(request["path"], e)}
 
 
+def names_code(path: str) -> bool:
+    """Whether the job file at PATH may run code of its own when validated: a python_path,
+    or any value that reads as an import path ("package.module:name"), anywhere in it. A
+    file that cannot be read or parsed runs nothing (its error comes before any import)."""
+    from traind.jobs.jobfile import FORMATS, parse_text
+    from traind.jobs.names import is_import_path
+
+    fmt = FORMATS.get(Path(path).suffix.lower())
+    try:
+        doc = parse_text(Path(path).read_bytes().decode("utf-8"), fmt, Path(path)) if fmt else None
+    except Exception:  # noqa: BLE001 - unreadable or unparsable: answered without a fork, and refused
+        return False
+
+    def found(value) -> bool:
+        if isinstance(value, dict):
+            return bool(value.get("python_path")) or any(found(v) for v in value.values())
+        if isinstance(value, list):
+            return any(found(v) for v in value)
+        return isinstance(value, str) and is_import_path(value)
+    return found(doc)
+
+
 def serve() -> None:
-    """Answer each request on stdin from a fork of this process, which has paid the imports
-    and a first optimizer step once (daemon/warm.py): no file's code changes what the next
-    file's validation sees (its dtype, flags, RNG, environment, cwd), and a file whose code
-    ends its process ends only that fork, which is answered for here."""
+    """Answer each request on stdin. A file that names code of its own (names_code) is
+    validated in a fork of this process, which has paid the imports and a first optimizer
+    step once (daemon/warm.py): its code changes nothing of what the next file's validation
+    sees (its dtype, flags, RNG, environment, cwd, a stale import of a module of the same
+    name), and code that ends its process ends only that fork, which is answered for here.
+    A file of traind's and torch's parts only is validated here: its build sets what it
+    uses itself (the seed, deterministic algorithms), and a fork would cost it more than
+    its validation (a fork of a process that holds torch: about 20 ms)."""
     from traind.daemon.warm import warm_up
 
     warm_up()
     for line in sys.stdin:
         request = json.loads(line)
+        if not names_code(request["path"]):
+            sys.stdout.write(json.dumps(answer(request)) + "\n")
+            sys.stdout.flush()
+            continue
         sys.stdout.flush()
         read, write = os.pipe()
         pid = os.fork()

@@ -53,6 +53,29 @@ def test_a_files_code_that_changes_the_process_changes_nothing_of_the_next_files
     assert verdict.error is None, verdict.error
 
 
+def test_only_a_file_that_names_code_of_its_own_is_validated_in_a_fork(validator, tmp_path):
+    """A fork per file costs more than a plain file's validation: files of traind's and
+    torch's parts are validated in the warm child itself, which a file naming code (an
+    import path anywhere, a python_path) never changes, since that one runs in a fork."""
+    from traind.daemon.validator import names_code
+
+    cases = {"plain.toml": (GOOD, False),
+             "target.toml": (GOOD.replace('layers = [["Linear", 20, 10]]', 'target = "mymod:net"'), True),
+             "loss.yaml": ("model:\n  layers: [[Linear, 20, 10]]\ntrain:\n  loss: pkg.losses:focal\n", True),
+             "path.json": (json.dumps({"python_path": ["/x"], "model": {"layers": [["Linear", 20, 10]]}}), True),
+             "space.toml": (GOOD + '[sweep]\ntrials = 2\n[sweep.space]\n"train.loss" = { choice = ["m:f"] }\n', True),
+             "broken.toml": ("[model\n", False), "note.toml": (GOOD + 'description = "see: notes"\n', False)}
+    for name, (text, expected) in cases.items():
+        (tmp_path / name).write_text(text)
+        assert names_code(str(tmp_path / name)) is expected, name
+    (tmp_path / "meddle.py").write_text("import torch\ndef net():\n    torch.set_default_dtype(torch.float64)\n"
+                                        "    return torch.nn.Linear(20, 10)\n")
+    (tmp_path / "meddle.toml").write_text('python_path = ["."]\n[model]\ntarget = "meddle:net"\n[data]\nsamples = 100\n')
+    assert validator.check(tmp_path / "meddle.toml", tmp_path).error is not None
+    plain = validator.check(tmp_path / "plain.toml", tmp_path)  # in the child itself: float32 still
+    assert plain.error is None and validator.check(tmp_path / "broken.toml", tmp_path).error is not None
+
+
 def test_code_that_hangs_is_cut_off(tmp_path):
     (tmp_path / "hang.py").write_text("def net():\n    while True:\n        pass\n")
     (tmp_path / "hang.toml").write_text('python_path = ["."]\n[model]\ntarget = "hang:net"\n')
