@@ -16,6 +16,7 @@ from traind.jobs.folder import SAVES, SPEC_FILE
 
 REMOVING = ".removing-"  # jobs/.removing-NAME: a job being forgotten (`traind rm`), gone from every listing
 KEPT = "kept"  # HOME/kept/NAME: the saves of a job forgotten with --keep-saves
+POKE = ".poke"  # inbox/.poke, renamed in by the CLI: "a job's state changed", a serving daemon looks now
 
 
 def default_home() -> Path:
@@ -41,6 +42,20 @@ class Home:
     @property
     def jobs(self) -> Path:
         return self.root / "jobs"
+
+    def poke(self) -> None:
+        """Tell a serving daemon that a job's state changed (a resume, a load) so that it
+        looks at once, not at its next rescan (a second later): inbox/.poke renamed in,
+        which its inbox watch sees. A hint only, never made durable: a poke lost costs
+        that second, as the rescan is the truth. Nothing when there is no inbox."""
+        if not self.inbox.is_dir():
+            return
+        staged = self.inbox / f"{POKE}.{os.getpid()}.tmp"
+        try:
+            staged.write_bytes(b"")
+            os.rename(staged, self.inbox / POKE)
+        except OSError:  # a read-only inbox, say: the daemon's rescan finds the change all the same
+            staged.unlink(missing_ok=True)
 
     def job_folders(self) -> list[Path]:
         """The folders of jobs/ that are jobs (not one being made, removed, or a stray)."""

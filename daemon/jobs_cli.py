@@ -257,6 +257,7 @@ def steer(home: Home, folder: Path, action: str, note: str | None = None) -> str
         if state not in ENDED - {JobState.DONE}:
             raise NotRunning(f"job '{name}' is {state.value}; only a paused, failed, cancelled or pruned job resumes")
         transition(folder, JobState.QUEUED, restarts=0, last_error=None, cause=None)
+        home.poke()
         return f"{name}: queued; it continues from its newest good save"
     if state == JobState.RUNNING:
         requests.send(folder, action, note)
@@ -291,6 +292,7 @@ def load(home: Home, name: str, save_id: str) -> str:
         return f"{name}: stops at its next step boundary and continues from save {save_id}"
     if state in ENDED:
         transition(folder, JobState.QUEUED, restarts=0, last_error=None, cause=None)
+        home.poke()
     return f"{name}: continues from save {save_id}" + (" (queued again)" if state in ENDED else "")
 
 

@@ -26,7 +26,7 @@ from typing import IO
 
 from traind.daemon import liveness, notify
 from traind.daemon.executor import Executor, Handle, LocalExecutor, Need, place, spawn_worker, visible_gpus
-from traind.daemon.home import Home, check_private, finish_removals
+from traind.daemon.home import POKE, Home, check_private, finish_removals
 from traind.daemon.intake import SETTLE, Intake
 from traind.daemon.jobstate import BadTransition, JobRecord, JobState, read_state, signature, transition, write_state
 from traind.daemon.sweeps import Sweeps
@@ -188,6 +188,9 @@ class Daemon:
         self.validator.start()  # ready by the time a file lands
 
     def loop(self, now: float, delivered: frozenset = frozenset()) -> None:
+        if POKE in delivered:  # the CLI changed a job's or a sweep's state: look now
+            self._rescan_at = 0.0
+            self.sweeps.wake()
         outcomes = self.intake.scan(now, delivered)
         for outcome in outcomes:
             if outcome.job is not None:

@@ -45,6 +45,7 @@ def steer(home: Home, name: str, action: str) -> str:
         transition(folder, target, allow_from=allowed)
     except BadTransition as e:  # the daemon ended it meanwhile
         raise NotRunning(str(e).replace("job", "sweep", 1)) from e
+    home.poke()
     return {"pause": f"sweep {name}: paused; the daemon pauses its trials (each saves and stops) and asks for "
                      f"no new one until `traind resume {name}`",
             "resume": f"sweep {name}: queued; the daemon queues again the trials its pause paused",
