@@ -49,5 +49,18 @@ def test_the_two_process_job_and_the_hand_torchrun_script_do_the_same_work():
 
 def test_a_sweeps_cost_per_trial_is_measured_through_a_real_daemon():
     rows = sweep.measure(quick=True)
-    assert [r["case"] for r in rows] == ["sweep: trial made -> first step, p50 (s)", "sweep: pruner call (ms)"]
+    assert [r["case"] for r in rows] == ["sweep: trial made -> first step, p50 (s)",
+                                         "sweep: a trial's end -> the next one's first step, p50 (s)",
+                                         "sweep: the daemon's CPU time per trial (s)", "sweep: pruner call (ms)"]
     assert all(r["traind"] > 0 and r["baseline"] > 0 for r in rows)
+    assert "its 2 helpers" in rows[2]["detail"]  # the validator's and the template's CPU counted
+
+
+def test_starts_and_resumes_are_measured_through_a_real_daemon_warm_and_cold(tmp_path):
+    """Each start is timed to a real first step (after the resume, for a resume): the
+    warm daemon's, the cold one's, traind run's."""
+    for mode in ("--warm", "--cold"):
+        assert all(s > 0 for s in daemon._latency(tmp_path, 1, mode))
+    assert all(s > 0 for s in daemon._run_latency(tmp_path, 1))
+    resumed, run = daemon._resume(tmp_path, 2)
+    assert len(resumed) == len(run) == 2 and all(s > 0 for s in resumed + run)
