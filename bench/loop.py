@@ -3,9 +3,12 @@ PyTorch loop doing the same work (same model, data, batches, optimizer, schedule
 validation every epoch) and saving at the same steps the usual way: `torch.save` of the
 state dicts and RNG state to a temporary file, fsync, rename.
 
-traind runs as `traind run` does (Trainer + Checkpointer in a job folder), in this
-process, without the interpreter's start-up. The series run interleaved, in rotated
-order, and are compared by their medians:
+traind runs as `traind run` does (Trainer + Checkpointer in a job folder), without the
+interpreter's start-up. Each sample of the seed MLP's series is a run in a fresh
+interpreter of its own (after a warm-up run there): on this kind of VM one process's
+speed differs from the next one's by tens of percent, more than any effect measured
+here, and a ratio taken inside one process carries that luck on both sides unequally.
+The series run interleaved, in rotated order, and are compared by their medians:
 
 - seed MLP (20-256-10, ~1 MB of state), the default cadence (a save each epoch), against
   `hand` (the idiomatic `DataLoader(TensorDataset)` loop, which collates each batch
@@ -22,8 +25,11 @@ order, and are compared by their medians:
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -121,6 +127,37 @@ def run_traind(text: str, tensorboard: bool = False) -> tuple[float, int]:
         saves = [r for r in read_metrics(Path(folder)) if r.get("kind") == "save"]
         STALLS.append(sum(r["stall_s"] + r["waited_s"] for r in saves) / elapsed)
     return elapsed, trainer.progress.step
+
+
+def run_traind_tensorboard(text: str) -> tuple[float, int]:
+    return run_traind(text, tensorboard=True)
+
+
+def run_hand_loader(text: str) -> tuple[float, int]:
+    return run_hand(text, gather=False)
+
+
+def run_hand_gather(text: str) -> tuple[float, int]:
+    return run_hand(text, gather=True)
+
+
+def in_a_process(function: str, text: str, warmup: str, module: str = "bench.loop") -> tuple[float, int]:
+    """One sample: MODULE's FUNCTION (text -> (seconds, steps)) run on WARMUP, then on
+    TEXT, in a fresh interpreter; (seconds, steps) of the second run. A run of traind's
+    appends its time in saves to STALLS here."""
+    code = ("import importlib, json, sys; from bench import loop; "
+            "f = getattr(importlib.import_module(sys.argv[1]), sys.argv[2]); f(sys.argv[4]); "
+            "n = len(loop.STALLS); seconds, steps = f(sys.argv[3]); "
+            "stall = loop.STALLS[-1] if len(loop.STALLS) > n else None; "
+            "print(json.dumps({'seconds': seconds, 'steps': steps, 'stall': stall}))")
+    done = subprocess.run([sys.executable, "-c", code, module, function, text, warmup],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{module}.{function} in a process of its own failed:\n{done.stderr[-2000:]}")
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    if found["stall"] is not None:
+        STALLS.append(found["stall"])
+    return found["seconds"], found["steps"]
 
 
 def _save_by_hand(path: Path, net, optimizer, scheduler, steps: int) -> None:
@@ -266,28 +303,33 @@ def _row(case: str, ours: float, theirs: float, goal: float | None, noise: float
 
 
 def measure(quick: bool = False) -> list[dict]:
-    samples, epochs, reps, big_samples, big_reps = (2048, 3, 2, 1600, 1) if quick else (16384, 3, 10, 8000, 4)
+    samples, epochs, reps, big_samples, big_reps = (2048, 3, 2, 1600, 1) if quick else (65536, 3, 10, 8000, 4)
+    # (a run of 65,536 samples takes about a second: long enough that a process's fixed costs fade)
     mlp = MLP.format(samples=samples, epochs=epochs, checkpoint=DEFAULT_CADENCE)
     bare = MLP.format(samples=samples, epochs=epochs, checkpoint=FINAL_ONLY)
-    run_traind(MLP.format(samples=1024, epochs=1, checkpoint=DEFAULT_CADENCE))  # warm up allocator and kernels
+    warmup = MLP.format(samples=1024, epochs=1, checkpoint=DEFAULT_CADENCE)  # the allocator and kernels warmed
     shares: list[float] = []
 
+    def fresh(function: str, text: str = mlp):
+        return lambda: in_a_process(function, text, warmup)
+
     def traind_default():
-        result = run_traind(mlp)
+        result = in_a_process("run_traind", mlp, warmup)
         shares.append(STALLS[-1])
         return result
 
-    runs = {"traind": traind_default, "traind-final-only": lambda: run_traind(bare),
-            "hand": lambda: run_hand(mlp, gather=False), "hand-gather": lambda: run_hand(mlp, gather=True),
-            "hand-gather-again": lambda: run_hand(mlp, gather=True)}
+    runs = {"traind": traind_default, "traind-final-only": fresh("run_traind", bare),
+            "hand": fresh("run_hand_loader"), "hand-gather": fresh("run_hand_gather"),
+            "hand-gather-again": fresh("run_hand_gather")}
     if tensorboard_available():
-        runs["traind-tensorboard"] = lambda: run_traind(mlp, tensorboard=True)
+        runs["traind-tensorboard"] = fresh("run_traind_tensorboard")
     if lightning_available():  # pip install traind[bench]
-        runs["lightning"] = lambda: run_lightning(mlp)
+        runs["lightning"] = fresh("run_lightning")
     rates = _series(runs, reps)
     median = {w: statistics.median(r) for w, r in rates.items()}
     noise = abs(1 - median["hand-gather-again"] / median["hand-gather"])
-    detail = f"steps/s, {epochs} epochs of {samples} samples, a save per epoch, median of {reps}; A/A noise {noise:.1%}"
+    detail = (f"steps/s, {epochs} epochs of {samples} samples, a save per epoch, median of {reps} processes a side; "
+              f"A/A noise {noise:.1%}")
     rows = [_row("loop + saves, seed MLP, vs hand DataLoader loop", median["traind"], median["hand"], 0.97, noise,
                  detail),
             _row("loop + saves, seed MLP, vs hand gather loop", median["traind"], median["hand-gather"], 0.97, noise,

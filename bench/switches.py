@@ -11,8 +11,6 @@ traind keeps the losses on the device and reads them where the loop stops anyway
 from __future__ import annotations
 
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.loop import FINAL_ONLY, MLP, _job, _row, _save_by_hand, run_traind
+from bench.loop import FINAL_ONLY, MLP, _job, _row, _save_by_hand, in_a_process, run_traind
 
 SWITCHES = {"accumulate 4": "accumulate = 4", "bf16 autocast": 'precision = "bf16"', "EMA 0.999": "ema = 0.999"}
 GOALS = {"accumulate 4": 0.97, "bf16 autocast": 0.97, "EMA 0.999": 0.95}
@@ -90,20 +88,8 @@ def run_hand(text: str, read_each_loss: bool = True) -> tuple[float, int]:
     return elapsed, steps
 
 
-SIDES = {"traind": run_traind, "hand": run_hand}
-
-
-def in_a_process(side: str, switch: str, samples: int, epochs: int) -> float:
-    """Steps/s of one run of SIDE with SWITCH, in a fresh interpreter (after a warm-up run
-    there): on this kind of VM a process's speed varies by tens of percent from one start
-    to the next, more than any effect measured here, so each process is one sample."""
-    code = ("import sys, json; from bench import switches as s; side, switch, n, e = sys.argv[1:5]; "
-            "f = s.SIDES[side]; f(s.job_text(1024, 1, switch)); secs, steps = f(s.job_text(int(n), int(e), switch)); "
-            "print(json.dumps(steps / secs))")
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, "-c", code, side, switch, str(samples), str(epochs)], cwd=root,
-                          capture_output=True, text=True, check=True)
-    return float(done.stdout.strip().splitlines()[-1])
+SIDES = {"traind": "run_traind", "hand": "run_hand"}
+"""Each side's function, run in a process of its own per sample (bench.loop.in_a_process)."""
 
 
 def measure(quick: bool = False) -> list[dict]:
@@ -114,7 +100,9 @@ def measure(quick: bool = False) -> list[dict]:
         for i in range(processes):  # alternating, each order as often
             order = list(rates) if i % 2 == 0 else list(rates)[::-1]
             for who in order:
-                rates[who].append(in_a_process(who.removesuffix("-again"), switch, samples, epochs))
+                seconds, steps = in_a_process(SIDES[who.removesuffix("-again")], job_text(samples, epochs, switch),
+                                              job_text(1024, 1, switch), module=__name__)
+                rates[who].append(steps / seconds)
         median = {w: statistics.median(r) for w, r in rates.items()}
         noise = abs(1 - median["hand-again"] / median["hand"])
         rows.append(_row(f"{case}, seed MLP, vs hand loop doing the same", median["traind"], median["hand"],

@@ -15,6 +15,17 @@ def test_the_loop_and_its_baselines_do_the_same_work():
     assert loop.run_traind(big)[1] == loop.run_hand(big, True, every_steps=20)[1]
 
 
+def test_a_sample_taken_in_a_process_of_its_own_is_that_runs_figures():
+    """bench's samples run in fresh interpreters: the steps come back, and a traind run's
+    time in saves reaches STALLS here."""
+    text, warmup = (loop.MLP.format(samples=n, epochs=1, checkpoint=loop.DEFAULT_CADENCE) for n in (512, 256))
+    stalls = len(loop.STALLS)
+    seconds, steps = loop.in_a_process("run_traind", text, warmup)
+    assert seconds > 0 and steps == loop.run_hand_gather(text)[1] > 0
+    assert len(loop.STALLS) == stalls + 1 and 0 <= loop.STALLS[-1] < 1  # that run's, not its warm-up's
+    assert loop.in_a_process("run_hand", text, warmup, module="bench.switches")[1] == steps
+
+
 def test_each_switch_and_its_hand_loop_do_the_same_work():
     for switch in switches.SWITCHES.values():
         text = switches.job_text(512, 1, switch)
