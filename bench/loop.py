@@ -349,6 +349,7 @@ def measure(quick: bool = False) -> list[dict]:
         rows.append(_row("TensorBoard event files: steps/s with vs without", median["traind-tensorboard"],
                          median["traind"], None, noise, "their cost on the step path; " + detail))
     big = BIG.format(samples=big_samples)
+    run_traind(warmup)  # this series runs in this process: its first sample must not pay the first-run costs
     rates = _series({"traind": lambda: run_traind(big), "hand-gather": lambda: run_hand(big, True, every_steps=20)},
                     big_reps)
     ours, theirs = statistics.median(rates["traind"]), statistics.median(rates["hand-gather"])
