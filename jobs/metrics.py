@@ -88,7 +88,7 @@ class Recorder:
                  name: str = "job", tensorboard: bool = False, fs: FileSystem | None = None):
         self.echo, self.folder, self.fs = echo, folder, fs or FileSystem()
         self._tensorboard = tensorboard and folder is not None
-        self._events = None  # TensorBoard's SummaryWriter, opened at the first record
+        self._events = None  # TensorBoard's EventFile (jobs/events.py), opened at the first record
         self.logger = logging.getLogger(f"traind.job.{name}.{id(self)}")
         self.logger.propagate = False
         self.logger.setLevel(logging.INFO)
@@ -112,16 +112,19 @@ class Recorder:
                 self._scalars(record)
 
     def _scalars(self, record: dict, purge_step: int | None = None) -> None:
-        """RECORD's numbers as TensorBoard scalars ("step/loss", "epoch/val_loss"...).
-        SummaryWriter queues them to its own thread, which writes and flushes."""
+        """RECORD's numbers as TensorBoard scalars ("step/loss", "epoch/val_loss"...), in
+        memory until the next flush (an epoch's record, a sync, or FLUSH_SECONDS)."""
         if self._events is None:
-            from torch.utils.tensorboard import SummaryWriter
+            from traind.jobs.events import EventFile
 
-            self._events = SummaryWriter(str(self.folder / TENSORBOARD_DIR), purge_step=purge_step)
-        step = record.get("step")
-        for key, value in record.items():
-            if key not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._events.add_scalar(f"{record.get('kind', 'metric')}/{key}", value, step)
+            self._events = EventFile(self.folder / TENSORBOARD_DIR, purge_step)
+        kind = record.get("kind", "metric")
+        values = {f"{kind}/{key}": value for key, value in record.items()
+                  if key not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool)}
+        if values:
+            self._events.scalars(record.get("step"), values)
+        if kind == "epoch":
+            self._events.flush()
 
     def keep_until(self, step: int, epochs_done: int) -> None:
         """Forget the records written after the save a job resumes from (they will be
@@ -142,10 +145,14 @@ class Recorder:
 
     def sync(self) -> None:
         """Make everything recorded so far durable (the caller's thread waits for the disk;
-        the training thread goes on recording meanwhile)."""
+        the training thread goes on recording meanwhile), and hand TensorBoard's events to
+        the OS (they are not fsynced)."""
         for history in (self._metrics, self._log):
             if history is not None:
                 history.sync()
+        with self._lock:
+            if self._events is not None:
+                self._events.flush()
 
     def log(self, message: str, level: int = logging.INFO) -> None:
         self.logger.log(level, message)
@@ -185,7 +192,7 @@ class Recorder:
 
     def _close_events(self) -> None:
         if self._events is not None:
-            self._events.close()  # flushes, and ends its thread
+            self._events.close()  # flushes
             self._events = None
 
 
