@@ -69,7 +69,7 @@ class Checkpointer:
         ranks do not agree; the clock and the signals wait for the next that does."""
         p = trainer.progress
         if alike:
-            if 0 < p.batch < trainer.job.batches_per_epoch:
+            if 0 < p.batch < trainer.batches_per_epoch:
                 decision.kinds |= retention.due_at_step(self.store.policy, p.step, 0.0)
             return decision
         if self.stop is not None and self.stop.is_set():
@@ -83,7 +83,7 @@ class Checkpointer:
                                                          self.store.saves())
             if trainer.finished():
                 decision.kinds.add("final")
-        elif p.batch < trainer.job.batches_per_epoch:  # (after the last batch, the epoch's end comes next)
+        elif p.batch < trainer.batches_per_epoch:  # (after the last batch, the epoch's end comes next)
             decision.kinds |= retention.due_at_step(policy, p.step, elapsed)
         return decision
 
