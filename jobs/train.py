@@ -299,24 +299,30 @@ class Trainer:
             return {}
         model = job.ema if job.ema is not None else job.model
         model.eval()
-        total, correct, count, labels = None, None, 0, 0
+        losses, sizes, rights, labels = [], [], [], 0
         with torch.no_grad():
             for x, y in data.val_loader(job.splits.val, self.spec.data, self.spec.seed, self.pin, self._part):
-                x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
+                if self._move:
+                    x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
+                if not y.shape[0]:  # a rank's share of a batch shorter than the world
+                    continue
                 if self._autocast is None:
                     out = model(x)
-                    loss = job.loss_fn(out, y).float() * len(y)
+                    loss = job.loss_fn(out, y)
                 else:
                     with torch.autocast(job.device.type, self._autocast):
                         out = model(x)
-                        loss = job.loss_fn(out, y).float() * len(y)
-                total = loss if total is None else total + loss  # on the device: one wait, at the end
-                count += len(y)
+                        loss = job.loss_fn(out, y)
+                losses.append(loss)  # on the device, summed there at the end: one wait, no op a batch
+                sizes.append(y.shape[0])
                 if job.classification:
                     right, n = correct_count(out, y, self.spec.train.loss)
-                    correct, labels = right if correct is None else correct + right, labels + n
+                    rights.append(right)
+                    labels += n
         model.train()
-        sums = [float(total) if total is not None else 0.0, int(correct) if correct is not None else 0, count, labels]
+        total = float((torch.stack(losses).float() * torch.tensor(sizes, device=losses[0].device)).sum()) \
+            if losses else 0.0
+        sums = [total, int(torch.stack(rights).sum()) if rights else 0, sum(sizes), labels]
         if self.world.size > 1:
             sums = self.world.sum(sums)
         total, correct, count, labels = sums
