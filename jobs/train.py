@@ -269,7 +269,7 @@ class Trainer:
         if not self._losses:
             return None
         losses, pending, p, ranks = self._losses, self._pending, self.progress, self.world.size
-        values = torch.stack([t.float() for t in losses]) if len(losses) > 1 else losses[0].float().reshape(1)
+        values = (torch.stack(losses) if len(losses) > 1 else losses[0].reshape(1)).float()
         if ranks == 1 and self._accumulate == 1:  # each batch is its step
             wholes = [total for _, _, _, total in pending]
         else:  # each batch's samples, all ranks together; the weighted losses back to each batch's share
