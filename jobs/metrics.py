@@ -104,12 +104,20 @@ class Recorder:
             self._metrics = History(self.fs, folder / METRICS_FILE)
 
     def metric(self, record: dict) -> None:
-        line = json.dumps({**record, "time": round(time.time(), 3)}) + "\n"
+        self.metrics([record])
+
+    def metrics(self, records: list[dict]) -> None:
+        """RECORDS as lines of the metrics file, in one write; each stamped with the time
+        now unless it carries its own."""
+        now = round(time.time(), 3)
+        text = "".join(json.dumps(record if "time" in record else {**record, "time": now}) + "\n"
+                       for record in records)
         with self._lock:
             if self._metrics is not None:
-                self._metrics.write(line)
+                self._metrics.write(text)
             if self._tensorboard:
-                self._scalars(record)
+                for record in records:
+                    self._scalars(record)
 
     def _scalars(self, record: dict, purge_step: int | None = None) -> None:
         """RECORD's numbers as TensorBoard scalars ("step/loss", "epoch/val_loss"...), in

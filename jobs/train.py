@@ -60,6 +60,10 @@ class Progress:
 
 LOOK_EVERY = 64
 """Batches whose losses wait on the device at most, between two looks at them."""
+LOOK_SECONDS = 1.0
+"""A logged step whose losses were last looked at this long ago is looked at now (one
+process: its step records then appear as a slow model makes them; with ranks, every logged
+step is looked at, as every rank must look at the same steps)."""
 
 Batch = tuple[int, torch.Tensor, torch.Tensor]
 """(its index in the epoch, inputs, targets)."""
@@ -105,6 +109,9 @@ class Trainer:
         self._pending: list[tuple[int, int, int, int]] = []
         """Of each: (step, batch, this rank's samples of it, the step's samples on all ranks),
         from which `look` weighs it."""
+        self._logged: list[dict] = []
+        """The step records of logged steps whose losses are not looked at yet (the loss to come)."""
+        self._look_by = time.monotonic() + LOOK_SECONDS
         self._compile = train.compile
         self._compiled = not train.compile
         """Whether the compiled model has run a step (its errors come at the first)."""
@@ -252,20 +259,25 @@ class Trainer:
         if job.ema is not None:
             job.ema.update_parameters(job.model)
         p.step += 1
-        if p.step % self._log_every == 0:
-            value = self.look()
-            record = {"kind": "step", "step": p.step, "epoch": p.epoch, "loss": value, "lr": self.lr()}
+        if p.step % self._log_every == 0:  # its record waits for its loss: written by the next look
+            record = {"kind": "step", "step": p.step, "epoch": p.epoch, "loss": None, "lr": self.lr()}
             if scaler is not None:
                 record["scale"] = scaler.get_scale()
-            self.recorder.metric(record)
-        elif len(self._losses) >= LOOK_EVERY:
+            record["time"] = round(time.time(), 3)
+            self._logged.append(record)
+            if self._part[1] > 1 or time.monotonic() >= self._look_by:
+                self.look()
+                return
+        if len(self._losses) >= LOOK_EVERY:
             self.look()
 
     def look(self) -> float | None:
         """Bring the losses not looked at yet to the host (summed over the ranks: every
-        rank calls this at the same boundaries), add them to the epoch's sum, and return
-        the loss of the last step (None when there were none); NonFiniteLoss at the first
-        that is NaN or infinite."""
+        rank calls this at the same boundaries), add them to the epoch's sum, write the
+        records of the logged steps among them, and return the loss of the last step (None
+        when there were none); NonFiniteLoss at the first that is NaN or infinite (the
+        records of the steps before it written)."""
+        self._look_by = time.monotonic() + LOOK_SECONDS
         if not self._losses:
             return None
         losses, pending, p, ranks = self._losses, self._pending, self.progress, self.world.size
@@ -279,19 +291,29 @@ class Trainer:
         if ranks > 1:
             self.world.sum_tensor(values)
         found = values.tolist()
-        self._losses, self._pending = [], []
-        last, step_loss = pending[-1][0], 0.0
+        logged, self._losses, self._pending, self._logged = self._logged, [], [], []
+        step_losses = {record["step"]: 0.0 for record in logged}
+        last, bad = pending[-1][0], None
+        step_losses.setdefault(last, 0.0)
         for value, (step, batch, _, total), whole in zip(found, pending, wholes):
             if not math.isfinite(value):
-                raise NonFiniteLoss(step, p.epoch, batch, value)
+                bad = NonFiniteLoss(step, p.epoch, batch, value)
+                break
             p.loss_sum += value
-            if step == last:  # its weight in the step's loss: its share of the step's samples
-                step_loss += value * (whole / total)
-        return step_loss
+            if step in step_losses:  # its weight in the step's loss: its share of the step's samples
+                step_losses[step] += value * (whole / total)
+        done = [{**record, "loss": step_losses[record["step"]]} for record in logged
+                if bad is None or record["step"] < bad.step]
+        if done:
+            self.recorder.metrics(done)
+        if bad is not None:
+            raise bad
+        return step_losses[last]
 
     def forget(self) -> None:
-        """Drop the losses not looked at (a rollback or restore puts another state in place)."""
-        self._losses, self._pending = [], []
+        """Drop the losses not looked at, and their step records (a rollback or restore puts
+        another state in place)."""
+        self._losses, self._pending, self._logged = [], [], []
 
     def validate(self) -> dict[str, float]:
         job = self.job

@@ -76,7 +76,8 @@ def test_the_history_up_to_every_save_a_crash_leaves_is_on_disk_with_it(recorded
     base, before, ops = recorded
     folder = base / "job"
     assert ("create", folder / METRICS_FILE) in ops and ("create", folder / LOG_FILE) in ops
-    assert sum(1 for op in ops if op[0] == "write" and op[1] == folder / METRICS_FILE) > 9  # appends, recorded
+    # appends, recorded: each epoch its step records (one write), its epoch record and its save record
+    assert sum(1 for op in ops if op[0] == "write" and op[1] == folder / METRICS_FILE) >= 3 * 3
     newest = set()
     for k in range(len(ops) + 1):
         state = tmp_path / f"state-{k}"

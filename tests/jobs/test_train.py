@@ -1,11 +1,12 @@
 import dataclasses
 import math
+import time
 
 import pytest
 import torch
 
 from tests.conftest import MLP
-from traind.jobs import data
+from traind.jobs import data, train
 from traind.jobs.build import build_job
 from traind.jobs.errors import JobSpecError, NonFiniteLoss
 from traind.jobs.metrics import Recorder, read_metrics
@@ -104,6 +105,58 @@ def test_max_steps_stops_mid_epoch_and_validates(spec_of, tmp_path):
     resumed = Trainer(t.job, Recorder(), t.progress)
     assert resumed.finished() and resumed.fit()
     assert resumed.progress.step == 11
+
+
+def _step_records(folder):
+    return [r for r in read_metrics(folder) if r["kind"] == "step"]
+
+
+def test_a_step_record_is_written_when_its_loss_is_looked_at(spec_of, tmp_path, monkeypatch):
+    """One process: a logged step's record waits for the next look at the losses (every 64
+    batches, before a save, at an epoch's end, or at a logged step a second after the last
+    look), and carries that step's loss and the time it was taken."""
+    def run(look_seconds, folder):
+        monkeypatch.setattr(train, "LOOK_SECONDS", look_seconds)
+        t = trainer_for(spec_of, MLP.replace("epochs = 3", "epochs = 1\nlog_every_steps = 2"), folder)
+        written = []
+
+        def boundary(trainer):
+            written.append((trainer.progress.step, [r["step"] for r in _step_records(folder)]))
+            return False
+
+        started = time.time()
+        assert t.fit(boundary)
+        t.recorder.close()
+        records, steps = read_metrics(folder), _step_records(folder)
+        assert [r["kind"] for r in records] == ["step"] * 4 + ["epoch"]
+        times = [r["time"] for r in steps]
+        assert started - 0.001 <= times[0] and times == sorted(times) and times[-1] <= records[-1]["time"]
+        assert all(math.isfinite(r["loss"]) for r in steps)
+        return written, [r["loss"] for r in steps]
+
+    later, later_losses = run(1e9, tmp_path / "later")
+    # nothing looked at before the epoch's end: 8 batches, fewer than 64
+    assert later == [(s, []) for s in range(1, 9)] + [(8, [2, 4, 6, 8])]
+    at_once, at_once_losses = run(0.0, tmp_path / "at-once")
+    assert at_once == [(s, list(range(2, s + 1, 2))) for s in range(1, 9)] + [(8, [2, 4, 6, 8])]
+    assert later_losses == at_once_losses  # the same run either way: the same losses, whenever read
+
+
+def test_the_records_of_the_steps_before_a_non_finite_loss_are_written(spec_of, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "LOOK_SECONDS", 1e9)
+    t = trainer_for(spec_of, MLP.replace("epochs = 3", "epochs = 1\nlog_every_steps = 1"), tmp_path)
+
+    def boundary(trainer):
+        if trainer.progress.step == 5:
+            trainer._losses[-1] = torch.tensor(math.nan)  # step 5's loss, not looked at yet
+            trainer.look()
+        return False
+
+    with pytest.raises(NonFiniteLoss) as caught:
+        t.fit(boundary)
+    t.recorder.close()
+    assert caught.value.step == 5
+    assert [r["step"] for r in _step_records(tmp_path)] == [1, 2, 3, 4]
 
 
 def test_epoch_metrics_are_recorded(spec_of, tmp_path):
