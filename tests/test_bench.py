@@ -75,3 +75,17 @@ def test_starts_and_resumes_are_measured_through_a_real_daemon_warm_and_cold(tmp
     assert all(s > 0 for s in daemon._run_latency(tmp_path, 1))
     resumed, run = daemon._resume(tmp_path, 2)
     assert len(resumed) == len(run) == 2 and all(s > 0 for s in resumed + run)
+
+
+def test_the_save_cost_row_times_real_saves_on_both_sides(monkeypatch):
+    from traind.jobs.checkpoint import Checkpointer
+
+    made = {"traind": [], "hand": []}
+    save, by_hand = Checkpointer.save, loop._save_by_hand
+    monkeypatch.setattr(Checkpointer, "save", lambda self, *a, **k: made["traind"].append(save(self, *a, **k)))
+    monkeypatch.setattr(loop, "_save_by_hand",
+                        lambda path, *a: (by_hand(path, *a), made["hand"].append(path.stat().st_size)))
+    ours, theirs = loop.save_cost(1, steps=40, every=20)
+    assert len(made["traind"]) == len(made["hand"]) == 2 + 2  # the warm-up's and the round's
+    assert all(made["traind"]) and all(size > 0 for size in made["hand"])  # committed saves, written files
+    assert isinstance(ours, float) and isinstance(theirs, float)
