@@ -265,7 +265,7 @@ class Trainer:
                 record["scale"] = scaler.get_scale()
             record["time"] = round(time.time(), 3)
             self._logged.append(record)
-            if self._part[1] > 1 or time.monotonic() >= self._look_by:
+            if self.world.size > 1 or time.monotonic() >= self._look_by:
                 self.look()
                 return
         if len(self._losses) >= LOOK_EVERY:

@@ -6,17 +6,12 @@ import pytest
 
 pytest.importorskip("tensorboard")
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as tensorboards_crc  # noqa: E402
 from tensorboard.summary.writer.record_writer import RecordWriter  # noqa: E402
 
+from tests.jobs.test_metrics import scalars  # noqa: E402  (a job folder's: its TENSORBOARD_DIR read)
 from traind.jobs import events  # noqa: E402
-
-
-def scalars(folder, tag):
-    accumulator = EventAccumulator(str(folder))
-    accumulator.Reload()
-    return [(e.step, e.value) for e in accumulator.Scalars(tag)] if tag in accumulator.Tags()["scalars"] else []
+from traind.jobs.folder import TENSORBOARD_DIR  # noqa: E402
 
 
 def test_records_are_framed_byte_for_byte_as_tensorboards_record_writer_frames_them():
@@ -30,7 +25,7 @@ def test_records_are_framed_byte_for_byte_as_tensorboards_record_writer_frames_t
 
 
 def test_scalars_wait_in_memory_until_a_flush_then_tensorboard_reads_them(tmp_path):
-    file = events.EventFile(tmp_path)
+    file = events.EventFile(tmp_path / TENSORBOARD_DIR)
     file.scalars(1, {"step/loss": 0.5, "step/lr": 0.1})
     file.scalars(2, {"step/loss": 0.25})
     assert scalars(tmp_path, "step/loss") == []  # not written yet: no write per record
@@ -42,7 +37,7 @@ def test_scalars_wait_in_memory_until_a_flush_then_tensorboard_reads_them(tmp_pa
 
 def test_a_record_waits_at_most_flush_seconds(tmp_path, monkeypatch):
     monkeypatch.setattr(events, "FLUSH_SECONDS", 0.2)
-    file = events.EventFile(tmp_path)
+    file = events.EventFile(tmp_path / TENSORBOARD_DIR)
     file.scalars(1, {"step/loss": 1.0})
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and not scalars(tmp_path, "step/loss"):
@@ -53,13 +48,13 @@ def test_a_record_waits_at_most_flush_seconds(tmp_path, monkeypatch):
 
 
 def test_a_purge_step_hides_the_earlier_files_events_from_that_step_on(tmp_path):
-    first = events.EventFile(tmp_path)
+    first = events.EventFile(tmp_path / TENSORBOARD_DIR)
     first.scalars(None, {})  # an empty record is a valid event
     for step in range(1, 11):
         first.scalars(step, {"step/loss": float(step)})
     first.close()
     time.sleep(1.1)  # TensorBoard orders files by their name's timestamp, in seconds
-    second = events.EventFile(tmp_path, purge_step=6)
+    second = events.EventFile(tmp_path / TENSORBOARD_DIR, purge_step=6)
     second.scalars(6, {"step/loss": 6.5})
     second.close()
     assert scalars(tmp_path, "step/loss") == [(s, float(s)) for s in range(1, 6)] + [(6, 6.5)]
