@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from traind.jobs import data
 from traind.jobs.build import build_job
 from traind.jobs.checkpoint import Checkpointer
 from traind.jobs.jobfile import parse_spec
@@ -266,6 +267,66 @@ def save_cost(rounds: int, steps: int = 2000, every: int = 200) -> tuple[float, 
     return statistics.median(lost["traind"]), statistics.median(lost["hand"])
 
 
+def step_cost(rounds: int, samples: int = 16384) -> dict[str, float]:
+    """Microseconds per training step of the seed MLP in this process, one epoch a sample,
+    the sides rotated, medians over ROUNDS: the hand gather loop's step (`hand`, and again,
+    `hand-again`, this process's noise floor), traind's step as `Trainer.fit` takes it (the
+    batch grouping, the held losses, their look every 64 steps, the step records), and the
+    same with the Checkpointer's boundary after each step (no save falls due inside it).
+    One process, so the ratios are free of the process-to-process luck of `measure`'s
+    series, and the full run's other costs (validation, saves, epoch ends) are left out."""
+    job = _job(MLP.format(samples=samples, epochs=1, checkpoint=FINAL_ONLY))
+    net, loss_fn, optimizer, train = job.model, job.loss_fn, job.optimizer, job.splits.train
+    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as folder:
+        recorder = Recorder(Path(folder))
+        recorder.keep_until(0, 0)
+        trainer = Trainer(job, recorder)
+        checkpoints = Checkpointer(trainer, Path(folder), recorder)
+
+        def batches():
+            return data.train_loader(train, job.spec.data, job.spec.seed, 0)
+
+        def hand() -> tuple[float, int]:
+            start, n = time.perf_counter(), 0
+            for x, y in batches():
+                loss = loss_fn(net(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                loss.item()
+                n += 1
+            return time.perf_counter() - start, n
+
+        def traind(boundary) -> tuple[float, int]:
+            p = trainer.progress
+            p.epoch = p.batch = 0
+            start, n = time.perf_counter(), 0
+            for group in trainer._groups(batches()):
+                trainer.step(group)
+                n += 1
+                if boundary(trainer):
+                    break
+            trainer.look()
+            return time.perf_counter() - start, n
+
+        sides = {"hand": hand, "traind-step": lambda: traind(lambda t: False),
+                 "traind-step+boundary": lambda: traind(checkpoints.boundary), "hand-again": hand}
+        times: dict[str, list[float]] = {side: [] for side in sides}
+        steps = set()
+        for side in sides:  # warm-up
+            sides[side]()
+        for r in range(rounds):
+            order = list(sides)[r % len(sides):] + list(sides)[:r % len(sides)]
+            for side in order if r // len(sides) % 2 == 0 else order[::-1]:
+                seconds, n = sides[side]()
+                times[side].append(seconds / n * 1e6)
+                steps.add(n)
+        checkpoints.close()
+        recorder.close()
+    assert len(steps) == 1, f"the sides took different steps: {steps}"
+    return {side: statistics.median(t) for side, t in times.items()}
+
+
 def run_lightning(text: str) -> tuple[float, int]:
     """PyTorch Lightning on the same model and data, as its docs show it: DataLoaders over
     TensorDatasets, and ModelCheckpoint saving every epoch (save_last)."""
@@ -399,6 +460,12 @@ def measure(quick: bool = False) -> list[dict]:
                  "goal": "<= 1.0", "verdict": "met" if ours <= theirs else "missed",
                  "detail": "training time lost per save, one process, a save every 200 steps; traind's write runs on "
                            "a thread of the training process, whose GIL it takes at each of its ~76 system calls"})
+    cost = step_cost(4 if quick else 20)
+    inside = abs(1 - cost["hand-again"] / cost["hand"])
+    for side, what in (("traind-step", "traind's step"), ("traind-step+boundary", "traind's step + boundary")):
+        rows.append(_row(f"a step in one process, seed MLP: {what} vs the hand gather step",
+                         1e6 / cost[side], 1e6 / cost["hand"], 0.97, inside, f"steps/s ({cost[side]:.1f} vs {cost['hand']:.1f} us a step), "
+                         f"median of {4 if quick else 20} epochs a side, one process; A/A noise {inside:.1%}"))
     big = BIG.format(samples=big_samples)
     run_traind(warmup)  # this series runs in this process: its first sample must not pay the first-run costs
     rates = _series({"traind": lambda: run_traind(big), "hand-gather": lambda: run_hand(big, True, every_steps=20)},

@@ -89,3 +89,9 @@ def test_the_save_cost_row_times_real_saves_on_both_sides(monkeypatch):
     assert len(made["traind"]) == len(made["hand"]) == 2 + 2  # the warm-up's and the round's
     assert all(made["traind"]) and all(size > 0 for size in made["hand"])  # committed saves, written files
     assert isinstance(ours, float) and isinstance(theirs, float)
+
+
+def test_the_step_cost_row_times_every_side_over_the_same_steps():
+    cost = loop.step_cost(1, samples=512)
+    assert set(cost) == {"hand", "traind-step", "traind-step+boundary", "hand-again"}
+    assert all(0 < us < 1e6 for us in cost.values())
