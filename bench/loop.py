@@ -25,6 +25,7 @@ The series run interleaved, in rotated order, and are compared by their medians:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -270,12 +271,14 @@ def save_cost(rounds: int, steps: int = 2000, every: int = 200) -> tuple[float, 
 def step_cost(rounds: int, samples: int = 16384) -> dict[str, float]:
     """Microseconds per training step of the seed MLP in this process, one epoch a sample,
     the sides rotated, medians over ROUNDS: the hand gather loop's step (`hand`, and again,
-    `hand-again`, this process's noise floor), traind's step as `Trainer.fit` takes it (the
-    batch grouping, the held losses, their look every 64 steps, the step records), and the
-    same with the Checkpointer's boundary after each step (no save falls due inside it).
+    `hand-again`, this process's noise floor), an epoch of `Trainer.fit` (the batch grouping,
+    the held losses and their look every 64 steps, the step records, the epoch's end with no
+    validation split to run), and the same with the Checkpointer's boundary after each step
+    (no save falls due inside the epoch).
     One process, so the ratios are free of the process-to-process luck of `measure`'s
     series, and the full run's other costs (validation, saves, epoch ends) are left out."""
     job = _job(MLP.format(samples=samples, epochs=1, checkpoint=FINAL_ONLY))
+    job.splits = dataclasses.replace(job.splits, val=None)
     net, loss_fn, optimizer, train = job.model, job.loss_fn, job.optimizer, job.splits.train
     with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as folder:
         recorder = Recorder(Path(folder))
@@ -299,18 +302,16 @@ def step_cost(rounds: int, samples: int = 16384) -> dict[str, float]:
 
         def traind(boundary) -> tuple[float, int]:
             p = trainer.progress
-            p.epoch = p.batch = 0
-            start, n = time.perf_counter(), 0
-            for group in trainer._groups(batches()):
-                trainer.step(group)
-                n += 1
-                if boundary(trainer):
-                    break
-            trainer.look()
-            return time.perf_counter() - start, n
+            p.epoch, p.batch, before = 0, 0, p.step
+            start = time.perf_counter()
+            trainer.fit(boundary)  # one epoch, its end without validation (no val split here)
+            return time.perf_counter() - start, p.step - before
+
+        def inside(t: Trainer) -> bool:  # the boundaries between steps (the epoch's end would save: its final)
+            return t.progress.batch != 0 and checkpoints.boundary(t)
 
         sides = {"hand": hand, "traind-step": lambda: traind(lambda t: False),
-                 "traind-step+boundary": lambda: traind(checkpoints.boundary), "hand-again": hand}
+                 "traind-step+boundary": lambda: traind(inside), "hand-again": hand}
         times: dict[str, list[float]] = {side: [] for side in sides}
         steps = set()
         for side in sides:  # warm-up
