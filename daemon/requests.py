@@ -80,6 +80,10 @@ class JobRequests:
         self._next_look = 0.0
         self._first = True
 
+    def quiet(self) -> bool:
+        """Whether `decide` would not look at the requests yet (their next look is later)."""
+        return time.monotonic() < self._next_look
+
     def decide(self, store) -> Decision:
         """This boundary's Decision as the requests make it: a quicksave (one per boundary;
         another waits for the next), a pause (save, then stop), a cancel or a reload (stop

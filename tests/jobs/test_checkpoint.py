@@ -146,6 +146,41 @@ def test_saves_follow_the_policy(tmp_path):
     assert records and all(r["stall_s"] >= 0 for r in records)
 
 
+
+def test_a_quiet_boundary_is_one_where_nothing_is_due(tmp_path):
+    """The shortcut of most steps: wherever `quiet` says so, the full question finds no
+    save and no stop; and it is not quiet where a save falls due by count, by the clock, or
+    a stop was signalled."""
+    from traind.jobs.world import Decision
+
+    jf, folder = job_file("mlp.toml", tmp_path, every_steps=5), tmp_path / "run"
+    run, answers = Run(jf, folder), []
+
+    def boundary(trainer):
+        ckpt = run.ckpt
+        quiet = ckpt.quiet(trainer)
+        if quiet:
+            decision = ckpt.due(trainer, Decision())
+            assert not decision.kinds and decision.stop is None, trainer.progress
+        answers.append((trainer.progress.step, trainer.progress.batch, quiet))
+        if trainer.progress.step == 12 and trainer.progress.batch:
+            policy = ckpt.store.policy
+            assert not (policy.every_steps and 12 % policy.every_steps == 0) and quiet
+            ckpt.last_save -= 3600  # an hour since the last save: the clock's autosave is due
+            assert not ckpt.quiet(trainer) and ckpt.due(trainer, Decision()).kinds == {"auto"}
+            ckpt.last_save += 3600
+            run.stop.set()
+            assert not ckpt.quiet(trainer)
+            run.stop.clear()
+        return ckpt.boundary(trainer)
+
+    run.trainer.fit(boundary)
+    run.ckpt.close()
+    run.trainer.recorder.close()
+    assert all(not quiet for step, batch, quiet in answers if step % 5 == 0 or batch in (0, 8))
+    assert sum(quiet for _, _, quiet in answers) > len(answers) / 2
+
+
 def test_load_game_continues_from_the_chosen_save_and_keeps_newer_ones(tmp_path, uninterrupted):
     jf, folder = job_file("mlp.toml", tmp_path), tmp_path / "run"
     Run(jf, folder).go()
