@@ -269,7 +269,7 @@ def save_cost(rounds: int, steps: int = 2000, every: int = 200) -> tuple[float, 
 
 
 def step_cost(rounds: int, samples: int = 16384) -> dict[str, float]:
-    """Microseconds per training step of the seed MLP in this process, one epoch a sample,
+    """Steps per second of the seed MLP in this process, one epoch a sample,
     the sides rotated, medians over ROUNDS: the hand gather loop's step (`hand`, and again,
     `hand-again`, this process's noise floor), an epoch of `Trainer.fit` (the batch grouping,
     the held losses and their look every 64 steps, the step records, the epoch's end with no
@@ -312,20 +312,12 @@ def step_cost(rounds: int, samples: int = 16384) -> dict[str, float]:
 
         sides = {"hand": hand, "traind-step": lambda: traind(lambda t: False),
                  "traind-step+boundary": lambda: traind(inside), "hand-again": hand}
-        times: dict[str, list[float]] = {side: [] for side in sides}
-        steps = set()
-        for side in sides:  # warm-up
-            sides[side]()
-        for r in range(rounds):
-            order = list(sides)[r % len(sides):] + list(sides)[:r % len(sides)]
-            for side in order if r // len(sides) % 2 == 0 else order[::-1]:
-                seconds, n = sides[side]()
-                times[side].append(seconds / n * 1e6)
-                steps.add(n)
+        for run in sides.values():  # warm-up
+            run()
+        rates = _series(sides, rounds)
         checkpoints.close()
         recorder.close()
-    assert len(steps) == 1, f"the sides took different steps: {steps}"
-    return {side: statistics.median(t) for side, t in times.items()}
+    return {side: statistics.median(r) for side, r in rates.items()}
 
 
 def run_lightning(text: str) -> tuple[float, int]:
@@ -461,12 +453,13 @@ def measure(quick: bool = False) -> list[dict]:
                  "goal": "<= 1.0", "verdict": "met" if ours <= theirs else "missed",
                  "detail": "training time lost per save, one process, a save every 200 steps; traind's write runs on "
                            "a thread of the training process, whose GIL it takes at each of its ~76 system calls"})
-    cost = step_cost(4 if quick else 20)
+    cost, epochs = step_cost(4 if quick else 20), 4 if quick else 20
     inside = abs(1 - cost["hand-again"] / cost["hand"])
     for side, what in (("traind-step", "traind's step"), ("traind-step+boundary", "traind's step + boundary")):
-        rows.append(_row(f"a step in one process, seed MLP: {what} vs the hand gather step",
-                         1e6 / cost[side], 1e6 / cost["hand"], 0.97, inside, f"steps/s ({cost[side]:.1f} vs {cost['hand']:.1f} us a step), "
-                         f"median of {4 if quick else 20} epochs a side, one process; A/A noise {inside:.1%}"))
+        rows.append(_row(f"a step in one process, seed MLP: {what} vs the hand gather step", cost[side],
+                         cost["hand"], 0.97, inside,
+                         f"steps/s ({1e6 / cost[side]:.1f} vs {1e6 / cost['hand']:.1f} us a step), median of "
+                         f"{epochs} epochs a side, one process; A/A noise {inside:.1%}"))
     big = BIG.format(samples=big_samples)
     run_traind(warmup)  # this series runs in this process: its first sample must not pay the first-run costs
     rates = _series({"traind": lambda: run_traind(big), "hand-gather": lambda: run_hand(big, True, every_steps=20)},

@@ -69,11 +69,10 @@ class Checkpointer:
         save due by the step count or the clock, no stop signalled, no decision carried.
         Most steps' answer, taken without building a Decision: at a small model's step, the
         full question costs about 1% of it (bench/loop.py's step_cost)."""
-        p, policy = trainer.progress, self.store.policy
+        p = trainer.progress
         return (0 < p.batch < trainer.batches_per_epoch and self.carried is None
-                and not (policy.every_steps and p.step % policy.every_steps == 0)
                 and (self.stop is None or not self.stop.is_set())
-                and not (policy.every_minutes and time.monotonic() - self.last_save >= policy.every_minutes * 60))
+                and not retention.autosave_due(self.store.policy, p.step, time.monotonic() - self.last_save))
 
     def due(self, trainer: Trainer, decision: Decision, alike: bool = False) -> Decision:
         """DECISION with the save kinds the policy asks for here, and a stop after a save

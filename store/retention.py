@@ -51,11 +51,15 @@ class Policy:
         return a < b if self.mode == "min" else a > b
 
 
+def autosave_due(policy: Policy, step: int, seconds_since_save: float) -> bool:
+    """Whether an autosave is due after STEP, by the step count or the clock."""
+    return bool(policy.every_steps and step % policy.every_steps == 0) or \
+        bool(policy.every_minutes and seconds_since_save >= policy.every_minutes * 60)
+
+
 def due_at_step(policy: Policy, step: int, seconds_since_save: float) -> set[str]:
     """Kinds due after STEP inside an epoch."""
-    by_steps = policy.every_steps and step % policy.every_steps == 0
-    by_time = policy.every_minutes and seconds_since_save >= policy.every_minutes * 60
-    return {"auto"} if by_steps or by_time else set()
+    return {"auto"} if autosave_due(policy, step, seconds_since_save) else set()
 
 
 def due_at_epoch_end(policy: Policy, epochs_done: int, step: int, seconds_since_save: float,

@@ -146,7 +146,6 @@ def test_saves_follow_the_policy(tmp_path):
     assert records and all(r["stall_s"] >= 0 for r in records)
 
 
-
 def test_a_quiet_boundary_is_one_where_nothing_is_due(tmp_path):
     """The shortcut of most steps: wherever `quiet` says so, the full question finds no
     save and no stop; and it is not quiet where a save falls due by count, by the clock, or
