@@ -78,5 +78,31 @@ def pin(wanted: int | None, folder: Path, say: Callable[[str], None], record: bo
         write_durably(FileSystem(), folder / THREADS_FILE, json.dumps({"threads": n}).encode())
     if n > cores():
         say(f"note: {n} threads (fixed when the job first started) on {cores()} cores: kept, for exact resume")
+    settle_vml()
     torch.set_num_threads(n)
     return n
+
+
+def settle_vml() -> None:
+    """Make MKL's vector math (VML: torch's sqrt, exp, log... of float tensors on the CPU)
+    give the same bits in every process, before the job's threads start.
+
+    Measured on a 2-core VM with torch 2.13's static MKL: in about one fresh process in
+    ten, the first VML call made from a multi-threaded region computes the part of the
+    tensor given to the second thread with a less accurate kernel, every element of it off
+    by an ulp or more, and keeps doing so for the life of the process. AdamW's
+    `exp_avg_sq.sqrt()` is such a call, so a resumed run could end a few bits away from
+    an uninterrupted one. One VML call on this thread first (asking for the mode changes
+    nothing) settles it: 0 such processes in 140, against 8 in 50 without
+    (docs/PERFORMANCE.md, "Exact resume and MKL"; an AMD host where MKL takes another path
+    never showed it). A torch without MKL has no VML: nothing to do."""
+    import ctypes
+
+    import torch
+
+    try:
+        mode = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).vmlGetMode
+    except (OSError, AttributeError):
+        return
+    mode.restype = ctypes.c_uint
+    mode()

@@ -110,3 +110,34 @@ def test_in_a_slurm_job_the_cores_are_the_cpus_slurm_gave_the_task(monkeypatch):
     assert threads.cores() == mask  # never more than the mask allows
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
     assert threads.cores() == 1
+
+
+# What AdamW's `exp_avg_sq.sqrt()` does, in a process that has just set its thread count
+# as every job process does (threads.pin), then the digest of the result's bits.
+VML_PROBE = """
+import hashlib, sys
+from pathlib import Path
+import torch
+from traind.daemon import threads
+threads.pin(2, Path(sys.argv[1]), print)
+x = torch.rand(5120, generator=torch.Generator().manual_seed(0)) * 1e-3
+print(hashlib.sha256(torch.sqrt(x).numpy().tobytes()).hexdigest())
+"""
+
+
+def test_vector_math_gives_the_same_bits_in_every_fresh_job_process(tmp_path):
+    # Without threads.settle_vml about one fresh process in ten computes the second
+    # thread's half of the tensor with another kernel (measured: 8 in 80 on the host of
+    # docs/PERFORMANCE.md, "Exact resume and MKL"; an AMD EPYC host never showed it), so
+    # 40 fresh processes agreeing is what it takes; a forked process never shows it.
+    def start(i):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        return subprocess.Popen([sys.executable, "-c", VML_PROBE, str(folder)], stdout=subprocess.PIPE, text=True)
+
+    digests = []
+    for wave in range(10):
+        procs = [start(wave * 4 + i) for i in range(4)]
+        digests += [p.communicate(timeout=120)[0].split()[-1] for p in procs]
+        assert all(p.returncode == 0 for p in procs)
+    assert len(digests) == 40 and len(set(digests)) == 1, sorted(set(digests))
