@@ -9,6 +9,7 @@ The `boundary` callback runs there; returning True stops the loop (signals, paus
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import time
@@ -100,6 +101,9 @@ class Trainer:
         self._limit = train.max_steps
         self._log_every = train.log_every_steps
         self._accumulate = train.accumulate
+        self.alone = train.accumulate == 1 and world.size == 1
+        """Whether each batch is a step of its own on one rank: `fit` then steps batch by
+        batch through `_alone`, without `step`'s grouping (2 points of the seed MLP's step)."""
         self._autocast = job.autocast
         self._size, self._batch_size = len(job.splits.train), self.spec.data.batch_size
         self.batches_per_epoch = job.batches_per_epoch
@@ -127,17 +131,27 @@ class Trainer:
         job, p = self.job, self.progress
         job.model.train()
         self._prepare()
-        step = self.step if self._compiled else self._first_compiled
+        step, alone = self.step, self._alone
+        if not self._compiled:
+            step, alone = functools.partial(self._first_compiled, step), functools.partial(self._first_compiled, alone)
         while not self.finished():
             if not self.at_step_limit():
                 loader = data.train_loader(job.splits.train, self.spec.data, self.spec.seed, p.epoch, p.batch,
                                            self.pin, self._part)
-                for group in self._groups(loader):
-                    step(group)
-                    if self.at_step_limit():
-                        break
-                    if boundary(self):
-                        return False
+                if self.alone and not any(epoch == p.epoch for epoch, _ in p.skip):
+                    for index, (x, y) in enumerate(loader, p.batch):
+                        alone(index, x, y)
+                        if self.at_step_limit():
+                            break
+                        if boundary(self):
+                            return False
+                else:
+                    for group in self._groups(loader):
+                        step(group)
+                        if self.at_step_limit():
+                            break
+                        if boundary(self):
+                            return False
             self.end_epoch()
             if boundary(self):
                 return self.finished()
@@ -178,12 +192,13 @@ class Trainer:
             self.net = torch.compile(self.net, mode="max-autotune" if self._compile == "max-autotune" else None)
             self.net._traind_compiled = True
 
-    def _first_compiled(self, group: list[Batch]) -> None:
-        """A step of the compiled model: the first compiles it, and its failure is the job's."""
+    def _first_compiled(self, step: Callable, *batches) -> None:
+        """STEP (`step` or `_alone`) of the compiled model: the first compiles it, and its
+        failure is the job's."""
         if self._compiled:
-            return self.step(group)
+            return step(*batches)
         try:
-            self.step(group)
+            step(*batches)
         except Exception as e:
             if is_out_of_memory(e) or isinstance(e, NonFiniteLoss):
                 raise
@@ -205,13 +220,7 @@ class Trainer:
         for i, (index, x, y) in enumerate(group):
             if self._move:
                 x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
-            if self._autocast is None:
-                out = self.net(x)
-                loss = job.loss_fn(out, y)
-            else:
-                with torch.autocast(job.device.type, self._autocast):
-                    out = self.net(x)
-                    loss = job.loss_fn(out, y)
+            out, loss = self._forward(x, y)
             mine = x.shape[0]  # (shape, not len(): len() costs a microsecond)
             if mine * ranks != total:  # else one batch split evenly: the plain loss is the step's
                 loss = loss * (mine * ranks / total) if mine else out.sum() * 0.0  # (a rank given no samples
@@ -229,6 +238,31 @@ class Trainer:
                 loss.backward()
         p.batch = group[-1][0] + 1
         self._update()
+
+    def _alone(self, index: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """`step` over batch INDEX alone, on one rank (`alone`): its samples are the step's."""
+        job, p = self.job, self.progress
+        if self._move:
+            x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
+        loss = self._forward(x, y)[1]
+        self._losses.append(loss.detach())
+        self._pending.append((p.step + 1, index, x.shape[0], x.shape[0]))
+        if job.scaler is not None:
+            loss = job.scaler.scale(loss)
+        job.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        p.batch = index + 1
+        self._update()
+
+    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's output on X and its loss against Y (under autocast where train.precision asks)."""
+        job = self.job
+        if self._autocast is None:
+            out = self.net(x)
+            return out, job.loss_fn(out, y)
+        with torch.autocast(job.device.type, self._autocast):
+            out = self.net(x)
+            return out, job.loss_fn(out, y)
 
     def _whole(self, index: int) -> int:
         """Samples of batch INDEX of the epoch, all ranks together (the last may be short)."""

@@ -29,6 +29,10 @@ class Spy(Trainer):
         self.seen += [y.tolist() for _, _, y in group]
         return super().step(group)
 
+    def _alone(self, index, x, y):
+        self.seen.append(y.tolist())
+        return super()._alone(index, x, y)
+
 
 def stop_at_step(k):
     """A boundary callback that stops the loop after step K, its losses looked at (as a
@@ -61,6 +65,25 @@ def test_two_runs_of_one_job_give_bitwise_equal_weights(spec_of):
     other = trainer_for(spec_of, MLP.replace("seed = 0", "seed = 1"))
     other.fit()
     assert not all(torch.equal(runs[0][k], v) for k, v in weights(other).items())
+
+
+@pytest.mark.parametrize("switch", ["", "precision = 'bf16'\n", "grad_clip = 0.5\n"])
+def test_a_batch_stepped_alone_is_the_grouped_step(spec_of, tmp_path, switch):
+    """With accumulate 1 on one rank `fit` steps batch by batch (`Trainer.alone`), past the
+    grouping of `step`: the same weights, losses and records, to the bit (the last batch
+    short)."""
+    text = MLP.replace("epochs = 3", "epochs = 3\nlog_every_steps = 3\n" + switch)
+    runs = []
+    for alone in (True, False):
+        t = trainer_for(spec_of, text, tmp_path / str(alone))
+        assert t.alone and len(t.job.splits.train) % t.spec.data.batch_size
+        t.alone = alone
+        assert t.fit()
+        t.recorder.close()
+        runs.append((weights(t), t.progress.as_dict(), [{k: v for k, v in r.items() if "time" not in k and
+                                                         "seconds" not in k} for r in read_metrics(tmp_path / str(alone))]))
+    assert_bitwise_equal(runs[0][0], runs[1][0])
+    assert runs[0][1:] == runs[1][1:] and len(runs[0][2]) == 3 + 24 // 3
 
 
 @pytest.mark.parametrize("stop_at", [1, 5, 7, 8, 13])
