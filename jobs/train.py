@@ -103,7 +103,7 @@ class Trainer:
         self._accumulate = train.accumulate
         self.alone = train.accumulate == 1 and world.size == 1
         """Whether each batch is a step of its own on one rank: `fit` then steps batch by
-        batch through `_alone`, without `step`'s grouping (2 points of the seed MLP's step)."""
+        batch through `_alone`, without `step`'s grouping (about a point of the seed MLP's step)."""
         self._autocast = job.autocast
         self._size, self._batch_size = len(job.splits.train), self.spec.data.batch_size
         self.batches_per_epoch = job.batches_per_epoch
