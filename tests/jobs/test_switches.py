@@ -289,3 +289,25 @@ def test_a_compiled_model_trains_and_its_saves_keep_the_plain_names(tmp_path):
 
     text = MLP.replace("epochs = 3", "max_steps = 6\ncompile = true").replace("samples = 300", "samples = 200")
     assert compiled_run(tmp_path, text)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_failure_at_the_compiled_models_first_step_is_the_jobs_error_naming_the_key(spec_of, accumulate):
+    """What the first step of a compiled model raises (torch.compile compiles there) comes
+    back as the job file's error, train.compile, with the fix; by either step path."""
+    text = MLP.replace("epochs = 3", f"epochs = 1\naccumulate = {accumulate}\ncompile = true")
+    t = Trainer(build_job(spec_of(text), "t"), Recorder())
+    assert not t._compiled and t.alone == (accumulate == 1)
+
+    class Unsupported(torch.nn.Module):  # stands where the compiled model would: fails as a backend would
+        def forward(self, x):
+            raise RuntimeError("inductor: no lowering for aten.weird\nmore detail")
+
+    t.net = Unsupported()
+    t.net._traind_compiled = True  # already made: _prepare keeps it
+    with pytest.raises(JobSpecError) as error:
+        t.fit()
+    text = str(error.value)
+    assert "train.compile" in text and "RuntimeError: inductor: no lowering for aten.weird" in text
+    assert "set train.compile = false" in text and "more detail" not in text
+    assert t.progress.step == 0
