@@ -139,19 +139,15 @@ class Trainer:
                 loader = data.train_loader(job.splits.train, self.spec.data, self.spec.seed, p.epoch, p.batch,
                                            self.pin, self._part)
                 if self.alone and not any(epoch == p.epoch for epoch, _ in p.skip):
-                    for index, (x, y) in enumerate(loader, p.batch):
-                        alone(index, x, y)
-                        if self.at_step_limit():
-                            break
-                        if boundary(self):
-                            return False
+                    steps, run = enumerate(loader, p.batch), alone
                 else:
-                    for group in self._groups(loader):
-                        step(group)
-                        if self.at_step_limit():
-                            break
-                        if boundary(self):
-                            return False
+                    steps, run = self._groups(loader), step
+                for batches in steps:
+                    run(batches)
+                    if self.at_step_limit():
+                        break
+                    if boundary(self):
+                        return False
             self.end_epoch()
             if boundary(self):
                 return self.finished()
@@ -192,13 +188,13 @@ class Trainer:
             self.net = torch.compile(self.net, mode="max-autotune" if self._compile == "max-autotune" else None)
             self.net._traind_compiled = True
 
-    def _first_compiled(self, step: Callable, *batches) -> None:
-        """STEP (`step` or `_alone`) of the compiled model: the first compiles it, and its
-        failure is the job's."""
+    def _first_compiled(self, step: Callable, batches) -> None:
+        """STEP (`step` or `_alone`) of the compiled model over BATCHES: the first compiles
+        it, and its failure is the job's."""
         if self._compiled:
-            return step(*batches)
+            return step(batches)
         try:
-            step(*batches)
+            step(batches)
         except Exception as e:
             if is_out_of_memory(e) or isinstance(e, NonFiniteLoss):
                 raise
@@ -239,9 +235,11 @@ class Trainer:
         p.batch = group[-1][0] + 1
         self._update()
 
-    def _alone(self, index: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        """`step` over batch INDEX alone, on one rank (`alone`): its samples are the step's."""
+    def _alone(self, batch: tuple[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """`step` over one BATCH, (its index, (inputs, targets)), alone on one rank (`alone`):
+        its samples are the step's."""
         job, p = self.job, self.progress
+        index, (x, y) = batch
         if self._move:
             x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
         loss = self._forward(x, y)[1]

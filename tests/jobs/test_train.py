@@ -29,9 +29,9 @@ class Spy(Trainer):
         self.seen += [y.tolist() for _, _, y in group]
         return super().step(group)
 
-    def _alone(self, index, x, y):
-        self.seen.append(y.tolist())
-        return super()._alone(index, x, y)
+    def _alone(self, batch):
+        self.seen.append(batch[1][1].tolist())
+        return super()._alone(batch)
 
 
 def stop_at_step(k):
