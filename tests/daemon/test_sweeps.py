@@ -200,7 +200,7 @@ def test_sigkills_of_the_daemon_and_its_trials_at_random_moments_lose_nothing_an
     killed: set[str] = set()
     try:
         daemons.start("--workers", "2")
-        submit(home, tmp_path, sweep_text(trials=6, pruner="none", samples=24000, epochs=3))
+        submit(home, tmp_path, sweep_text(trials=6, pruner="none", samples=48000, epochs=3))  # outlasts the kills
         wait_for(lambda: (home / "jobs").is_dir() and any((home / "jobs").iterdir()), "the first trial", timeout=120)
         for _ in range(7):
             time.sleep(rng.uniform(0.5, 2.5))  # (warm workers start a trial in a tenth of a second)
