@@ -59,8 +59,12 @@ class Progress:
         return dataclasses.asdict(self)
 
 
-LOOK_EVERY = 64
-"""Batches whose losses wait on the device at most, between two looks at them."""
+LOOK_EVERY = 1024
+"""Batches whose losses wait on the device at most, between two looks at them: a bound on
+what waits (a GPU's 1,024 scalars take 0.5 MiB), not a cadence. Looks come from the clock
+(LOOK_SECONDS), saves and epoch ends. A look slowed the seed MLP's step where it fell by
+about 320 us (the stack, the transfer, the records written, and the caches they take), so
+a look every 64 batches cost its epoch 0.7 to 0.9% (docs/PERFORMANCE.md)."""
 LOOK_SECONDS = 1.0
 """A logged step whose losses were last looked at this long ago is looked at now (one
 process: its step records then appear as a slow model makes them; with ranks, every logged

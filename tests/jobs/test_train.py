@@ -135,9 +135,9 @@ def _step_records(folder):
 
 
 def test_a_step_record_is_written_when_its_loss_is_looked_at(spec_of, tmp_path, monkeypatch):
-    """One process: a logged step's record waits for the next look at the losses (every 64
-    batches, before a save, at an epoch's end, or at a logged step a second after the last
-    look), and carries that step's loss and the time it was taken."""
+    """One process: a logged step's record waits for the next look at the losses (before a
+    save, at an epoch's end, at a logged step a second after the last look, or after
+    LOOK_EVERY batches), and carries that step's loss and the time it was taken."""
     def run(look_seconds, folder):
         monkeypatch.setattr(train, "LOOK_SECONDS", look_seconds)
         t = trainer_for(spec_of, MLP.replace("epochs = 3", "epochs = 1\nlog_every_steps = 2"), folder)
@@ -158,7 +158,7 @@ def test_a_step_record_is_written_when_its_loss_is_looked_at(spec_of, tmp_path, 
         return written, [r["loss"] for r in steps]
 
     later, later_losses = run(1e9, tmp_path / "later")
-    # nothing looked at before the epoch's end: 8 batches, fewer than 64
+    # nothing looked at before the epoch's end: 8 batches, fewer than LOOK_EVERY
     assert later == [(s, []) for s in range(1, 9)] + [(8, [2, 4, 6, 8])]
     at_once, at_once_losses = run(0.0, tmp_path / "at-once")
     assert at_once == [(s, list(range(2, s + 1, 2))) for s in range(1, 9)] + [(8, [2, 4, 6, 8])]
