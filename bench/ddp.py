@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.loop import MLP, _row, _series
+from bench.loop import MLP
+from bench.stats import row, series
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRAIND_TENSORBOARD": "0"}  # TensorBoard's cost: bench/loop.py
@@ -125,11 +126,11 @@ def hand(job_path: str, out_path: str) -> None:
 def measure(quick: bool = False) -> list[dict]:
     samples, epochs, reps = (2048, 2, 2) if quick else (32768, 3, 6)
     text = job_text(samples, epochs)
-    rates = _series({"traind": lambda: run_traind(text), "hand-torchrun": lambda: run_hand(text),
+    rates = series({"traind": lambda: run_traind(text), "hand-torchrun": lambda: run_hand(text),
                      "hand-torchrun-again": lambda: run_hand(text)}, reps)
     median = {w: statistics.median(r) for w, r in rates.items()}
     noise = abs(1 - median["hand-torchrun-again"] / median["hand-torchrun"])
-    return [_row("2-process DDP job (gloo, CPU) vs hand torchrun DDP script", median["traind"],
+    return [row("2-process DDP job (gloo, CPU) vs hand torchrun DDP script", median["traind"],
                  median["hand-torchrun"], 0.97, noise,
                  f"steps/s, first step to last save, {epochs} epochs of {samples} samples, a save per epoch, "
                  f"median of {reps}; A/A noise {noise:.1%}")]

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from bench import loop, switches
-from bench.loop import _row, _series
+from bench.stats import row, series
 from traind.jobs import train
 
 
@@ -91,20 +91,20 @@ def measure(quick: bool = False) -> list[dict]:
     rows = []
     name = torch.cuda.get_device_name()
     for label, text in (("seed MLP", small), ("4.7M MLP", mid)):
-        rates = _series({"traind": lambda: loop.run_traind(text), "traind-every-loss": lambda: run_traind_every_loss(text),
+        rates = series({"traind": lambda: loop.run_traind(text), "traind-every-loss": lambda: run_traind_every_loss(text),
                          "hand": lambda: switches.run_hand(text), "hand-again": lambda: switches.run_hand(text),
                          "hand-no-item": lambda: switches.run_hand(text, read_each_loss=False)}, reps)
         median = {w: statistics.median(r) for w, r in rates.items()}
         noise = abs(1 - median["hand-again"] / median["hand"])
         detail = f"steps/s on {name}, bf16, {epochs} epochs of {samples} samples, median of {reps}; A/A noise {noise:.1%}"
-        rows += [_row(f"bf16 {label} on the GPU vs hand loop (loss.item() each step)", median["traind"],
+        rows += [row(f"bf16 {label} on the GPU vs hand loop (loss.item() each step)", median["traind"],
                       median["hand"], 0.97, noise, detail),
-                 _row(f"per-step sync, {label}: traind's default vs a look every step", median["traind"],
+                 row(f"per-step sync, {label}: traind's default vs a look every step", median["traind"],
                       median["traind-every-loss"], None, noise, detail),
-                 _row(f"per-step sync, {label}: hand loop without vs with loss.item()", median["hand-no-item"],
+                 row(f"per-step sync, {label}: hand loop without vs with loss.item()", median["hand-no-item"],
                       median["hand"], None, noise, detail)]
     stall, copy = save_stall(1600 if quick else 4000)
-    rows.append(_row("save stall of a ~100 MB state vs a plain device-to-host copy of it", stall * 1e3, copy * 1e3,
+    rows.append(row("save stall of a ~100 MB state vs a plain device-to-host copy of it", stall * 1e3, copy * 1e3,
                      None, 0.0, f"ms, median over the saves of a run on {name}; pinned buffers reused from save to save",
                      higher=False))
     return rows

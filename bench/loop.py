@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,6 +46,8 @@ from traind.jobs.checkpoint import Checkpointer
 from traind.jobs.jobfile import parse_spec
 from traind.jobs.metrics import Recorder, read_metrics, tensorboard_available
 from traind.jobs.train import Trainer
+
+from bench.stats import paired_row, row, series
 
 MLP = """
 name = "bench-mlp"
@@ -314,10 +317,33 @@ def step_cost(rounds: int, samples: int = 16384) -> dict[str, float]:
                  "traind-step+boundary": lambda: traind(inside), "hand-again": hand}
         for run in sides.values():  # warm-up
             run()
-        rates = _series(sides, rounds)
+        rates = series(sides, rounds)
         checkpoints.close()
         recorder.close()
     return {side: statistics.median(r) for side, r in rates.items()}
+
+
+def paired(text: str, rounds: int, hand: Callable[[str], tuple[float, int]] | None = None) -> dict[str, list[float]]:
+    """The whole run of TEXT (steps, validation, saves), by traind, by the hand gather
+    loop (or HAND), and by that loop again (the A/A control), ROUNDS times in this
+    process after a warm-up of each, the order rotated: each round's steps/s of traind and
+    of the second hand run, as ratios to the same round's hand run.
+
+    On this kind of VM the speed moves by tens of percent within seconds, in one process as
+    between processes (two hand runs back to back: 0.89 to 1.33 of each other), so a ratio
+    of medians over separate samples carries that drift, while a ratio of two runs a second
+    apart mostly does not: their ratios, over many rounds, tell a gap of a point or two."""
+    hand = hand or run_hand_gather
+    sides = {"hand-gather": lambda: hand(text), "traind": lambda: run_traind(text),
+             "hand-gather-again": lambda: hand(text)}
+    for run in sides.values():  # warm-up
+        run()
+    ratios: dict[str, list[float]] = {"traind": [], "hand-gather-again": []}
+    rates = series(sides, rounds)  # each list in round order
+    for i in range(rounds):
+        for side in ratios:
+            ratios[side].append(rates[side][i] / rates["hand-gather"][i])
+    return ratios
 
 
 def run_lightning(text: str) -> tuple[float, int]:
@@ -369,38 +395,6 @@ def lightning_available() -> bool:
     return importlib.util.find_spec("lightning") is not None
 
 
-def _series(runs: dict, reps: int) -> dict[str, list[float]]:
-    """Run each series REPS times, rotating (and every other cycle reversing) the order,
-    so that each runs in each place equally often; steps per second of each run."""
-    who = list(runs)
-    rates: dict[str, list[float]] = {w: [] for w in who}
-    steps = {}
-    for rep in range(reps):
-        order = who[rep % len(who):] + who[:rep % len(who)]
-        for w in (order if rep // len(who) % 2 == 0 else order[::-1]):
-            seconds, n = runs[w]()
-            rates[w].append(n / seconds)
-            steps[w] = n
-    assert len(set(steps.values())) == 1, f"the loops did different work: {steps}"
-    return rates
-
-
-def _row(case: str, ours: float, theirs: float, goal: float | None, noise: float, detail: str,
-         higher: bool = True) -> dict:
-    ratio = ours / theirs
-    if goal is None:
-        verdict = "-"
-    elif (ratio >= goal) if higher else (ratio <= goal):
-        verdict = "met"
-    elif (ratio >= goal - noise) if higher else (ratio <= goal + noise):
-        verdict = "within noise"
-    else:
-        verdict = "missed"
-    return {"case": case, "traind": round(ours, 1), "baseline": round(theirs, 1), "ratio": round(ratio, 3),
-            "goal": "-" if goal is None else f"{'>=' if higher else '<='} {goal}", "verdict": verdict,
-            "detail": detail}
-
-
 def measure(quick: bool = False) -> list[dict]:
     samples, epochs, reps, big_samples, big_reps = (2048, 3, 2, 1600, 1) if quick else (65536, 3, 10, 8000, 4)
     # (a run of 65,536 samples takes about a second: long enough that a process's fixed costs fade)
@@ -424,19 +418,25 @@ def measure(quick: bool = False) -> list[dict]:
         runs["traind-tensorboard"] = fresh("run_traind_tensorboard")
     if lightning_available():  # pip install traind[bench]
         runs["lightning"] = fresh("run_lightning")
-    rates = _series(runs, reps)
+    rates = series(runs, reps)
     median = {w: statistics.median(r) for w, r in rates.items()}
     noise = abs(1 - median["hand-gather-again"] / median["hand-gather"])
     detail = (f"steps/s, {epochs} epochs of {samples} samples, a save per epoch, median of {reps} processes a side; "
               f"A/A noise {noise:.1%}")
-    rows = [_row("loop + saves, seed MLP, vs hand DataLoader loop", median["traind"], median["hand"], 0.97, noise,
+    rows = [row("loop + saves, seed MLP, vs hand DataLoader loop", median["traind"], median["hand"], 0.97, noise,
                  detail),
-            _row("loop + saves, seed MLP, vs hand gather loop", median["traind"], median["hand-gather"], 0.97, noise,
+            row("loop + saves, seed MLP, vs hand gather loop", median["traind"], median["hand-gather"], 0.97, noise,
                  detail),
-            _row("A/A control: hand gather loop vs itself", median["hand-gather-again"], median["hand-gather"], None,
+            row("A/A control: hand gather loop vs itself", median["hand-gather-again"], median["hand-gather"], None,
                  noise, "two identical loops; their ratio is this run's noise floor")]
+    pairs, paired_samples = (3, 2048) if quick else (24, 65536)
+    found = paired(MLP.format(samples=paired_samples, epochs=1, checkpoint=DEFAULT_CADENCE), pairs)
+    rows.append(paired_row("loop + saves, seed MLP, vs hand gather loop, paired in one process", found["traind"],
+                            found["hand-gather-again"], 0.97,
+                            f"median over {pairs} rounds of each round's ratio of neighbouring runs (1 epoch of "
+                            f"{paired_samples} samples, validation, its save waited for at the end)"))
     if "lightning" in median:
-        rows.append(_row("loop + saves, seed MLP, vs PyTorch Lightning + ModelCheckpoint", median["traind"],
+        rows.append(row("loop + saves, seed MLP, vs PyTorch Lightning + ModelCheckpoint", median["traind"],
                          median["lightning"], None, noise, detail))
     share, slowdown = statistics.median(shares), median["traind-final-only"] / median["traind"] - 1
     rows.append({"case": "checkpoint overhead, default cadence: training thread's time in saves",
@@ -445,7 +445,7 @@ def measure(quick: bool = False) -> list[dict]:
                  "detail": f"a save per {samples * 4 // 5 // 64} steps ({samples * 4 // 5 // 64 / median['traind']:.2f} s); "
                            f"end to end, saving each epoch vs only at the end: {slowdown:+.1%} (A/A noise {noise:.1%})"})
     if "traind-tensorboard" in median:
-        rows.append(_row("TensorBoard event files: steps/s with vs without", median["traind-tensorboard"],
+        rows.append(row("TensorBoard event files: steps/s with vs without", median["traind-tensorboard"],
                          median["traind"], None, noise, "their cost on the step path; " + detail))
     ours, theirs = save_cost(3 if quick else 9)
     rows.append({"case": "a save's cost to training, seed MLP: traind vs torch.save + fsync inline",
@@ -456,15 +456,15 @@ def measure(quick: bool = False) -> list[dict]:
     cost, epochs = step_cost(4 if quick else 20), 4 if quick else 20
     inside = abs(1 - cost["hand-again"] / cost["hand"])
     for side, what in (("traind-step", "traind's step"), ("traind-step+boundary", "traind's step + boundary")):
-        rows.append(_row(f"a step in one process, seed MLP: {what} vs the hand gather step", cost[side],
+        rows.append(row(f"a step in one process, seed MLP: {what} vs the hand gather step", cost[side],
                          cost["hand"], 0.97, inside,
                          f"steps/s ({1e6 / cost[side]:.1f} vs {1e6 / cost['hand']:.1f} us a step), median of "
                          f"{epochs} epochs a side, one process; A/A noise {inside:.1%}"))
     big = BIG.format(samples=big_samples)
     run_traind(warmup)  # this series runs in this process: its first sample must not pay the first-run costs
-    rates = _series({"traind": lambda: run_traind(big), "hand-gather": lambda: run_hand(big, True, every_steps=20)},
+    rates = series({"traind": lambda: run_traind(big), "hand-gather": lambda: run_hand(big, True, every_steps=20)},
                     big_reps)
     ours, theirs = statistics.median(rates["traind"]), statistics.median(rates["hand-gather"])
-    rows.append(_row("loop + saves, ~100 MB state saved every 20 steps, vs hand gather loop", ours, theirs, 1.0, noise,
+    rows.append(row("loop + saves, ~100 MB state saved every 20 steps, vs hand gather loop", ours, theirs, 1.0, noise,
                      f"steps/s, median of {big_reps}; traind saves behind training, torch.save + fsync blocks it"))
     return rows

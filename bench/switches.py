@@ -2,7 +2,8 @@
 gradient accumulation over 4 batches, bf16 autocast on the CPU, an EMA of the weights
 (torch's AveragedModel, as a hand loop would use it). The seed MLP, one save at the end on
 both sides; each run in a process of its own, the sides alternating, medians compared; an
-A/A control beside them.
+A/A control beside them. Then each again paired in this process (`bench.loop.paired`):
+neighbouring runs of traind and the hand loop, their ratio taken round by round.
 
 A hand loop reads each loss as it goes (`loss.item()`), which costs nothing on a CPU;
 traind keeps the losses on the device and reads them where the loop stops anyway.
@@ -18,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.loop import FINAL_ONLY, MLP, _job, _row, _save_by_hand, in_a_process, run_traind
+from bench.loop import FINAL_ONLY, MLP, _job, _save_by_hand, in_a_process, paired, run_traind
+from bench.stats import paired_row, row
 
 SWITCHES = {"accumulate 4": "accumulate = 4", "bf16 autocast": 'precision = "bf16"', "EMA 0.999": "ema = 0.999"}
 GOALS = {"accumulate 4": 0.97, "bf16 autocast": 0.97, "EMA 0.999": 0.95}
@@ -93,7 +95,7 @@ SIDES = {"traind": "run_traind", "hand": "run_hand"}
 
 
 def measure(quick: bool = False) -> list[dict]:
-    samples, epochs, processes = (2048, 1, 2) if quick else (32768, 2, 10)
+    samples, epochs, processes, pairs = (2048, 1, 2, 3) if quick else (32768, 2, 10, 24)
     rows = []
     for case, switch in SWITCHES.items():
         rates = {"traind": [], "hand": [], "hand-again": []}
@@ -105,7 +107,12 @@ def measure(quick: bool = False) -> list[dict]:
                 rates[who].append(steps / seconds)
         median = {w: statistics.median(r) for w, r in rates.items()}
         noise = abs(1 - median["hand-again"] / median["hand"])
-        rows.append(_row(f"{case}, seed MLP, vs hand loop doing the same", median["traind"], median["hand"],
+        rows.append(row(f"{case}, seed MLP, vs hand loop doing the same", median["traind"], median["hand"],
                          GOALS[case], noise, f"steps/s, {epochs} epochs of {samples} samples, median over "
                                              f"{processes} processes a side; A/A noise {noise:.1%}"))
+        found = paired(job_text(samples, 1, switch), pairs, hand=run_hand)
+        rows.append(paired_row(f"{case}, seed MLP, vs hand loop doing the same, paired in one process",
+                                found["traind"], found["hand-gather-again"], GOALS[case],
+                                f"median over {pairs} rounds of each round's ratio of neighbouring runs (1 epoch "
+                                f"of {samples} samples, validation, one save)"))
     return rows

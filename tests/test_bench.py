@@ -1,7 +1,7 @@
 """The bench's cases on tiny inputs: they run, and the two sides do the same work (the
 figures themselves are bench/'s business, never asserted here)."""
 
-from bench import daemon, ddp, gpu, loop, sweep, switches
+from bench import daemon, ddp, gpu, loop, stats, sweep, switches
 
 
 def test_the_loop_and_its_baselines_do_the_same_work():
@@ -95,3 +95,24 @@ def test_the_step_cost_row_times_every_side_over_the_same_steps():
     cost = loop.step_cost(1, samples=512)
     assert set(cost) == {"hand", "traind-step", "traind-step+boundary", "hand-again"}
     assert all(0 < us < 1e6 for us in cost.values())
+
+
+def test_the_paired_row_compares_neighbouring_runs_of_the_same_work(monkeypatch):
+    runs = []
+    for name in ("run_traind", "run_hand_gather"):
+        real = getattr(loop, name)
+        monkeypatch.setattr(loop, name, lambda text, real=real, name=name: (runs.append(name), real(text))[1])
+    found = loop.paired(loop.MLP.format(samples=512, epochs=1, checkpoint=loop.DEFAULT_CADENCE), 3)
+    assert runs.count("run_traind") == 1 + 3 and runs.count("run_hand_gather") == 2 + 6  # warm-ups, then rounds
+    assert set(found) == {"traind", "hand-gather-again"} and all(len(r) == 3 for r in found.values())
+    assert all(0 < r < 10 for ratios in found.values() for r in ratios)
+
+
+def test_the_interval_holds_the_median_and_narrows_with_more_values():
+    wide = stats.interval([0.9, 1.1, 0.95, 1.05, 1.0])
+    narrow = stats.interval([0.9, 1.1, 0.95, 1.05, 1.0] * 20)
+    assert wide[0] <= 1.0 <= wide[1] and narrow[0] <= 1.0 <= narrow[1]
+    assert narrow[1] - narrow[0] < wide[1] - wide[0]
+    assert stats.interval([1.0] * 7) == (1.0, 1.0)
+    row = stats.paired_row("case", [0.99] * 9, [1.0] * 9, 0.97, "detail")
+    assert row["verdict"] == "met" and stats.paired_row("c", [0.9] * 9, [1.0] * 9, 0.97, "d")["verdict"] == "missed"
