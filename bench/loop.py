@@ -271,18 +271,21 @@ def save_cost(rounds: int, steps: int = 2000, every: int = 200) -> tuple[float, 
     return statistics.median(lost["traind"]), statistics.median(lost["hand"])
 
 
-def step_cost(rounds: int, samples: int = 16384) -> dict[str, float]:
+def step_cost(rounds: int, samples: int = 16384, precision: str = "fp32") -> dict[str, float]:
     """Steps per second of the seed MLP in this process, one epoch a sample,
     the sides rotated, medians over ROUNDS: the hand gather loop's step (`hand`, and again,
     `hand-again`, this process's noise floor), an epoch of `Trainer.fit` (the batch grouping,
-    the held losses and their look every 64 steps, the step records, the epoch's end with no
-    validation split to run), and the same with the Checkpointer's boundary after each step
-    (no save falls due inside the epoch).
+    the held losses and their look, the step records, the epoch's end with no validation
+    split to run), and the same with the Checkpointer's boundary after each step (no save
+    falls due inside the epoch). PRECISION "bf16": the job's train.precision, and the hand
+    step's forward pass and loss under `torch.autocast`, as the PyTorch docs write it.
     One process, so the ratios are free of the process-to-process luck of `measure`'s
     series, and the full run's other costs (validation, saves, epoch ends) are left out."""
-    job = _job(MLP.format(samples=samples, epochs=1, checkpoint=FINAL_ONLY))
+    job = _job(MLP.format(samples=samples, epochs=1, checkpoint=FINAL_ONLY)
+               .replace("[train]\n", f'[train]\nprecision = "{precision}"\n'))
     job.splits = dataclasses.replace(job.splits, val=None)
     net, loss_fn, optimizer, train = job.model, job.loss_fn, job.optimizer, job.splits.train
+    autocast = precision == "bf16"
     with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as folder:
         recorder = Recorder(Path(folder))
         recorder.keep_until(0, 0)
@@ -295,7 +298,11 @@ def step_cost(rounds: int, samples: int = 16384) -> dict[str, float]:
         def hand() -> tuple[float, int]:
             start, n = time.perf_counter(), 0
             for x, y in batches():
-                loss = loss_fn(net(x), y)
+                if autocast:
+                    with torch.autocast("cpu", torch.bfloat16):
+                        loss = loss_fn(net(x), y)
+                else:
+                    loss = loss_fn(net(x), y)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

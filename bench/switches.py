@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.loop import FINAL_ONLY, MLP, _job, _save_by_hand, in_a_process, paired, run_traind
+from bench.loop import FINAL_ONLY, MLP, _job, _save_by_hand, in_a_process, paired, run_traind, step_cost
 from bench.stats import paired_row, row
 
 SWITCHES = {"accumulate 4": "accumulate = 4", "bf16 autocast": 'precision = "bf16"', "EMA 0.999": "ema = 0.999"}
@@ -115,4 +115,10 @@ def measure(quick: bool = False) -> list[dict]:
                                 found["traind"], found["hand-gather-again"], GOALS[case],
                                 f"median over {pairs} rounds of each round's ratio of neighbouring runs (1 epoch "
                                 f"of {samples} samples, validation, one save)"))
+    cost = step_cost(4 if quick else 20, precision="bf16")
+    inside = abs(1 - cost["hand-again"] / cost["hand"])
+    rows.append(row("a bf16 step in one process, seed MLP: traind's step vs the hand step under autocast",
+                    cost["traind-step"], cost["hand"], GOALS["bf16 autocast"], inside,
+                    f"steps/s ({1e6 / cost['traind-step']:.1f} vs {1e6 / cost['hand']:.1f} us a step), median of "
+                    f"{4 if quick else 20} epochs a side, one process; A/A noise {inside:.1%}"))
     return rows

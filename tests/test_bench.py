@@ -92,9 +92,10 @@ def test_the_save_cost_row_times_real_saves_on_both_sides(monkeypatch):
 
 
 def test_the_step_cost_row_times_every_side_over_the_same_steps():
-    cost = loop.step_cost(1, samples=512)
-    assert set(cost) == {"hand", "traind-step", "traind-step+boundary", "hand-again"}
-    assert all(0 < us < 1e6 for us in cost.values())
+    for precision in ("fp32", "bf16"):
+        cost = loop.step_cost(1, samples=512, precision=precision)
+        assert set(cost) == {"hand", "traind-step", "traind-step+boundary", "hand-again"}
+        assert all(0 < us < 1e6 for us in cost.values())
 
 
 def test_the_paired_row_compares_neighbouring_runs_of_the_same_work(monkeypatch):
