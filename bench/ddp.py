@@ -131,9 +131,9 @@ def measure(quick: bool = False) -> list[dict]:
     median = {w: statistics.median(r) for w, r in rates.items()}
     noise = abs(1 - median["hand-torchrun-again"] / median["hand-torchrun"])
     return [row("2-process DDP job (gloo, CPU) vs hand torchrun DDP script", median["traind"],
-                 median["hand-torchrun"], 0.97, noise,
-                 f"steps/s, first step to last save, {epochs} epochs of {samples} samples, a save per epoch, "
-                 f"median of {reps}; A/A noise {noise:.1%}")]
+                median["hand-torchrun"], 0.97, noise,
+                f"steps/s, first step to last save, {epochs} epochs of {samples} samples, a save per epoch, "
+                f"median of {reps}; A/A noise {noise:.1%}")]
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["hand"]:

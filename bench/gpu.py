@@ -98,13 +98,13 @@ def measure(quick: bool = False) -> list[dict]:
         noise = abs(1 - median["hand-again"] / median["hand"])
         detail = f"steps/s on {name}, bf16, {epochs} epochs of {samples} samples, median of {reps}; A/A noise {noise:.1%}"
         rows += [row(f"bf16 {label} on the GPU vs hand loop (loss.item() each step)", median["traind"],
-                      median["hand"], 0.97, noise, detail),
+                     median["hand"], 0.97, noise, detail),
                  row(f"per-step sync, {label}: traind's default vs a look every step", median["traind"],
-                      median["traind-every-loss"], None, noise, detail),
+                     median["traind-every-loss"], None, noise, detail),
                  row(f"per-step sync, {label}: hand loop without vs with loss.item()", median["hand-no-item"],
-                      median["hand"], None, noise, detail)]
+                     median["hand"], None, noise, detail)]
     stall, copy = save_stall(1600 if quick else 4000)
     rows.append(row("save stall of a ~100 MB state vs a plain device-to-host copy of it", stall * 1e3, copy * 1e3,
-                     None, 0.0, f"ms, median over the saves of a run on {name}; pinned buffers reused from save to save",
-                     higher=False))
+                    None, 0.0, f"ms, median over the saves of a run on {name}; pinned buffers reused from save to save",
+                    higher=False))
     return rows

@@ -339,7 +339,10 @@ def paired(text: str, rounds: int, hand: Callable[[str], tuple[float, int]] | No
     On this kind of VM the speed moves by tens of percent within seconds, in one process as
     between processes (two hand runs back to back: 0.89 to 1.33 of each other), so a ratio
     of medians over separate samples carries that drift, while a ratio of two runs a second
-    apart mostly does not: their ratios, over many rounds, tell a gap of a point or two."""
+    apart mostly does not (this A/A stays within a few points of 1.0 where the separate
+    processes' read 8 to 11%). Rounds one after another are still not independent draws,
+    so the interval `stats.interval` gives them is narrower than the truth
+    (docs/PERFORMANCE.md, "Looks from the clock, and readings paired in one process")."""
     hand = hand or run_hand_gather
     sides = {"hand-gather": lambda: hand(text), "traind": lambda: run_traind(text),
              "hand-gather-again": lambda: hand(text)}
@@ -431,20 +434,20 @@ def measure(quick: bool = False) -> list[dict]:
     detail = (f"steps/s, {epochs} epochs of {samples} samples, a save per epoch, median of {reps} processes a side; "
               f"A/A noise {noise:.1%}")
     rows = [row("loop + saves, seed MLP, vs hand DataLoader loop", median["traind"], median["hand"], 0.97, noise,
-                 detail),
+                detail),
             row("loop + saves, seed MLP, vs hand gather loop", median["traind"], median["hand-gather"], 0.97, noise,
-                 detail),
+                detail),
             row("A/A control: hand gather loop vs itself", median["hand-gather-again"], median["hand-gather"], None,
-                 noise, "two identical loops; their ratio is this run's noise floor")]
+                noise, "two identical loops; their ratio is this run's noise floor")]
     pairs, paired_samples = (3, 2048) if quick else (24, 65536)
     found = paired(MLP.format(samples=paired_samples, epochs=1, checkpoint=DEFAULT_CADENCE), pairs)
     rows.append(paired_row("loop + saves, seed MLP, vs hand gather loop, paired in one process", found["traind"],
-                            found["hand-gather-again"], 0.97,
-                            f"median over {pairs} rounds of each round's ratio of neighbouring runs (1 epoch of "
-                            f"{paired_samples} samples, validation, its save waited for at the end)"))
+                           found["hand-gather-again"], 0.97,
+                           f"median over {pairs} rounds of each round's ratio of neighbouring runs (1 epoch of "
+                           f"{paired_samples} samples, validation, its save waited for at the end)"))
     if "lightning" in median:
         rows.append(row("loop + saves, seed MLP, vs PyTorch Lightning + ModelCheckpoint", median["traind"],
-                         median["lightning"], None, noise, detail))
+                        median["lightning"], None, noise, detail))
     share, slowdown = statistics.median(shares), median["traind-final-only"] / median["traind"] - 1
     rows.append({"case": "checkpoint overhead, default cadence: training thread's time in saves",
                  "traind": f"{share:.2%}", "baseline": "-", "ratio": round(share, 4), "goal": "<= 1%",
@@ -453,7 +456,7 @@ def measure(quick: bool = False) -> list[dict]:
                            f"end to end, saving each epoch vs only at the end: {slowdown:+.1%} (A/A noise {noise:.1%})"})
     if "traind-tensorboard" in median:
         rows.append(row("TensorBoard event files: steps/s with vs without", median["traind-tensorboard"],
-                         median["traind"], None, noise, "their cost on the step path; " + detail))
+                        median["traind"], None, noise, "their cost on the step path; " + detail))
     ours, theirs = save_cost(3 if quick else 9)
     rows.append({"case": "a save's cost to training, seed MLP: traind vs torch.save + fsync inline",
                  "traind": f"{ours:.2f} ms", "baseline": f"{theirs:.2f} ms", "ratio": round(ours / theirs, 2),
@@ -464,14 +467,14 @@ def measure(quick: bool = False) -> list[dict]:
     inside = abs(1 - cost["hand-again"] / cost["hand"])
     for side, what in (("traind-step", "traind's step"), ("traind-step+boundary", "traind's step + boundary")):
         rows.append(row(f"a step in one process, seed MLP: {what} vs the hand gather step", cost[side],
-                         cost["hand"], 0.97, inside,
-                         f"steps/s ({1e6 / cost[side]:.1f} vs {1e6 / cost['hand']:.1f} us a step), median of "
-                         f"{epochs} epochs a side, one process; A/A noise {inside:.1%}"))
+                        cost["hand"], 0.97, inside,
+                        f"steps/s ({1e6 / cost[side]:.1f} vs {1e6 / cost['hand']:.1f} us a step), median of "
+                        f"{epochs} epochs a side, one process; A/A noise {inside:.1%}"))
     big = BIG.format(samples=big_samples)
     run_traind(warmup)  # this series runs in this process: its first sample must not pay the first-run costs
     rates = series({"traind": lambda: run_traind(big), "hand-gather": lambda: run_hand(big, True, every_steps=20)},
-                    big_reps)
+                   big_reps)
     ours, theirs = statistics.median(rates["traind"]), statistics.median(rates["hand-gather"])
     rows.append(row("loop + saves, ~100 MB state saved every 20 steps, vs hand gather loop", ours, theirs, 1.0, noise,
-                     f"steps/s, median of {big_reps}; traind saves behind training, torch.save + fsync blocks it"))
+                    f"steps/s, median of {big_reps}; traind saves behind training, torch.save + fsync blocks it"))
     return rows

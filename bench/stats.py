@@ -24,7 +24,7 @@ def series(runs: dict, reps: int) -> dict[str, list[float]]:
 
 
 def row(case: str, ours: float, theirs: float, goal: float | None, noise: float, detail: str,
-         higher: bool = True) -> dict:
+        higher: bool = True) -> dict:
     ratio = ours / theirs
     if goal is None:
         verdict = "-"

@@ -108,13 +108,13 @@ def measure(quick: bool = False) -> list[dict]:
         median = {w: statistics.median(r) for w, r in rates.items()}
         noise = abs(1 - median["hand-again"] / median["hand"])
         rows.append(row(f"{case}, seed MLP, vs hand loop doing the same", median["traind"], median["hand"],
-                         GOALS[case], noise, f"steps/s, {epochs} epochs of {samples} samples, median over "
+                        GOALS[case], noise, f"steps/s, {epochs} epochs of {samples} samples, median over "
                                              f"{processes} processes a side; A/A noise {noise:.1%}"))
         found = paired(job_text(samples, 1, switch), pairs, hand=run_hand)
         rows.append(paired_row(f"{case}, seed MLP, vs hand loop doing the same, paired in one process",
-                                found["traind"], found["hand-gather-again"], GOALS[case],
-                                f"median over {pairs} rounds of each round's ratio of neighbouring runs (1 epoch "
-                                f"of {samples} samples, validation, one save)"))
+                               found["traind"], found["hand-gather-again"], GOALS[case],
+                               f"median over {pairs} rounds of each round's ratio of neighbouring runs (1 epoch "
+                               f"of {samples} samples, validation, one save)"))
     cost = step_cost(4 if quick else 20, precision="bf16")
     inside = abs(1 - cost["hand-again"] / cost["hand"])
     rows.append(row("a bf16 step in one process, seed MLP: traind's step vs the hand step under autocast",
