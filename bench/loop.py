@@ -330,6 +330,14 @@ def step_cost(rounds: int, samples: int = 16384, precision: str = "fp32") -> dic
     return {side: statistics.median(r) for side, r in rates.items()}
 
 
+def step_row(case: str, cost: dict[str, float], side: str, goal: float, rounds: int) -> dict:
+    """The row of SIDE of a `step_cost` reading COST (ROUNDS epochs a side) against its hand step."""
+    inside = abs(1 - cost["hand-again"] / cost["hand"])
+    return row(case, cost[side], cost["hand"], goal, inside,
+               f"steps/s ({1e6 / cost[side]:.1f} vs {1e6 / cost['hand']:.1f} us a step), median of {rounds} epochs "
+               f"a side, one process; A/A noise {inside:.1%}")
+
+
 def paired(text: str, rounds: int, hand: Callable[[str], tuple[float, int]] | None = None) -> dict[str, list[float]]:
     """The whole run of TEXT (steps, validation, saves), by traind, by the hand gather
     loop (or HAND), and by that loop again (the A/A control), ROUNDS times in this
@@ -344,15 +352,14 @@ def paired(text: str, rounds: int, hand: Callable[[str], tuple[float, int]] | No
     so the interval `stats.interval` gives them is narrower than the truth
     (docs/PERFORMANCE.md, "Looks from the clock, and readings paired in one process")."""
     hand = hand or run_hand_gather
-    sides = {"hand-gather": lambda: hand(text), "traind": lambda: run_traind(text),
-             "hand-gather-again": lambda: hand(text)}
+    sides = {"hand": lambda: hand(text), "traind": lambda: run_traind(text), "hand-again": lambda: hand(text)}
     for run in sides.values():  # warm-up
         run()
-    ratios: dict[str, list[float]] = {"traind": [], "hand-gather-again": []}
+    ratios: dict[str, list[float]] = {"traind": [], "hand-again": []}
     rates = series(sides, rounds)  # each list in round order
     for i in range(rounds):
         for side in ratios:
-            ratios[side].append(rates[side][i] / rates["hand-gather"][i])
+            ratios[side].append(rates[side][i] / rates["hand"][i])
     return ratios
 
 
@@ -442,7 +449,7 @@ def measure(quick: bool = False) -> list[dict]:
     pairs, paired_samples = (3, 2048) if quick else (24, 65536)
     found = paired(MLP.format(samples=paired_samples, epochs=1, checkpoint=DEFAULT_CADENCE), pairs)
     rows.append(paired_row("loop + saves, seed MLP, vs hand gather loop, paired in one process", found["traind"],
-                           found["hand-gather-again"], 0.97,
+                           found["hand-again"], 0.97,
                            f"median over {pairs} rounds of each round's ratio of neighbouring runs (1 epoch of "
                            f"{paired_samples} samples, validation, its save waited for at the end)"))
     if "lightning" in median:
@@ -464,12 +471,9 @@ def measure(quick: bool = False) -> list[dict]:
                  "detail": "training time lost per save, one process, a save every 200 steps; traind's write runs on "
                            "a thread of the training process, whose GIL it takes at each of its ~76 system calls"})
     cost, epochs = step_cost(4 if quick else 20), 4 if quick else 20
-    inside = abs(1 - cost["hand-again"] / cost["hand"])
     for side, what in (("traind-step", "traind's step"), ("traind-step+boundary", "traind's step + boundary")):
-        rows.append(row(f"a step in one process, seed MLP: {what} vs the hand gather step", cost[side],
-                        cost["hand"], 0.97, inside,
-                        f"steps/s ({1e6 / cost[side]:.1f} vs {1e6 / cost['hand']:.1f} us a step), median of "
-                        f"{epochs} epochs a side, one process; A/A noise {inside:.1%}"))
+        rows.append(step_row(f"a step in one process, seed MLP: {what} vs the hand gather step", cost, side, 0.97,
+                             epochs))
     big = BIG.format(samples=big_samples)
     run_traind(warmup)  # this series runs in this process: its first sample must not pay the first-run costs
     rates = series({"traind": lambda: run_traind(big), "hand-gather": lambda: run_hand(big, True, every_steps=20)},

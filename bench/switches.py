@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.loop import FINAL_ONLY, MLP, _job, _save_by_hand, in_a_process, paired, run_traind, step_cost
+from bench.loop import (FINAL_ONLY, MLP, _job, _save_by_hand, in_a_process, paired, run_traind, step_cost,
+                        step_row)
 from bench.stats import paired_row, row
 
 SWITCHES = {"accumulate 4": "accumulate = 4", "bf16 autocast": 'precision = "bf16"', "EMA 0.999": "ema = 0.999"}
@@ -109,16 +110,13 @@ def measure(quick: bool = False) -> list[dict]:
         noise = abs(1 - median["hand-again"] / median["hand"])
         rows.append(row(f"{case}, seed MLP, vs hand loop doing the same", median["traind"], median["hand"],
                         GOALS[case], noise, f"steps/s, {epochs} epochs of {samples} samples, median over "
-                                             f"{processes} processes a side; A/A noise {noise:.1%}"))
+                                            f"{processes} processes a side; A/A noise {noise:.1%}"))
         found = paired(job_text(samples, 1, switch), pairs, hand=run_hand)
         rows.append(paired_row(f"{case}, seed MLP, vs hand loop doing the same, paired in one process",
-                               found["traind"], found["hand-gather-again"], GOALS[case],
+                               found["traind"], found["hand-again"], GOALS[case],
                                f"median over {pairs} rounds of each round's ratio of neighbouring runs (1 epoch "
                                f"of {samples} samples, validation, one save)"))
-    cost = step_cost(4 if quick else 20, precision="bf16")
-    inside = abs(1 - cost["hand-again"] / cost["hand"])
-    rows.append(row("a bf16 step in one process, seed MLP: traind's step vs the hand step under autocast",
-                    cost["traind-step"], cost["hand"], GOALS["bf16 autocast"], inside,
-                    f"steps/s ({1e6 / cost['traind-step']:.1f} vs {1e6 / cost['hand']:.1f} us a step), median of "
-                    f"{4 if quick else 20} epochs a side, one process; A/A noise {inside:.1%}"))
+    rounds = 4 if quick else 20
+    rows.append(step_row("a bf16 step in one process, seed MLP: traind's step vs the hand step under autocast",
+                         step_cost(rounds, precision="bf16"), "traind-step", GOALS["bf16 autocast"], rounds))
     return rows
