@@ -108,25 +108,27 @@ class Checkpointer:
         if decision.stop == "now":
             return True
         kinds = decision.kinds or ({"auto"} if decision.stop else set())
+        waited = bool(decision.stop) or "final" in kinds  # its save is then written on this thread
         if kinds:
             try:
                 trainer.look()  # the losses up to here are finite, or no save is made of these weights
             except NonFiniteLoss:
                 self.carried = decision
                 raise
-            save_id = self.save(kinds, decision.note, decision.request, decision.after)
+            save_id = self.save(kinds, decision.note, decision.request, decision.after, here=waited)
             if decision.request is not None and save_id is not None:
                 self.recorder.say(f"quicksave {save_id} at step {trainer.progress.step}"
                                   + (f": {decision.note}" if decision.note else ""))
-        if decision.stop or "final" in kinds:
+        if waited:
             self.writer.wait()
         return decision.stop is not None
 
     def save(self, kinds: set[str], note: str | None = None, request: str | None = None,
-             after: Callable[[], None] | None = None) -> str | None:
-        """Snapshot now, persist in the background; return the save's id (None on a rank
-        that does not write). REQUEST names what asked for it (kept in its manifest); AFTER
-        runs once it is committed. Every rank calls it at the same boundary."""
+             after: Callable[[], None] | None = None, here: bool = False) -> str | None:
+        """Snapshot now, persist in the background (HERE: on this thread, when the caller
+        waits for it next); return the save's id (None on a rank that does not write).
+        REQUEST names what asked for it (kept in its manifest); AFTER runs once it is
+        committed. Every rank calls it at the same boundary."""
         ranks_rng = self.world.gather(state.rng_state()) if self.world.size > 1 else None
         if not self.world.is_main:
             return None
@@ -146,7 +148,7 @@ class Checkpointer:
         stall = time.perf_counter() - started
         self.recorder.metric({"kind": "save", "id": save_id, "step": p.step, "kinds": meta["kinds"],
                               "stall_s": round(stall, 6), "waited_s": round(waited, 6)})
-        self.writer.submit(lambda: self._persist(seq, save_id, files, doc, meta, protect, stall, after))
+        self.writer.submit(lambda: self._persist(seq, save_id, files, doc, meta, protect, stall, after), here)
         self.last_save = time.monotonic()
         return save_id
 

@@ -4,7 +4,9 @@
 when they come from a GPU, so the copy runs at full speed), and `Writer` persists the
 copy on one background thread. At most one save is in flight: the next capture first
 waits for the previous write, since it reuses the same buffers. Memory stays at the
-state plus one snapshot; nothing is serialized in memory.
+state plus one snapshot; nothing is serialized in memory. A save that training would wait
+for at once (the final one, one before a stop) is written on the calling thread instead:
+a thread started only to be joined costs its start and the GIL passed back and forth.
 """
 
 from __future__ import annotations
@@ -55,8 +57,11 @@ class Writer:
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def submit(self, job: Callable[[], Any]) -> None:
+    def submit(self, job: Callable[[], Any], here: bool = False) -> None:
+        """Run JOB in the background, after the job in flight; HERE: on this thread, now
+        (its result or error is then `wait`'s all the same)."""
         self.wait()
+        self._result, self._error = None, None
 
         def run() -> None:
             try:
@@ -64,7 +69,9 @@ class Writer:
             except BaseException as e:  # handed to the training thread by wait(), not lost here
                 self._error = e
 
-        self._result, self._error = None, None
+        if here:
+            run()
+            return
         self._thread = threading.Thread(target=run, name=self._name, daemon=True)
         self._thread.start()
 

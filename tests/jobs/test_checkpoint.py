@@ -146,6 +146,34 @@ def test_saves_follow_the_policy(tmp_path):
     assert records and all(r["stall_s"] >= 0 for r in records)
 
 
+def test_a_save_waited_for_is_written_on_the_training_thread_and_the_others_behind_it(tmp_path):
+    """Autosaves are written by the writer thread while training goes on; the final save
+    and a save before a stop, which training waits for at once, on the training thread
+    itself (no thread to start and join)."""
+    from traind.store.fs import FileSystem
+
+    class Threads(FileSystem):
+        def __init__(self):
+            self.by = {}
+
+        def create(self, path):
+            if path.name == "manifest.json":
+                self.by[path.parent.name.removeprefix(".staging-")] = threading.current_thread()
+            return super().create(path)
+
+    jf, folder = job_file("mlp.toml", tmp_path, every_steps=5), tmp_path / "run"
+    for stop_at in (12, None):
+        run = Run(jf, folder, stop_at)
+        run.ckpt.store.fs = fs = Threads()
+        run.go()
+        saves = {s.id: s for s in list_saves(folder / "saves")[0] if s.id in fs.by}
+        here = {s.step for i, s in saves.items() if fs.by[i] is threading.main_thread()}
+        behind = {s.step for i, s in saves.items() if fs.by[i].name == "traind-writer"}
+        assert here == ({12} if stop_at else {64})  # the stop's save; the final one (8 epochs of 8 steps)
+        assert behind == {s.step for s in saves.values()} - here
+        assert behind >= ({5, 8, 10} if stop_at else {15, 16, 20, 60})  # every 5 steps, every epoch of 8
+
+
 def test_a_quiet_boundary_is_one_where_nothing_is_due(tmp_path):
     """The shortcut of most steps: wherever `quiet` says so, the full question finds no
     save and no stop; and it is not quiet where a save falls due by count, by the clock, or
