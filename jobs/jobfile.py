@@ -124,6 +124,7 @@ def parse_text(text: str, fmt: str, path: Path) -> dict:
             raw = tomllib.loads(text)
         elif fmt == "yaml":
             raw = yaml.load(text, Loader=_YamlLoader)
+            expanded = _expanded_size(raw)
         else:
             raw = json.loads(text, object_pairs_hook=_json_pairs)
     except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError, ValueError) as e:
@@ -135,10 +136,37 @@ def parse_text(text: str, fmt: str, path: Path) -> dict:
                                     fix="nest at most a few dozen levels")], path) from e
     if raw is None:
         raw = {}
+    if fmt == "yaml" and expanded > MOST_VALUES:
+        raise JobSpecError([Problem((), f"its aliases (*name) make the file more than {MOST_VALUES:,} values, "
+                                        "more than any job needs (a \"billion laughs\" file)", line=1,
+                                    fix="write the values out, or alias fewer of them")], path)
     if not isinstance(raw, dict):
         raise JobSpecError([Problem((), f"the file holds a {type(raw).__name__}, not a table of keys", line=1,
                                     fix="start from an example in examples/")], path)
     return raw
+
+
+MOST_VALUES = 100_000
+"""Values (each list, table and scalar) a YAML file may reach through its aliases. A file
+without aliases has as many as its text shows; one of 9 aliases, each of 9 of the one
+before, reaches 387 million, and every walk over it (validation, the check for code of its
+own) would take minutes, holding up the daemon's intake."""
+
+
+def _expanded_size(value: Any) -> int:
+    """The values in VALUE with each alias counted as a copy of what it names; each list
+    and table is counted once (by its id: an alias is the same object) so the count costs
+    the file's own size, not the expansion's."""
+    sizes: dict[int, int] = {}
+
+    def size(v: Any) -> int:
+        if not isinstance(v, (dict, list)):
+            return 1
+        if id(v) not in sizes:
+            sizes[id(v)] = MOST_VALUES + 1  # until counted: one that holds itself never ends
+            sizes[id(v)] = 1 + sum(size(x) for x in (v.values() if isinstance(v, dict) else v))
+        return sizes[id(v)]
+    return size(value)
 
 
 def _syntax_error(e: Exception, text: str) -> tuple[int | None, str]:

@@ -187,6 +187,7 @@ def test_a_fuzzed_inbox_never_kills_the_daemon(daemons):
         assert f"{name}.error" in errors or Path(name).stem in accepted, f"{name}: neither rejected nor accepted"
     for error in rejected.glob("*.error"):
         assert error.read_text().strip(), f"{error.name} says nothing"
+    assert "aliases (*name)" in (rejected / "bomb.yaml.error").read_text()  # refused as read (walked: 77 s)
     assert not os.path.exists("/tmp/traind-pwned")
     assert proc.poll() is None
 

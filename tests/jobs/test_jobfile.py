@@ -305,6 +305,37 @@ def test_deep_nesting_is_refused_not_crashed(write_job, depth, words):
     assert any(words in p.message for p in error.problems), error.render()
 
 
+def _laughs(depth):
+    """YAML anchors, each a list of 9 aliases of the one before: 9**DEPTH values."""
+    lines = ['  a: &a ["x","x","x","x","x","x","x","x","x"]']
+    lines += [f"  {chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]" for i in range(depth - 1)]
+    return "anchors:\n" + "\n".join(lines) + "\n", chr(96 + depth)
+
+
+@pytest.mark.parametrize("where", ["model:\n  layers: *{}\n", "data:\n  samples: *{}\n", "train:\n  epochs: *{}\n"])
+def test_aliases_that_expand_past_any_job_are_refused_at_once(write_job, where):
+    """A "billion laughs" file (387 million values from 9 lines) is refused as it is read;
+    walked by validation, one under model.layers took minutes, one under data.samples 49 s."""
+    import time
+
+    anchors, last = _laughs(9)
+    started = time.monotonic()
+    p = only(problems_of(write_job(anchors + where.format(last), ".yaml")))
+    assert "more than 100,000 values" in p.message and p.line == 1 and "alias fewer" in p.fix
+    assert time.monotonic() - started < 30  # (minutes when walked; a hang is what this guards, not a speed)
+
+
+def test_an_alias_that_holds_itself_is_refused_and_a_few_aliases_are_fine(write_job):
+    p = only(problems_of(write_job("a: &a [1, *a]\nmodel:\n  layers: *a\n", ".yaml")))
+    assert "more than 100,000 values" in p.message
+    shared = "layer: &relu [ReLU]\nmodel:\n  layers: [[Linear, 4, 8], *relu, [Linear, 8, 8], *relu, [Linear, 8, 2]]\n"
+    p = only(problems_of(write_job(shared, ".yaml")))
+    assert p.path == ("layer",)  # only the unknown key: the aliases themselves are fine
+    anchors, last = _laughs(5)  # 59,049 values: under the bound, read as written
+    p = only(problems_of(write_job(anchors + "model:\n  layers: [[Linear, 4, 2]]\n", ".yaml")))
+    assert p.path == ("anchors",)
+
+
 def test_every_wrong_value_type_is_reported_at_once_at_its_own_key_and_line(write_job):
     text = ('[model]\nlayers = [["Linear", 20, 10]]\n[data]\nbatch_size = "32"\n[optimizer]\nlr = "fast"\n'
             'betas = 0.9\n[train]\nepochs = "ten"\nloss_kwargs = { label_smoothing = "lots" }\n')
