@@ -108,18 +108,18 @@ class Checkpointer:
         if decision.stop == "now":
             return True
         kinds = decision.kinds or ({"auto"} if decision.stop else set())
-        waited = bool(decision.stop) or "final" in kinds  # its save is then written on this thread
+        blocking = bool(decision.stop) or "final" in kinds  # waited for at once: its save is written on this thread
         if kinds:
             try:
                 trainer.look()  # the losses up to here are finite, or no save is made of these weights
             except NonFiniteLoss:
                 self.carried = decision
                 raise
-            save_id = self.save(kinds, decision.note, decision.request, decision.after, here=waited)
+            save_id = self.save(kinds, decision.note, decision.request, decision.after, here=blocking)
             if decision.request is not None and save_id is not None:
                 self.recorder.say(f"quicksave {save_id} at step {trainer.progress.step}"
                                   + (f": {decision.note}" if decision.note else ""))
-        if waited:
+        if blocking:
             self.writer.wait()
         return decision.stop is not None
 

@@ -124,7 +124,10 @@ def parse_text(text: str, fmt: str, path: Path) -> dict:
             raw = tomllib.loads(text)
         elif fmt == "yaml":
             raw = yaml.load(text, Loader=_YamlLoader)
-            expanded = _expanded_size(raw)
+            if _expanded_size(raw) > MOST_VALUES:  # (inside the try: a deep file's count recurses too)
+                raise JobSpecError([Problem((), f"its aliases (*name) make the file more than {MOST_VALUES:,} "
+                                                "values, more than any job needs (a \"billion laughs\" file)",
+                                            line=1, fix="write the values out, or alias fewer of them")], path)
         else:
             raw = json.loads(text, object_pairs_hook=_json_pairs)
     except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError, ValueError) as e:
@@ -136,10 +139,6 @@ def parse_text(text: str, fmt: str, path: Path) -> dict:
                                     fix="nest at most a few dozen levels")], path) from e
     if raw is None:
         raw = {}
-    if fmt == "yaml" and expanded > MOST_VALUES:
-        raise JobSpecError([Problem((), f"its aliases (*name) make the file more than {MOST_VALUES:,} values, "
-                                        "more than any job needs (a \"billion laughs\" file)", line=1,
-                                    fix="write the values out, or alias fewer of them")], path)
     if not isinstance(raw, dict):
         raise JobSpecError([Problem((), f"the file holds a {type(raw).__name__}, not a table of keys", line=1,
                                     fix="start from an example in examples/")], path)

@@ -44,8 +44,8 @@ class Snapshot:
 
 
 class Writer:
-    """Runs one persist job at a time on a background thread; its failure surfaces at
-    the next `wait` (or `submit`), on the training thread."""
+    """Runs one persist job at a time, on a background thread (or, asked to, on the
+    caller's); its failure surfaces at the next `wait` (or `submit`), on the training thread."""
 
     def __init__(self, name: str = "traind-writer"):
         self._name = name
