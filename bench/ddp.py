@@ -92,8 +92,8 @@ def hand(job_path: str, out_path: str) -> None:
         net.train()
         for idx in order.split(batch):
             mine = idx.tensor_split(size)[rank]
-            loss = loss_fn(net(train.x[mine]), train.y[mine])
             optimizer.zero_grad()
+            loss = loss_fn(net(train.x[mine]), train.y[mine])
             loss.backward()
             optimizer.step()
             seen = loss.detach().reshape(1)

@@ -204,8 +204,8 @@ def run_hand(text: str, gather: bool, every_steps: int = 0) -> tuple[float, int]
             net.train()
             total = 0.0
             for i, (x, y) in enumerate(train_iter()):
+                optimizer.zero_grad()  # (the tutorials' order: before the forward pass)
                 loss = loss_fn(net(x), y)
-                optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 total += loss.item()
@@ -298,12 +298,12 @@ def step_cost(rounds: int, samples: int = 16384, precision: str = "fp32") -> dic
         def hand() -> tuple[float, int]:
             start, n = time.perf_counter(), 0
             for x, y in batches():
+                optimizer.zero_grad()
                 if autocast:
                     with torch.autocast("cpu", torch.bfloat16):
                         loss = loss_fn(net(x), y)
                 else:
                     loss = loss_fn(net(x), y)
-                optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 loss.item()
