@@ -245,9 +245,9 @@ class Trainer:
         index, (x, y) = batch
         if self._move:
             x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
-        # The last step's gradients are let go before the forward pass, not after it: its
-        # activations then take their memory, and the seed MLP's step ran 1-2% faster under
-        # bf16 autocast, 0.6-1% in fp32 (docs/PERFORMANCE.md, "Gradients let go first").
+        # The last step's gradients are let go before the forward pass, not after it (as the
+        # tutorials write it): the seed MLP's step ran 1-2% faster so under bf16 autocast,
+        # 0.6-1% in fp32 (docs/PERFORMANCE.md, "Gradients let go before the forward pass").
         job.optimizer.zero_grad(set_to_none=True)
         loss = self._forward(x, y)[1]
         self._losses.append(loss.detach())

@@ -86,6 +86,22 @@ def test_a_batch_stepped_alone_is_the_grouped_step(spec_of, tmp_path, switch):
     assert runs[0][1:] == runs[1][1:] and len(runs[0][2]) == 3 + 24 // 3
 
 
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_a_steps_first_forward_pass_finds_the_last_steps_gradients_gone_and_its_others_find_its_own(spec_of,
+                                                                                                   accumulate):
+    """The last step's gradients are let go before the forward pass (1-2% of a small
+    model's step, docs/PERFORMANCE.md), and only before a step's first batch: the others
+    of an accumulated step add to its gradients."""
+    t = trainer_for(spec_of, MLP.replace("epochs = 3", f"epochs = 1\naccumulate = {accumulate}"))
+    weight = next(t.job.model.parameters())
+    found = []
+    t.job.model.register_forward_pre_hook(
+        lambda module, args: found.append(weight.grad is None) if torch.is_grad_enabled() else None)
+    assert t.fit()
+    assert len(found) == 8  # one epoch of 8 batches (validation's passes, without grad, not counted)
+    assert found == [i % accumulate == 0 for i in range(8)]
+
+
 @pytest.mark.parametrize("stop_at", [1, 5, 7, 8, 13])
 def test_loop_continued_at_step_k_sees_the_same_batches_and_ends_equal(spec_of, stop_at):
     """Stop at step k, then continue with a fresh Trainer and fresh loaders from the
