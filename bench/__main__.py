@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from bench import daemon, ddp, gpu, loop, save, sweep, switches
+from bench import daemon, ddp, gpu, instructions, loop, save, sweep, switches
 
 CASES = {"loop": loop.measure, "switches": switches.measure, "save": save.measure, "daemon": daemon.measure,
-         "ddp": ddp.measure, "gpu": gpu.measure, "sweep": sweep.measure}
+         "ddp": ddp.measure, "gpu": gpu.measure, "sweep": sweep.measure,
+         "instructions": instructions.measure}
 COLUMNS = ("case", "traind", "baseline", "ratio", "goal", "verdict")
 
 

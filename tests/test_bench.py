@@ -1,7 +1,13 @@
 """The bench's cases on tiny inputs: they run, and the two sides do the same work (the
 figures themselves are bench/'s business, never asserted here)."""
 
-from bench import daemon, ddp, gpu, loop, stats, sweep, switches
+import os
+import shutil
+import sys
+
+import pytest
+
+from bench import daemon, ddp, gpu, instructions, loop, stats, sweep, switches
 
 
 def test_the_loop_and_its_baselines_do_the_same_work():
@@ -117,3 +123,20 @@ def test_the_interval_holds_the_median_and_narrows_with_more_values():
     assert stats.interval([1.0] * 7) == (1.0, 1.0)
     row = stats.paired_row("case", [0.99] * 9, [1.0] * 9, 0.97, "detail")
     assert row["verdict"] == "met" and stats.paired_row("c", [0.9] * 9, [1.0] * 9, 0.97, "d")["verdict"] == "missed"
+
+
+def test_each_side_of_the_instruction_count_trains_the_same_steps(monkeypatch):
+    from traind.jobs import train
+
+    monkeypatch.setattr(train, "LOOK_SECONDS", train.LOOK_SECONDS)  # the count's process turns the clock's looks off
+    assert [instructions._child(side, "fp32", 1) for side in ("hand", "traind")] == [103, 103]
+    assert train.LOOK_SECONDS == float("inf")
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind (apt-get install valgrind; .ci/run does)")
+def test_callgrind_counts_the_instructions_of_more_work_as_more():
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    idle, _ = instructions.instructions([sys.executable, "-S", "-c", "pass"], env)
+    busy, out = instructions.instructions([sys.executable, "-S", "-c", "print(sum(range(3_000_000)))"], env)
+    assert out.strip() == str(sum(range(3_000_000)))
+    assert busy - idle > 10 * 3_000_000  # tens of instructions an element, counted
