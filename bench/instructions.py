@@ -95,10 +95,8 @@ def _child(side: str, precision: str, epochs: int) -> int:
     """Build the seed MLP's job (8,192 samples: 103 steps an epoch, no validation), train a
     warm-up epoch by hand and one by traind, then EPOCHS epochs of SIDE; the steps trained
     after the warm-up."""
-    import torch
-
-    from bench.loop import FINAL_ONLY, MLP, _job
-    from traind.jobs import data, train
+    from bench.loop import FINAL_ONLY, MLP, _job, hand_epoch
+    from traind.jobs import train
     from traind.jobs.metrics import Recorder
     from traind.jobs.train import Trainer
 
@@ -106,23 +104,9 @@ def _child(side: str, precision: str, epochs: int) -> int:
     job = _job(MLP.format(samples=8192, epochs=1, checkpoint=FINAL_ONLY)
                .replace("[train]\n", f'[train]\nprecision = "{precision}"\n'))
     job.splits = dataclasses.replace(job.splits, val=None)
-    net, loss_fn, optimizer, samples = job.model, job.loss_fn, job.optimizer, job.splits.train
-    autocast = precision == "bf16"
 
     def hand() -> int:  # bench/loop.py's step_cost hand step
-        n = 0
-        for x, y in data.train_loader(samples, job.spec.data, job.spec.seed, 0):
-            optimizer.zero_grad()
-            if autocast:
-                with torch.autocast("cpu", torch.bfloat16):
-                    loss = loss_fn(net(x), y)
-            else:
-                loss = loss_fn(net(x), y)
-            loss.backward()
-            optimizer.step()
-            loss.item()
-            n += 1
-        return n
+        return hand_epoch(job, precision == "bf16")
 
     with tempfile.TemporaryDirectory(dir=ROOT) as folder:
         recorder = Recorder(Path(folder))

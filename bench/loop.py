@@ -284,7 +284,6 @@ def step_cost(rounds: int, samples: int = 16384, precision: str = "fp32") -> dic
     job = _job(MLP.format(samples=samples, epochs=1, checkpoint=FINAL_ONLY)
                .replace("[train]\n", f'[train]\nprecision = "{precision}"\n'))
     job.splits = dataclasses.replace(job.splits, val=None)
-    net, loss_fn, optimizer, train = job.model, job.loss_fn, job.optimizer, job.splits.train
     autocast = precision == "bf16"
     with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as folder:
         recorder = Recorder(Path(folder))
@@ -292,22 +291,9 @@ def step_cost(rounds: int, samples: int = 16384, precision: str = "fp32") -> dic
         trainer = Trainer(job, recorder)
         checkpoints = Checkpointer(trainer, Path(folder), recorder)
 
-        def batches():
-            return data.train_loader(train, job.spec.data, job.spec.seed, 0)
-
         def hand() -> tuple[float, int]:
-            start, n = time.perf_counter(), 0
-            for x, y in batches():
-                optimizer.zero_grad()
-                if autocast:
-                    with torch.autocast("cpu", torch.bfloat16):
-                        loss = loss_fn(net(x), y)
-                else:
-                    loss = loss_fn(net(x), y)
-                loss.backward()
-                optimizer.step()
-                loss.item()
-                n += 1
+            start = time.perf_counter()
+            n = hand_epoch(job, autocast)
             return time.perf_counter() - start, n
 
         def traind(boundary) -> tuple[float, int]:
@@ -328,6 +314,25 @@ def step_cost(rounds: int, samples: int = 16384, precision: str = "fp32") -> dic
         checkpoints.close()
         recorder.close()
     return {side: statistics.median(r) for side, r in rates.items()}
+
+
+def hand_epoch(job, autocast: bool = False) -> int:
+    """The hand gather step over one epoch of JOB's batches, traind's batch order (the
+    forward pass and loss under bf16 `torch.autocast` where AUTOCAST, as the PyTorch docs
+    write it), with the job's model, loss and optimizer; the steps taken."""
+    net, loss_fn, optimizer, n = job.model, job.loss_fn, job.optimizer, 0
+    for x, y in data.train_loader(job.splits.train, job.spec.data, job.spec.seed, 0):
+        optimizer.zero_grad()
+        if autocast:
+            with torch.autocast("cpu", torch.bfloat16):
+                loss = loss_fn(net(x), y)
+        else:
+            loss = loss_fn(net(x), y)
+        loss.backward()
+        optimizer.step()
+        loss.item()
+        n += 1
+    return n
 
 
 def step_row(case: str, cost: dict[str, float], side: str, goal: float, rounds: int) -> dict:
