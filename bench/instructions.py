@@ -1,7 +1,9 @@
 """Instructions a step, counted: the seed MLP's step by traind against the hand gather step
 of bench/loop.py, under valgrind's callgrind, which counts every instruction a process
-executes. A count does not move with the VM's speed or a process's luck (the same run
-counts the same to about 0.05%), so it shows what traind adds to a step where the timed
+executes. A count does not move with the VM's speed or a process's luck: a whole process
+counts the same to about 0.05%, and a side's instructions a step, the difference of two
+such counts, to within about 0.7% (the garbage collector's runs falling at other points,
+by docs/PERFORMANCE.md's reading). So it shows what traind adds to a step where the timed
 rows, whose noise is a point or two, cannot. It does not show how fast those instructions
 run (the caches, the memory they touch): the timed rows stay the ones the goals judge.
 
