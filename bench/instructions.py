@@ -26,7 +26,6 @@ Needs valgrind (Debian's `valgrind` package); without it the rows say so.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
@@ -97,34 +96,23 @@ def _child(side: str, precision: str, epochs: int) -> int:
     """Build the seed MLP's job (8,192 samples: 103 steps an epoch, no validation), train a
     warm-up epoch by hand and one by traind, then EPOCHS epochs of SIDE; the steps trained
     after the warm-up."""
-    from bench.loop import FINAL_ONLY, MLP, _job, hand_epoch
+    from bench.loop import hand_epoch, step_job, trainer_epoch
     from traind.jobs import train
     from traind.jobs.metrics import Recorder
     from traind.jobs.train import Trainer
 
     train.LOOK_SECONDS = math.inf
-    job = _job(MLP.format(samples=8192, epochs=1, checkpoint=FINAL_ONLY)
-               .replace("[train]\n", f'[train]\nprecision = "{precision}"\n'))
-    job.splits = dataclasses.replace(job.splits, val=None)
-
-    def hand() -> int:  # bench/loop.py's step_cost hand step
-        return hand_epoch(job, precision == "bf16")
-
+    job = step_job(8192, precision)
+    autocast = precision == "bf16"
     with tempfile.TemporaryDirectory(dir=ROOT) as folder:
         recorder = Recorder(Path(folder))
         recorder.keep_until(0, 0)
         trainer = Trainer(job, recorder)
-
-        def traind() -> int:
-            p = trainer.progress
-            p.epoch, p.batch, before = 0, 0, p.step
-            trainer.fit(lambda t: False)
-            return p.step - before
-
-        hand()
-        traind()
-        run = {"none": lambda: 0, "hand": hand, "traind": traind}[side]
-        steps = sum(run() for _ in range(epochs))
+        hand_epoch(job, autocast)
+        trainer_epoch(trainer)
+        run = {"none": lambda: 0, "hand": lambda: hand_epoch(job, autocast),
+               "traind": lambda: trainer_epoch(trainer)}
+        steps = sum(run[side]() for _ in range(epochs))
         recorder.close()
     return steps
 

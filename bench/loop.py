@@ -271,6 +271,15 @@ def save_cost(rounds: int, steps: int = 2000, every: int = 200) -> tuple[float, 
     return statistics.median(lost["traind"]), statistics.median(lost["hand"])
 
 
+def step_job(samples: int, precision: str = "fp32"):
+    """The seed MLP's job of SAMPLES at train.precision PRECISION, built, its validation
+    split dropped: the job whose step `step_cost` and bench/instructions.py measure."""
+    job = _job(MLP.format(samples=samples, epochs=1, checkpoint=FINAL_ONLY)
+               .replace("[train]\n", f'[train]\nprecision = "{precision}"\n'))
+    job.splits = dataclasses.replace(job.splits, val=None)
+    return job
+
+
 def step_cost(rounds: int, samples: int = 16384, precision: str = "fp32") -> dict[str, float]:
     """Steps per second of the seed MLP in this process, one epoch a sample,
     the sides rotated, medians over ROUNDS: the hand gather loop's step (`hand`, and again,
@@ -281,9 +290,7 @@ def step_cost(rounds: int, samples: int = 16384, precision: str = "fp32") -> dic
     step's forward pass and loss under `torch.autocast`, as the PyTorch docs write it.
     One process, so the ratios are free of the process-to-process luck of `measure`'s
     series, and the full run's other costs (validation, saves, epoch ends) are left out."""
-    job = _job(MLP.format(samples=samples, epochs=1, checkpoint=FINAL_ONLY)
-               .replace("[train]\n", f'[train]\nprecision = "{precision}"\n'))
-    job.splits = dataclasses.replace(job.splits, val=None)
+    job = step_job(samples, precision)
     autocast = precision == "bf16"
     with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as folder:
         recorder = Recorder(Path(folder))
@@ -297,11 +304,9 @@ def step_cost(rounds: int, samples: int = 16384, precision: str = "fp32") -> dic
             return time.perf_counter() - start, n
 
         def traind(boundary) -> tuple[float, int]:
-            p = trainer.progress
-            p.epoch, p.batch, before = 0, 0, p.step
             start = time.perf_counter()
-            trainer.fit(boundary)  # one epoch, its end without validation (no val split here)
-            return time.perf_counter() - start, p.step - before
+            n = trainer_epoch(trainer, boundary)  # its end without validation (no val split here)
+            return time.perf_counter() - start, n
 
         def inside(t: Trainer) -> bool:  # the boundaries between steps (the epoch's end would save: its final)
             return t.progress.batch != 0 and checkpoints.boundary(t)
@@ -333,6 +338,16 @@ def hand_epoch(job, autocast: bool = False) -> int:
         loss.item()
         n += 1
     return n
+
+
+def trainer_epoch(trainer: Trainer, boundary=lambda t: False) -> int:
+    """One epoch of TRAINER's job, from its first batch again, through `Trainer.fit` (the
+    loop's step, its held losses and their look, the epoch's end) with BOUNDARY between
+    steps; the steps taken."""
+    p = trainer.progress
+    p.epoch, p.batch, before = 0, 0, p.step
+    trainer.fit(boundary)
+    return p.step - before
 
 
 def step_row(case: str, cost: dict[str, float], side: str, goal: float, rounds: int) -> dict:
