@@ -111,13 +111,14 @@ def _job(text: str):
     return build_job(spec, spec.name or "bench")
 
 
-STALLS: list[float] = []  # per run of run_traind: seconds its training thread spent in saves
+STALLS: list[float] = []  # per run of run_traind: the share of its time its training thread spent in saves
 
 
 def run_traind(text: str, tensorboard: bool = False) -> tuple[float, int]:
     """Train the job in a fresh job folder, saving as its policy says; the time runs until
-    the final save is committed. Appends the run's time in saves (snapshot copies and
-    waits for the previous write) to STALLS."""
+    the final save is committed. Appends the share of that time spent in saves (snapshot
+    copies and waits for the previous write: a save's stall_s, which holds its waited_s)
+    to STALLS."""
     job = _job(text)
     with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as folder:
         recorder = Recorder(Path(folder), tensorboard=tensorboard)
@@ -130,7 +131,7 @@ def run_traind(text: str, tensorboard: bool = False) -> tuple[float, int]:
         elapsed = time.perf_counter() - start
         recorder.close()
         saves = [r for r in read_metrics(Path(folder)) if r.get("kind") == "save"]
-        STALLS.append(sum(r["stall_s"] + r["waited_s"] for r in saves) / elapsed)
+        STALLS.append(sum(r["stall_s"] for r in saves) / elapsed)
     return elapsed, trainer.progress.step
 
 
