@@ -67,6 +67,7 @@ def cluster():
 
 
 MID = {"samples": 8000, "epochs": 40}  # about 10 s of training here
+RANKS = {"samples": 8000, "epochs": 15}  # 3,000 steps: two ranks take 15 s and more, a preemption 2 s at most
 LONG = {"samples": 40000, "epochs": 80}  # 50 s and more: longer than slurmctld takes to look at time limits (20-30 s) after a restart
 
 
@@ -342,7 +343,7 @@ def test_a_two_process_job_preempted_on_slurm_stops_both_ranks_at_a_save_and_end
     """The warning reaches the worker, which launched the ranks: it stops them as a SIGTERM
     does (each saves at the same step), then requeues the Slurm job."""
     home = daemons.home
-    text = job_text("a", **MID).replace("[checkpoint]", "[distributed]\nprocesses = 2\n[checkpoint]")
+    text = job_text("a", **RANKS).replace("[checkpoint]", "[distributed]\nprocesses = 2\n[checkpoint]")
     reference = alone(tmp_path, text, threads=2)
     daemons.start("--executor", "slurm")
     submit(home, tmp_path, "a", text)
@@ -395,7 +396,7 @@ def test_a_job_of_two_nodes_trains_on_both_through_srun_and_resumes_bitwise_equa
     reaches both ranks through the worker and srun, they save at the same step, the job
     requeues, and it ends bitwise equal to the same world of two ranks run on one machine."""
     home = daemons.home
-    body = job_text("d", **MID)
+    body = job_text("d", **RANKS)
     text = body.replace("[checkpoint]", "[distributed]\nprocesses = 1\nnodes = 2\n[checkpoint]")
     reference = alone(tmp_path, body.replace("[checkpoint]", "[distributed]\nprocesses = 2\n[checkpoint]"), threads=2)
     refused = subprocess.run([str(BIN / "traind"), "--home", str(home), "daemon", "--executor", "slurm",
