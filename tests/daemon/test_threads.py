@@ -59,19 +59,27 @@ def stop(proc):
 
 
 def run(path, folder, n):
+    """`traind run` of PATH in FOLDER on N threads, started now; the call it returns waits
+    for it and gives its final weights."""
     env = dict(os.environ, OMP_NUM_THREADS=str(n))
-    subprocess.run([sys.executable, "-m", "traind.daemon.cli", "run", str(path), "--dir", str(folder)],
-                   check=True, env=env, stdout=subprocess.DEVNULL, timeout=300)
-    return final_weights(folder)
+    proc = subprocess.Popen([sys.executable, "-m", "traind.daemon.cli", "run", str(path), "--dir", str(folder)],
+                            env=env, stdout=subprocess.DEVNULL)
+
+    def weights():
+        assert proc.wait(timeout=300) == 0
+        return final_weights(folder)
+
+    return weights
 
 
 def test_a_job_resumed_beside_other_jobs_and_under_other_workers_ends_bitwise_equal(tmp_path):
     (tmp_path / "wide.toml").write_text(WIDE)
     half = max(1, threads.cores() // 2)  # what two slots give each job
-    expected = run(tmp_path / "wide.toml", tmp_path / "reference", half)
-    if threads.cores() > 1:
-        other = run(tmp_path / "wide.toml", tmp_path / "all-cores", threads.cores())
-        assert any(not __import__("torch").equal(other[k], expected[k]) for k in expected)  # the count matters
+    reference = run(tmp_path / "wide.toml", tmp_path / "reference", half)
+    if threads.cores() > 1:  # (both at once: a run's bits follow its thread count, not what else runs)
+        other = run(tmp_path / "wide.toml", tmp_path / "all-cores", threads.cores())()
+        assert any(not __import__("torch").equal(other[k], reference()[k]) for k in other)  # the count matters
+    expected = reference()
     home, log = tmp_path / "home", tmp_path / "daemons.err"
     first = start_daemon(home, log, "--workers", "2")
     try:
