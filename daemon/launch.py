@@ -80,13 +80,32 @@ def launch(argv: list[str], how: Launch) -> int:
             elastic_launch(config, sys.executable)("-m", "traind.daemon.rank", *argv)
         except ChildFailedError as e:
             raise _failure(e, int(outcome.read_text()) if outcome.exists() else None) from e
-        except SignalException as e:
+        except Exception as e:
+            stop = _raised_during(e, SignalException)
+            if stop is None:
+                raise
             if outcome.exists():  # the main rank saved and ended in time
                 return int(outcome.read_text())
-            raise LauncherStopped(f"stopped by {signal.Signals(e.sigval).name}") from e
+            raise LauncherStopped(f"stopped by {signal.Signals(stop.sigval).name}") from e
         if not outcome.exists():  # a main rank on another machine tells its own launcher
             return 0
         return int(outcome.read_text())
+
+
+def _raised_during(e: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """E, or the exception of KIND that E was raised while handling. The agent's SIGTERM
+    handler raises SignalException wherever the agent's thread is; where that is the first
+    line of one of torch's metrics wrappers (`start = time.time()`), the wrapper's `finally`
+    raises UnboundLocalError over it (torch 2.13). The agent has stopped its ranks all the
+    same (`run`'s `finally`): the signal is what ended the launch."""
+    seen: set[int] = set()
+    found: BaseException | None = e
+    while found is not None and id(found) not in seen:
+        if isinstance(found, kind):
+            return found
+        seen.add(id(found))
+        found = found.__cause__ or found.__context__
+    return None
 
 
 def _failure(e, told: int | None) -> RanksFailed:

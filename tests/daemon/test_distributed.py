@@ -164,6 +164,57 @@ def test_traind_run_launches_the_ranks_and_a_sigterm_saves_and_stops_them_all(la
     assert equal(weights(folder), reference)
 
 
+# `traind run` whose launcher (torch's agent) gets its SIGTERM at the worst moment: on the
+# first line of torch's metrics wrapper, `start = time.time()`, which the agent's handler
+# leaves unassigned when it raises there; the wrapper's `finally` then raises
+# UnboundLocalError in place of the signal (seen once in CI, on a preempted Slurm job).
+SIGTERM_IN_A_WRAPPER = """
+import os, signal, sys, time
+from pathlib import Path
+
+import torch.distributed.elastic.metrics.api as metrics
+
+log = Path(sys.argv[2]) / "log"
+
+
+class Clock:
+    sent = False
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def time(self):
+        if not Clock.sent and sys._getframe(1).f_code.co_name == "wrapper" and log.exists() \\
+                and log.read_text().count("saved ") >= 3:
+            Clock.sent = True
+            print("SIGTERM sent from a metrics wrapper's first line", flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return time.time()
+
+
+metrics.time = Clock()
+sys.argv = ["traind", "run", sys.argv[1], "--dir", sys.argv[2]]
+from traind.daemon.cli import main
+main()
+"""
+
+
+def test_a_sigterm_that_lands_inside_the_agents_metrics_wrapper_still_saves_and_stops_the_ranks(launched, tmp_path):
+    path, reference = launched
+    folder = tmp_path / "stopped"
+    out = finish(subprocess.Popen([sys.executable, "-c", SIGTERM_IN_A_WRAPPER, str(path), str(folder)], env=ENV,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    assert "SIGTERM sent from a metrics wrapper's first line" in out  # where torch raises UnboundLocalError over it
+    assert "Traceback" not in out
+    assert "stopped by signal at step" in out
+    stopped_at = list_saves(folder / "saves")[0][-1]
+    assert "final" not in stopped_at.kinds
+    finish(subprocess.Popen([str(BIN / "traind"), "run", str(path), "--dir", str(folder)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    assert f"resumed from save {stopped_at.id}" in log_of(folder)
+    assert equal(weights(folder), reference)
+
+
 def test_the_daemon_restarts_a_job_whose_rank_was_killed_and_tells_a_pause_or_cancel_from_a_failure(launched, tmp_path,
                                                                                             monkeypatch):
     from tests.daemon.live import Daemons, rows, traind
