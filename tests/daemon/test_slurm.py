@@ -68,11 +68,37 @@ def cluster():
 
 MID = {"samples": 8000, "epochs": 40}  # about 10 s of training here
 RANKS = {"samples": 8000, "epochs": 15}  # 3,000 steps: two ranks take 15 s and more, a preemption 2 s at most
-LONG = {"samples": 40000, "epochs": 80}  # 50 s and more: longer than slurmctld takes to look at time limits (20-30 s) after a restart
+PACED = """
+import os
+import time
+
+from torch import nn
+
+
+class Net(nn.Sequential):  # the job's MLP; in a Slurm job, each training step slowed while FLAG exists: the same math
+    def __init__(self, flag: str):
+        super().__init__(nn.Linear(20, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 10))
+        self.flag = flag
+
+    def forward(self, x):
+        if self.training and "SLURM_JOB_ID" in os.environ and os.path.exists(self.flag):
+            time.sleep(0.02)
+        return super().forward(x)
+"""
 
 
 def job_text(name: str, samples: int = 6000, epochs: int = 6) -> str:
     return JOB.replace("NAME", name).replace("SAMPLES", str(samples)).replace("EPOCHS", str(epochs))
+
+
+def paced_job_text(tmp_path: Path, name: str, flag: Path, **size) -> str:
+    """The job of SIZE with its MLP as a module of its own (PACED) that trains at 50 steps
+    a second in a Slurm job while FLAG exists, and at full speed once it is gone (and
+    outside Slurm: the reference run alone)."""
+    (tmp_path / "paced.py").write_text(PACED)
+    text = job_text(name, **size)
+    model = f'[model]\ntarget = "paced:Net"\nkwargs = {{ flag = "{flag}" }}\n'
+    return f'python_path = ["{tmp_path}"]\n' + text[:text.index("[model]")] + model + text[text.index("[data]"):]
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -173,10 +199,13 @@ def preempt() -> None:
 def test_preempted_then_warned_of_its_time_limit_it_saves_requeues_resumes_and_ends_bitwise_equal(tmp_path, daemons):
     """Preemption by a job of the high partition, then the time limit's warning (the
     limit cut to a minute, under the 120 s grace, and lifted once it has requeued): each
-    time the worker saves and requeues its Slurm job, which resumes from that save."""
-    home = daemons.home
-    text = job_text("b", **LONG)
+    time the worker saves and requeues its Slurm job, which resumes from that save. The
+    job trains slowly (PACED) until then: slurmctld looks at time limits only every 20 to
+    30 s after a restart, and the job at full speed could end first."""
+    home, flag = daemons.home, tmp_path / "slow"
+    text = paced_job_text(tmp_path, "b", flag, **MID)
     reference = alone(tmp_path, text)
+    flag.touch()
     daemons.start("--executor", "slurm")
     submit(home, tmp_path, "b", text)
     ending = home / "jobs" / "b" / "ending.json"
@@ -196,6 +225,7 @@ def test_preempted_then_warned_of_its_time_limit_it_saves_requeues_resumes_and_e
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=1"], check=True, timeout=30)
     wait_for(lambda: requeued(2), "the job warned of its time limit to requeue itself", timeout=120)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=UNLIMITED"], check=True, timeout=30)
+    flag.unlink()
     wait_for(lambda: state(home, "b") == "done", "the job to finish", timeout=300)
     record = json.loads(ending.read_text())
     assert (record["code"], record["restart"]) == (0, 2) and slurm_record(home, "b")["job_id"] == job_id
