@@ -87,15 +87,18 @@ def settle_vml() -> None:
     """Make MKL's vector math (VML: torch's sqrt, exp, log... of float tensors on the CPU)
     give the same bits in every process, before the job's threads start.
 
-    Measured on a 2-core VM with torch 2.13's static MKL: in about one fresh process in
-    ten, the first VML call made from a multi-threaded region computes the part of the
-    tensor given to the second thread with a less accurate kernel, every element of it off
-    by an ulp or more, and keeps doing so for the life of the process. AdamW's
-    `exp_avg_sq.sqrt()` is such a call, so a resumed run could end a few bits away from
-    an uninterrupted one. One VML call on this thread first (asking for the mode changes
-    nothing) settles it: 0 such processes in 140, against 8 in 50 without
-    (docs/PERFORMANCE.md, "Exact resume and MKL"; an AMD host where MKL takes another path
-    never showed it). A torch without MKL has no VML: nothing to do."""
+    Measured on 2-core VMs with torch 2.13's static MKL: in some fresh processes the first
+    VML call made from a multi-threaded region computes the part of the tensor given to
+    the second thread with another kernel, every element of it off by an ulp or more, and
+    keeps doing so for the life of the process. AdamW's `exp_avg_sq.sqrt()` is such a
+    call, so a resumed run could end a few bits away from an uninterrupted one. So the
+    main thread makes the first calls, alone: one `vmlGetMode()` (asking for the mode
+    changes nothing), then each unary function torch may hand to VML, on one thread (the
+    same kernels as any later call: no result changes, no RNG drawn). On the first host
+    the mode call alone took such processes from 8 in 50 to 0 in 140; on an Intel host
+    of 2026-12-07 it still let 1 in 40 through in a test run, and 1 in 300 in a probe,
+    where the calls on one thread let 0 in 300 through (docs/PERFORMANCE.md, "Exact resume
+    and MKL"). A torch without MKL has no VML: nothing to do."""
     import ctypes
 
     import torch
@@ -106,3 +109,20 @@ def settle_vml() -> None:
         return
     mode.restype = ctypes.c_uint
     mode()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            for dtype in (torch.float32, torch.float64):
+                x = torch.linspace(0.01, 0.99, 4096, dtype=dtype)
+                for name in VML_FUNCTIONS:
+                    getattr(torch, name)(x)
+    finally:
+        torch.set_num_threads(threads)
+
+
+VML_FUNCTIONS = ("sqrt", "rsqrt", "exp", "expm1", "log", "log1p", "log2", "log10", "sin", "cos", "tan", "asin",
+                 "acos", "atan", "sinh", "cosh", "tanh", "erf", "erfc", "erfinv", "sigmoid", "lgamma", "reciprocal",
+                 "trunc", "abs", "ceil", "floor", "round")
+"""The unary functions `settle_vml` calls once on one thread: those of torch's ATen/cpu/vml.h
+that may go to MKL's VML, and their neighbours (a call costs microseconds)."""

@@ -138,8 +138,10 @@ print(hashlib.sha256(torch.sqrt(x).numpy().tobytes()).hexdigest())
 def test_vector_math_gives_the_same_bits_in_every_fresh_job_process(tmp_path):
     # Without threads.settle_vml about one fresh process in ten computes the second
     # thread's half of the tensor with another kernel (measured: 8 in 80 on the host of
-    # docs/PERFORMANCE.md, "Exact resume and MKL"; an AMD EPYC host never showed it), so
-    # 40 fresh processes agreeing is what it takes; a forked process never shows it.
+    # docs/PERFORMANCE.md, "Exact resume and MKL"; an AMD EPYC host never showed it; an
+    # Intel host, 1 in 32, and with only the mode call settle_vml once made, 1 in 40 in a
+    # run of this test), so 40 fresh processes agreeing is what it takes; a forked
+    # process never shows it.
     def start(i):
         folder = tmp_path / str(i)
         folder.mkdir()
