@@ -83,6 +83,13 @@ def pin(wanted: int | None, folder: Path, say: Callable[[str], None], record: bo
     return n
 
 
+VML_FUNCTIONS = ("sqrt", "rsqrt", "exp", "expm1", "log", "log1p", "log2", "log10", "sin", "cos", "tan", "asin",
+                 "acos", "atan", "sinh", "cosh", "tanh", "erf", "erfc", "erfinv", "sigmoid", "lgamma", "reciprocal",
+                 "trunc", "abs", "ceil", "floor", "round")
+"""The unary functions `settle_vml` calls once on one thread: those of torch's ATen/cpu/vml.h
+that may go to MKL's VML, and their neighbours (a call costs microseconds)."""
+
+
 def settle_vml() -> None:
     """Make MKL's vector math (VML: torch's sqrt, exp, log... of float tensors on the CPU)
     give the same bits in every process, before the job's threads start.
@@ -120,9 +127,3 @@ def settle_vml() -> None:
     finally:
         torch.set_num_threads(threads)
 
-
-VML_FUNCTIONS = ("sqrt", "rsqrt", "exp", "expm1", "log", "log1p", "log2", "log10", "sin", "cos", "tan", "asin",
-                 "acos", "atan", "sinh", "cosh", "tanh", "erf", "erfc", "erfinv", "sigmoid", "lgamma", "reciprocal",
-                 "trunc", "abs", "ceil", "floor", "round")
-"""The unary functions `settle_vml` calls once on one thread: those of torch's ATen/cpu/vml.h
-that may go to MKL's VML, and their neighbours (a call costs microseconds)."""
