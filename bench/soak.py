@@ -255,12 +255,18 @@ def references(root: Path) -> dict[str, dict]:
 
     from traind.store.saves import list_saves
 
-    weights = {}
-    for template, text in TEMPLATES.items():
+    runs = {}
+    for template, text in TEMPLATES.items():  # all at once: one thread each, as the daemon's jobs train
         path = root / f"{template}.toml"
         path.write_text(f'name = "{template}"\n' + text.format(seed=7))
-        subprocess.run([*PYTHON, "run", str(path), "--dir", str(root / f"ref-{template}")], check=True,
-                       capture_output=True, env={**os.environ, "TRAIND_THREADS": "1"})
+        runs[template] = subprocess.Popen([*PYTHON, "run", str(path), "--dir", str(root / f"ref-{template}")],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                          env={**os.environ, "TRAIND_THREADS": "1"})
+    weights = {}
+    for template, run in runs.items():
+        _, err = run.communicate(timeout=600)
+        if run.returncode != 0:
+            raise RuntimeError(f"the reference run of {template} failed ({run.returncode}): {err.decode()[-2000:]}")
         weights[template] = load_file(list_saves(root / f"ref-{template}" / SAVES)[0][-1].path / "model.safetensors")
     return weights
 
@@ -349,8 +355,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     soak = Soak(root, args.seed)
     left = 0  # jobs not yet done after the last kill
+    phases = {}  # seconds: the references, the kills, the jobs' ends after them, the checks
+
+    def phase(name: str) -> None:
+        phases[name] = round(time.monotonic() - started - sum(phases.values()), 1)
+
     try:
         reference = references(root)
+        phase("references")
         soak.start_daemon()
         for template in TEMPLATES:
             soak.drop(template)
@@ -359,13 +371,16 @@ def main(argv: list[str] | None = None) -> int:
             if (i + 1) % 50 == 0:
                 print(f"{i + 1} kills, {len(soak.dropped)} jobs, {time.monotonic() - started:.0f} s", flush=True)
         left = len(soak.unfinished())
+        phase("kills")
         try:
             soak.finish(timeout=600 + 20 * left)  # a queued job takes a few seconds; generous
         except AssertionError as e:
             failures = [str(e)]
         else:
             soak.stop()
+            phase("finish")
             failures = check(soak, reference)
+            phase("checks")
     finally:
         soak.stop()
     result = {"kills": sum(soak.kills.values()), "by_target": soak.kills, "by_moment": soak.moments,
@@ -375,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
               "jobs_by_template": {t: list(soak.dropped.values()).count(t) for t in TEMPLATES},
               "failed_jobs_resumed": soak.resumed_failed, "finished_during_kills": len(soak.dropped) - left,
               **resumes(soak), "saves_rotated_out": rotated(soak),
-              "seconds": round(time.monotonic() - started, 1), "failures": failures, "home": str(soak.home)}
+              "seconds": round(time.monotonic() - started, 1), "phases": phases, "failures": failures, "home": str(soak.home)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
