@@ -190,7 +190,8 @@ def test_a_sweep_runs_its_trials_as_jobs_prunes_the_poor_ones_and_its_best_agree
 def test_sigkills_of_the_daemon_and_its_trials_at_random_moments_lose_nothing_and_sample_no_trial_twice(tmp_path):
     """Seven SIGKILLs at random moments (seeded), each of the daemon (started again) or of a
     running trial's worker (restarted by the daemon): the study ends with exactly its
-    trials, one job each, all done, each bitwise equal to its job file run alone."""
+    trials, one job each, all done; each trial a kill interrupted (and one it did not) bitwise
+    equal to its job file run alone."""
     import random
 
     rng = random.Random(16)
@@ -229,10 +230,12 @@ def test_sigkills_of_the_daemon_and_its_trials_at_random_moments_lose_nothing_an
     assert len({json.dumps(t["params"], sort_keys=True) for t in trials}) == 6  # a daemon started again picks anew
     jobs = sorted(p.name for p in (home / "jobs").iterdir() if not p.name.startswith("."))
     assert jobs == [f"sw.t{n:03d}" for n in range(6)]
-    assert sum("resumed from save" in (home / "jobs" / job / "log").read_text() for job in jobs) >= 1
+    interrupted = {job for job in jobs if "resumed from save" in (home / "jobs" / job / "log").read_text()}
+    assert interrupted
     newest = lambda folder: load_file(list_saves(folder / "saves")[0][-1].path / "model.safetensors")  # noqa: E731
-    runs = {}  # each trial's job file run alone, one thread each, all at once (the cores share them)
-    for t in trials:
+    compared = interrupted | set(sorted(set(jobs) - interrupted)[:1])  # and one that ran start to end, if any
+    runs = {}  # each, its job file run alone, one thread each, all at once (the cores share them)
+    for t in (t for t in trials if t["job"] in compared):
         spec = tmp_path / f"{t['job']}.json"
         spec.write_text(traind(home, "sweep", "sw", "--trial", str(t["number"]), "--spec").output)
         alone = tmp_path / f"{t['job']}-alone"
