@@ -96,7 +96,8 @@ def test_a_bad_file_is_rejected_while_the_daemon_serves_on(daemons, tmp_path):
     proc = daemons.start()
     inbox = daemons.home / "inbox"
     wait_for(lambda: inbox.is_dir(), "the inbox")
-    (inbox / "broken.toml").write_text("[model\n")
+    (inbox / ".broken.toml.tmp").write_text("[model\n")  # delivered whole, by a rename: rejected at once (a file
+    os.rename(inbox / ".broken.toml.tmp", inbox / "broken.toml")  # written in place may still grow: test_inbox_writers)
     wait_for(lambda: (daemons.home / "rejected" / "broken.toml.error").exists(), "the rejection")
     assert "not valid TOML" in (daemons.home / "rejected" / "broken.toml.error").read_text()
     (inbox / "fine.toml").write_text('[model]\nlayers = [["Linear", 20, 10]]\n[data]\nsamples = 100\n'
