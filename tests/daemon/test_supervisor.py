@@ -24,7 +24,7 @@ def test_a_submitted_job_trains_to_the_same_weights_as_traind_run(daemons, tmp_p
 def test_the_daemon_sigkilled_mid_run_again_and_again_loses_nothing(daemons, tmp_path, reference):
     submit(daemons.home, tmp_path)
     folder = daemons.home / "jobs" / "soak"
-    for kill in range(3):
+    for kill in range(2):
         proc = daemons.start()
         before = rows(daemons.home).get("soak", {}).get("step", 0)
         wait_for(lambda: rows(daemons.home).get("soak", {}).get("step", 0) > before + 40, f"progress ({kill})")
@@ -34,7 +34,7 @@ def test_the_daemon_sigkilled_mid_run_again_and_again_loses_nothing(daemons, tmp
     daemons.start()
     wait_for(lambda: rows(daemons.home)["soak"]["state"] == "done", "the job to finish")
     assert_equal(final_weights(folder), reference)
-    assert (folder / "log").read_text().count("resumed from save") == 3
+    assert (folder / "log").read_text().count("resumed from save") == 2
 
 
 def test_a_worker_sigkilled_is_restarted_and_finishes_the_same(daemons, tmp_path, reference):
