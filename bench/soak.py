@@ -390,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
               "jobs_by_template": {t: list(soak.dropped.values()).count(t) for t in TEMPLATES},
               "failed_jobs_resumed": soak.resumed_failed, "finished_during_kills": len(soak.dropped) - left,
               **resumes(soak), "saves_rotated_out": rotated(soak),
-              "seconds": round(time.monotonic() - started, 1), "phases": phases, "failures": failures, "home": str(soak.home)}
+              "seconds": round(time.monotonic() - started, 1), "phases": phases,
+              "failures": failures, "home": str(soak.home)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -126,4 +126,3 @@ def settle_vml() -> None:
                     getattr(torch, name)(x)
     finally:
         torch.set_num_threads(threads)
-

@@ -96,8 +96,10 @@ def test_a_bad_file_is_rejected_while_the_daemon_serves_on(daemons, tmp_path):
     proc = daemons.start()
     inbox = daemons.home / "inbox"
     wait_for(lambda: inbox.is_dir(), "the inbox")
-    (inbox / ".broken.toml.tmp").write_text("[model\n")  # delivered whole, by a rename: rejected at once (a file
-    os.rename(inbox / ".broken.toml.tmp", inbox / "broken.toml")  # written in place may still grow: test_inbox_writers)
+    # delivered whole, by a rename: rejected at once (a file written in place that does not
+    # parse may still be growing, and waits 15 s: test_inbox_writers)
+    (inbox / ".broken.toml.tmp").write_text("[model\n")
+    os.rename(inbox / ".broken.toml.tmp", inbox / "broken.toml")
     wait_for(lambda: (daemons.home / "rejected" / "broken.toml.error").exists(), "the rejection")
     assert "not valid TOML" in (daemons.home / "rejected" / "broken.toml.error").read_text()
     (inbox / "fine.toml").write_text('[model]\nlayers = [["Linear", 20, 10]]\n[data]\nsamples = 100\n'
