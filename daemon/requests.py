@@ -84,6 +84,11 @@ class JobRequests:
         """Whether `decide` would not look at the requests yet (their next look is later)."""
         return time.monotonic() < self._next_look
 
+    @property
+    def next_look(self) -> float:
+        """The monotonic moment from which `decide` looks at the requests again."""
+        return self._next_look
+
     def decide(self, store) -> Decision:
         """This boundary's Decision as the requests make it: a quicksave (one per boundary;
         another waits for the next), a pause (save, then stop), a cancel or a reload (stop

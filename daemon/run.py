@@ -130,8 +130,11 @@ class Run:
         step costs no second all-reduce. A request or a signal waits for the next."""
         if self.watch is not None:
             self.watch(trainer)
-        if self.world.size == 1 and self.requests.quiet() and checkpoints.quiet(trainer):
-            return False  # most steps: no request to look for yet, no save due, no signal
+        if self.world.size == 1 and self.requests.quiet():
+            quiet = checkpoints.quiet(trainer)
+            if quiet is not None:  # most steps: no request to look for yet, no save due, no signal
+                trainer.quiet_until(quiet[0], min(quiet[1], self.requests.next_look))
+                return False
         p = trainer.progress
         if self.world.size > 1 and p.batch != 0 and p.step % AGREE_EVERY:
             return checkpoints.act(trainer, checkpoints.due(trainer, Decision(), alike=True))

@@ -10,6 +10,7 @@ committed.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,10 @@ from traind.store.fs import FileSystem
 from traind.store.saves import SaveInfo
 from traind.store.snapshot import Snapshot, Writer
 from traind.store.store import SaveStore
+
+
+QUIET_SECONDS = 0.05
+"""The longest a quiet boundary lets the loop step without asking it again (`Checkpointer.quiet`)."""
 
 
 def policy_of(spec: CheckpointSpec) -> retention.Policy:
@@ -60,19 +65,32 @@ class Checkpointer:
     def boundary(self, trainer: Trainer) -> bool:
         """The loop's callback between steps, for a run with no requests and one process:
         save what is due; True stops the loop."""
-        if self.quiet(trainer):
+        quiet = self.quiet(trainer)
+        if quiet is not None:
+            trainer.quiet_until(*quiet)
             return False
         return self.act(trainer, self.due(trainer, Decision()))
 
-    def quiet(self, trainer: Trainer) -> bool:
-        """Whether nothing can be due at this boundary of one process: inside an epoch, no
-        save due by the step count or the clock, no stop signalled, no decision carried.
-        Most steps' answer, taken without building a Decision: at a small model's step, the
-        full question costs about 1% of it (bench/loop.py's step_cost)."""
+    def quiet(self, trainer: Trainer) -> tuple[int, float] | None:
+        """None where something may be due at this boundary of one process; elsewhere (inside
+        an epoch, no save due by the step count or the clock, no stop signalled, no decision
+        carried: most steps' answer, taken without building a Decision) until when nothing
+        can be, for `Trainer.quiet_until`: the step at which the next save falls due by count,
+        and the moment the clock's does, or QUIET_SECONDS from now if sooner (a signal's
+        stop waits at most that long). At a small model's step, the full question costs
+        about 1% of it, and even this one shows (bench/loop.py's step_cost)."""
         p = trainer.progress
-        return (0 < p.batch < trainer.batches_per_epoch and self.carried is None
-                and (self.stop is None or not self.stop.is_set())
-                and not retention.autosave_due(self.store.policy, p.step, time.monotonic() - self.last_save))
+        if not 0 < p.batch < trainer.batches_per_epoch or self.carried is not None \
+                or (self.stop is not None and self.stop.is_set()):
+            return None
+        policy, now = self.store.policy, time.monotonic()
+        if retention.autosave_due(policy, p.step, now - self.last_save):
+            return None
+        step = (p.step // policy.every_steps + 1) * policy.every_steps if policy.every_steps else sys.maxsize
+        moment = now + QUIET_SECONDS
+        if policy.every_minutes:
+            moment = min(moment, self.last_save + policy.every_minutes * 60)
+        return step, moment
 
     def due(self, trainer: Trainer, decision: Decision, alike: bool = False) -> Decision:
         """DECISION with the save kinds the policy asks for here, and a stop after a save

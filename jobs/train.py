@@ -9,7 +9,6 @@ The `boundary` callback runs there; returning True stops the loop (signals, paus
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 import time
@@ -107,7 +106,7 @@ class Trainer:
         self._accumulate = train.accumulate
         self.alone = train.accumulate == 1 and world.size == 1
         """Whether each batch is a step of its own on one rank: `fit` then steps batch by
-        batch through `_alone`, without `step`'s grouping (about a point of the seed MLP's step)."""
+        batch in `_run_alone`, without `step`'s grouping (about a point of the seed MLP's step)."""
         self._autocast = job.autocast
         self._size, self._batch_size = len(job.splits.train), self.spec.data.batch_size
         self.batches_per_epoch = job.batches_per_epoch
@@ -123,6 +122,8 @@ class Trainer:
         self._compile = train.compile
         self._compiled = not train.compile
         """Whether the compiled model has run a step (its errors come at the first)."""
+        self._ask_step, self._ask_at = 0, 0.0
+        """`quiet_until`'s: before this step and this moment, `_run_alone` does not call the boundary."""
 
     def finished(self) -> bool:
         p, train = self.progress, self.spec.train
@@ -135,27 +136,27 @@ class Trainer:
         job, p = self.job, self.progress
         job.model.train()
         self._prepare()
-        step, alone = self.step, self._alone
-        if not self._compiled:
-            step, alone = functools.partial(self._first_compiled, step), functools.partial(self._first_compiled, alone)
         while not self.finished():
             if not self.at_step_limit():
                 loader = data.train_loader(job.splits.train, self.spec.data, self.spec.seed, p.epoch, p.batch,
                                            self.pin, self._part)
                 if self.alone and not any(epoch == p.epoch for epoch, _ in p.skip):
-                    steps, run = enumerate(loader, p.batch), alone
+                    stopped = self._stepping(self._run_alone, enumerate(loader, p.batch), boundary)
                 else:
-                    steps, run = self._groups(loader), step
-                for batches in steps:
-                    run(batches)
-                    if self.at_step_limit():
-                        break
-                    if boundary(self):
-                        return False
+                    stopped = self._stepping(self._run_groups, self._groups(loader), boundary)
+                if stopped:
+                    return False
             self.end_epoch()
             if boundary(self):
                 return self.finished()
         return True
+
+    def quiet_until(self, step: int, moment: float) -> None:
+        """A boundary's word that it has nothing to do before the loop reaches STEP or the
+        monotonic clock MOMENT, whichever comes first: until then, where each batch is a step
+        of its own on one rank (`alone`), the loop does not call it. Given afresh at each
+        call: a boundary that says nothing is called at the next step."""
+        self._ask_step, self._ask_at = step, moment
 
     def at_step_limit(self) -> bool:
         return self._limit is not None and self.progress.step >= self._limit
@@ -192,23 +193,87 @@ class Trainer:
             self.net = torch.compile(self.net, mode="max-autotune" if self._compile == "max-autotune" else None)
             self.net._traind_compiled = True
 
-    def _first_compiled(self, step: Callable, batches) -> None:
-        """STEP (`step` or `_alone`) of the compiled model over BATCHES: the first compiles
-        it, and its failure is the job's."""
+    def _stepping(self, run: Callable[[Iterator, Callable[[Trainer], bool]], bool], steps: Iterator,
+                  boundary: Callable[[Trainer], bool]) -> bool:
+        """RUN (`_run_alone` or `_run_groups`) over STEPS with BOUNDARY; until the compiled
+        model has made a step, a failure before it (torch.compile compiles at the first) is
+        the job's, naming train.compile."""
         if self._compiled:
-            return step(batches)
+            return run(steps, boundary)
+        first = self.progress.step
         try:
-            step(batches)
+            return run(steps, boundary)
         except Exception as e:
-            if is_out_of_memory(e) or isinstance(e, NonFiniteLoss):
+            if self.progress.step != first or is_out_of_memory(e) or isinstance(e, NonFiniteLoss):
                 raise
             from traind.jobs.errors import JobSpecError, Problem
 
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            line = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise JobSpecError([Problem(("train", "compile"), f"torch.compile failed on this model: "
-                                        f"{type(e).__name__}: {first} (the traceback, in the log, names the layer)",
+                                        f"{type(e).__name__}: {line} (the traceback, in the log, names the layer)",
                                         fix="set train.compile = false, or change the layer it names")]) from e
-        self._compiled = True
+        finally:
+            if self.progress.step != first:
+                self._compiled = True
+
+    def _run_groups(self, groups: Iterator[list[Batch]], boundary: Callable[[Trainer], bool]) -> bool:
+        """`step` over each of GROUPS, BOUNDARY called after each; True when it stopped the loop."""
+        for group in groups:
+            self.step(group)
+            if self.at_step_limit():
+                return False
+            if boundary(self):
+                return True
+        return False
+
+    def _run_alone(self, steps: Iterator[tuple[int, tuple[torch.Tensor, torch.Tensor]]],
+                   boundary: Callable[[Trainer], bool]) -> bool:
+        """`step` over each of STEPS, (the batch's index, (inputs, targets)), each a step of
+        its own on one rank (`alone`): its samples are the step's. BOUNDARY is called after a
+        step unless it said it is quiet until later (`quiet_until`); True when it stopped the
+        loop. One flat loop, its decisions taken before it: at ~0.5 ms a step of a small
+        model, each function call and attribute chain a step shows up in bench/loop.py's
+        step_cost (this loop and the quiet boundaries: about a point of the seed MLP's step,
+        docs/PERFORMANCE.md, "One loop for a batch alone")."""
+        job, p = self.job, self.progress
+        net, loss_fn, optimizer, device, autocast = self.net, job.loss_fn, job.optimizer, job.device, self._autocast
+        zero_grad, scaler, move, limit = optimizer.zero_grad, job.scaler, self._move, self._limit
+        optimize = optimizer.step if scaler is None and not self._clip and self._step_scheduler is None \
+            and job.ema is None else self._optimize
+        log_every, monotonic = self._log_every, time.monotonic
+        self._ask_step = 0  # (a word from before a rollback, or from the last epoch, no longer holds)
+        for index, (x, y) in steps:
+            if move:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            # The last step's gradients are let go before the forward pass, not after it (as the
+            # tutorials write it): the seed MLP's step ran 1-2% faster so under bf16 autocast,
+            # 0.6-1% in fp32 (docs/PERFORMANCE.md, "Gradients let go before the forward pass").
+            zero_grad(set_to_none=True)
+            if autocast is None:
+                loss = loss_fn(net(x), y)
+            else:
+                with torch.autocast(device.type, autocast):
+                    loss = loss_fn(net(x), y)
+            self._losses.append(loss.detach())
+            n = x.shape[0]  # (shape, not len(): len() costs a microsecond)
+            self._pending.append((p.step + 1, index, n, n))
+            if scaler is not None:
+                loss = scaler.scale(loss)
+            loss.backward()
+            p.batch = index + 1
+            optimize()
+            p.step += 1
+            if p.step % log_every == 0:
+                self._log_step()
+            elif len(self._losses) >= LOOK_EVERY:
+                self.look()
+            if limit is not None and p.step >= limit:
+                return False
+            if p.step >= self._ask_step or monotonic() >= self._ask_at:
+                self._ask_step = 0  # asked at the next step, unless the boundary says otherwise
+                if boundary(self):
+                    return True
+        return False
 
     def step(self, group: list[Batch]) -> None:
         """One optimizer step over GROUP: each batch's gradients added up (weighted so that
@@ -217,7 +282,7 @@ class Trainer:
         job, p, world, scaler = self.job, self.progress, self.world, self.job.scaler
         ranks, last, step = world.size, len(group) - 1, p.step + 1
         total = self._group_size(group)
-        job.optimizer.zero_grad(set_to_none=True)  # before the forward pass: see `_alone`
+        job.optimizer.zero_grad(set_to_none=True)  # before the forward pass: see `_run_alone`
         for i, (index, x, y) in enumerate(group):
             if self._move:
                 x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
@@ -236,26 +301,6 @@ class Trainer:
             else:
                 loss.backward()
         p.batch = group[-1][0] + 1
-        self._update()
-
-    def _alone(self, batch: tuple[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """`step` over one BATCH, (its index, (inputs, targets)), alone on one rank (`alone`):
-        its samples are the step's."""
-        job, p = self.job, self.progress
-        index, (x, y) = batch
-        if self._move:
-            x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
-        # The last step's gradients are let go before the forward pass, not after it (as the
-        # tutorials write it): the seed MLP's step ran 1-2% faster so under bf16 autocast,
-        # 0.6-1% in fp32 (docs/PERFORMANCE.md, "Gradients let go before the forward pass").
-        job.optimizer.zero_grad(set_to_none=True)
-        loss = self._forward(x, y)[1]
-        self._losses.append(loss.detach())
-        self._pending.append((p.step + 1, index, x.shape[0], x.shape[0]))
-        if job.scaler is not None:
-            loss = job.scaler.scale(loss)
-        loss.backward()
-        p.batch = index + 1
         self._update()
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,9 +323,19 @@ class Trainer:
         return sum(self._whole(index) for index, _, _ in group)
 
     def _update(self) -> None:
-        """After the backward passes: clip, step the optimizer (and a per-step scheduler and
-        the EMA), count the step, and look at the losses when due."""
-        job, p = self.job, self.progress
+        """After the backward passes: the optimizer's step (`_optimize`), counted, and a
+        look at the losses when due."""
+        self._optimize()
+        p = self.progress
+        p.step += 1
+        if p.step % self._log_every == 0:
+            self._log_step()
+        elif len(self._losses) >= LOOK_EVERY:
+            self.look()
+
+    def _optimize(self) -> None:
+        """Clip, step the optimizer (and a per-step scheduler and the EMA)."""
+        job = self.job
         scaler = job.scaler
         if scaler is None:
             if self._clip:
@@ -296,17 +351,17 @@ class Trainer:
             self._step_scheduler.step()
         if job.ema is not None:
             job.ema.update_parameters(job.model)
-        p.step += 1
-        if p.step % self._log_every == 0:  # its record waits for its loss: written by the next look
-            record = {"kind": "step", "step": p.step, "epoch": p.epoch, "loss": None, "lr": self.lr()}
-            if scaler is not None:
-                record["scale"] = scaler.get_scale()
-            record["time"] = round(time.time(), 3)
-            self._logged.append(record)
-            if self.world.size > 1 or time.monotonic() >= self._look_by:
-                self.look()
-                return
-        if len(self._losses) >= LOOK_EVERY:
+
+    def _log_step(self) -> None:
+        """A logged step's record, which waits for its loss (written by the next look), and
+        that look where due."""
+        p, scaler = self.progress, self.job.scaler
+        record = {"kind": "step", "step": p.step, "epoch": p.epoch, "loss": None, "lr": self.lr()}
+        if scaler is not None:
+            record["scale"] = scaler.get_scale()
+        record["time"] = round(time.time(), 3)
+        self._logged.append(record)
+        if self.world.size > 1 or time.monotonic() >= self._look_by or len(self._losses) >= LOOK_EVERY:
             self.look()
 
     def look(self) -> float | None:

@@ -45,9 +45,13 @@ class Run:
         self.stop_at = stop_at
 
     def boundary(self, trainer):
-        if self.stop_at is not None and trainer.progress.step >= self.stop_at:
+        if self.stop_at is None:
+            return self.ckpt.boundary(trainer)
+        if trainer.progress.step >= self.stop_at:
             self.stop.set()
-        return self.ckpt.boundary(trainer)
+        stops = self.ckpt.boundary(trainer)
+        trainer.quiet_until(0, 0.0)  # asked again at the next step, so that the stop comes at its step
+        return stops
 
     def go(self):
         try:
@@ -174,38 +178,84 @@ def test_a_save_waited_for_is_written_on_the_training_thread_and_the_others_behi
         assert behind >= ({5, 8, 10} if stop_at else {15, 16, 20, 60})  # every 5 steps, every epoch of 8
 
 
-def test_a_quiet_boundary_is_one_where_nothing_is_due(tmp_path):
-    """The shortcut of most steps: wherever `quiet` says so, the full question finds no
-    save and no stop; and it is not quiet where a save falls due by count, by the clock, or
-    a stop was signalled."""
+def test_a_quiet_boundary_is_one_where_nothing_is_due_before_the_step_and_moment_it_names(tmp_path):
+    """The shortcut of most steps: wherever `quiet` names a step and a moment, the full
+    question finds no save and no stop, the step is the next one a save falls due at by
+    count, and the moment is the clock's save or QUIET_SECONDS away, whichever is sooner; it
+    is not quiet where a save falls due by count, by the clock, or a stop was signalled."""
+    import time
+
+    from traind.jobs.checkpoint import QUIET_SECONDS
     from traind.jobs.world import Decision
 
     jf, folder = job_file("mlp.toml", tmp_path, every_steps=5), tmp_path / "run"
     run, answers = Run(jf, folder), []
 
     def boundary(trainer):
-        ckpt = run.ckpt
+        ckpt, p = run.ckpt, trainer.progress
+        before = time.monotonic()
         quiet = ckpt.quiet(trainer)
-        if quiet:
+        if quiet is not None:
             decision = ckpt.due(trainer, Decision())
             assert not decision.kinds and decision.stop is None, trainer.progress
-        answers.append((trainer.progress.step, trainer.progress.batch, quiet))
-        if trainer.progress.step == 12 and trainer.progress.batch:
+            step, moment = quiet
+            assert step == (p.step // 5 + 1) * 5 and before < moment <= time.monotonic() + QUIET_SECONDS
+        answers.append((p.step, p.batch, quiet is not None))
+        if p.step == 12 and p.batch:
             policy = ckpt.store.policy
             assert not (policy.every_steps and 12 % policy.every_steps == 0) and quiet
-            ckpt.last_save -= 3600  # an hour since the last save: the clock's autosave is due
-            assert not ckpt.quiet(trainer) and ckpt.due(trainer, Decision()).kinds == {"auto"}
-            ckpt.last_save += 3600
+            ckpt.last_save -= policy.every_minutes * 60 - 0.01  # the clock's autosave falls due in 10 ms
+            assert ckpt.quiet(trainer)[1] == ckpt.last_save + policy.every_minutes * 60
+            ckpt.last_save -= 1  # and now it is due
+            assert ckpt.quiet(trainer) is None and ckpt.due(trainer, Decision()).kinds == {"auto"}
+            ckpt.last_save += policy.every_minutes * 60 + 1
             run.stop.set()
-            assert not ckpt.quiet(trainer)
+            assert ckpt.quiet(trainer) is None
             run.stop.clear()
-        return ckpt.boundary(trainer)
+        stops = ckpt.boundary(trainer)
+        trainer.quiet_until(0, 0.0)  # this test asks at every step
+        return stops
 
     run.trainer.fit(boundary)
     run.ckpt.close()
     run.trainer.recorder.close()
     assert all(not quiet for step, batch, quiet in answers if step % 5 == 0 or batch in (0, 8))
     assert sum(quiet for _, _, quiet in answers) > len(answers) / 2
+
+
+def test_the_loop_asks_a_quiet_boundary_again_at_the_step_or_the_moment_it_named(tmp_path):
+    """Where each batch is a step of its own, the loop calls a boundary that named a step
+    and a moment (`Trainer.quiet_until`) again only there, whichever comes first, and one
+    that named nothing at the next step; each epoch's end asks it as ever."""
+    import math
+    import time
+
+    trainer = Run(job_file("mlp.toml", tmp_path), tmp_path / "run").trainer  # 8 epochs of 8 steps
+    asked = []
+
+    def every_third_step(t):
+        p = t.progress
+        asked.append((p.step, p.batch))
+        if p.batch:
+            t.quiet_until(p.step + 3, math.inf)
+        return False
+
+    assert trainer.alone and trainer.fit(every_third_step)
+    inside = [step for step, batch in asked if batch]
+    assert inside == [step for epoch in range(8) for step in range(8 * epoch + 1, 8 * epoch + 9, 3)]
+    assert [step for step, batch in asked if not batch] == list(range(8, 65, 8))
+
+    (tmp_path / "again").mkdir()
+    trainer = Run(job_file("mlp.toml", tmp_path / "again"), tmp_path / "again" / "run").trainer
+    asked.clear()
+
+    def past_moment(t):  # a moment gone by: asked at the next step, whatever the step
+        asked.append((t.progress.step, t.progress.batch))
+        t.quiet_until(10**9, time.monotonic() - 1)
+        return False
+
+    assert trainer.fit(past_moment)
+    assert len(asked) == 64 + 8  # each step, and each epoch's end
 
 
 def test_load_game_continues_from_the_chosen_save_and_keeps_newer_ones(tmp_path, uninterrupted):
