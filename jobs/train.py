@@ -9,6 +9,7 @@ The `boundary` callback runs there; returning True stops the loop (signals, paus
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 import time
@@ -196,11 +197,14 @@ class Trainer:
     def _stepping(self, run: Callable[[Iterator, Callable[[Trainer], bool]], bool], steps: Iterator,
                   boundary: Callable[[Trainer], bool]) -> bool:
         """RUN (`_run_alone` or `_run_groups`) over STEPS with BOUNDARY; until the compiled
-        model has made a step, a failure before it (torch.compile compiles at the first) is
-        the job's, naming train.compile."""
+        model has made a step, a failure of the first (torch.compile compiles there) is the
+        job's, naming train.compile."""
         if self._compiled:
             return run(steps, boundary)
-        first = self.progress.step
+        batches = next(steps, None)  # (the data's failures are its own, not the compile's)
+        if batches is None:
+            return False
+        steps, first = itertools.chain([batches], steps), self.progress.step
         try:
             return run(steps, boundary)
         except Exception as e:

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import EXAMPLES, MLP
 from tests.jobs.test_checkpoint import Run, equal
+from traind.jobs import data
 from traind.jobs.build import build_job
 from traind.jobs.errors import JobSpecError
 from traind.jobs.jobfile import load_job
@@ -314,3 +315,40 @@ def test_a_failure_at_the_compiled_models_first_step_is_the_jobs_error_naming_th
     assert "train.compile" in text and "RuntimeError: inductor: no lowering for aten.weird" in text
     assert "set train.compile = false" in text and "more detail" not in text
     assert t.progress.step == 0
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_failures_of_the_data_or_after_the_first_compiled_step_are_not_blamed_on_compile(spec_of, monkeypatch,
+                                                                                        accumulate):
+    """Only what the compiled model's first step raises names train.compile: the data
+    failing before it, or the model failing at a later step, is raised as it is."""
+    text = MLP.replace("epochs = 3", f"epochs = 1\naccumulate = {accumulate}\ncompile = true")
+
+    def broken_loader(*args, **kwargs):
+        raise OSError("the data's disk went away")
+        yield
+
+    t = Trainer(build_job(spec_of(text), "t"), Recorder())
+    t.net._traind_compiled = True  # (the plain model stands for the compiled one)
+    monkeypatch.setattr(data, "train_loader", lambda *args, **kwargs: broken_loader())
+    with pytest.raises(OSError, match="disk went away"):
+        t.fit()
+    monkeypatch.undo()
+
+    class FailsLater(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.calls = model, 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls > accumulate:  # the second step's first batch
+                raise RuntimeError("a later failure")
+            return self.model(x)
+
+    t = Trainer(build_job(spec_of(text), "t"), Recorder())
+    t.net = FailsLater(t.job.model)
+    t.net._traind_compiled = True
+    with pytest.raises(RuntimeError, match="a later failure"):
+        t.fit()
+    assert t.progress.step == 1 and t._compiled
