@@ -69,11 +69,12 @@ def test_two_runs_of_one_job_give_bitwise_equal_weights(spec_of):
     assert not all(torch.equal(runs[0][k], v) for k, v in weights(other).items())
 
 
-@pytest.mark.parametrize("switch", ["", "precision = 'bf16'\n", "grad_clip = 0.5\n"])
+@pytest.mark.parametrize("switch", ["", "precision = 'bf16'\n", "grad_clip = 0.5\n", "ema = 0.9\n",
+                                    "[scheduler]\nname = 'StepLR'\nstep_size = 5\ngamma = 0.5\ninterval = 'step'\n"])
 def test_a_batch_stepped_alone_is_the_grouped_step(spec_of, tmp_path, switch):
-    """With accumulate 1 on one rank `fit` steps batch by batch (`Trainer.alone`), past the
-    grouping of `step`: the same weights, losses and records, to the bit (the last batch
-    short)."""
+    """With accumulate 1 on one rank `fit` steps batch by batch (`Trainer.alone`, in
+    `_run_alone`), past the grouping of `step`: the same weights, losses and records, to the
+    bit (the last batch short), with each switch that changes what a step runs."""
     text = MLP.replace("epochs = 3", "epochs = 3\nlog_every_steps = 3\n" + switch)
     runs = []
     for alone in (True, False):
