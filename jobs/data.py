@@ -143,6 +143,17 @@ def on_device(splits: Splits, device: torch.device, workers: int) -> tuple[Split
     return Splits(move(splits.train), move(splits.val), splits.description), size
 
 
+def resident(ds: Dataset | None, device: torch.device) -> bool:
+    """Whether every batch of DS comes on DEVICE already (in-memory data that `on_device`
+    moved there): the loop then moves none of them (a `.to()` of a tensor already there is
+    no copy, but two calls a step, which a small model's step on a GPU shows)."""
+    if not isinstance(ds, TensorPairs):
+        return False
+    found = ds.x.device
+    return found.type == device.type and (device.index is None or found.index == device.index) \
+        and ds.y.device == found
+
+
 def float_targets(splits: Splits, shape: tuple[int, ...]) -> Splits:
     """In-memory 0/1 labels as float targets of SHAPE per sample (a loss such as
     BCEWithLogitsLoss takes them so), converted once rather than at every batch."""

@@ -99,7 +99,8 @@ class Trainer:
         # Per-step decisions that never change, taken once: at ~0.5 ms a step on a small
         # model, each attribute chain in the hot path shows up in bench/loop.py.
         train = self.spec.train
-        self._move = job.device.type != "cpu"
+        self._move = job.device.type != "cpu" and not data.resident(job.splits.train, job.device)
+        self._move_val = job.device.type != "cpu" and not data.resident(job.splits.val, job.device)
         self._clip = train.grad_clip
         self._step_scheduler = job.scheduler if self.spec.scheduler and self.spec.scheduler.interval == "step" else None
         self._limit = train.max_steps
@@ -421,7 +422,7 @@ class Trainer:
         losses, sizes, rights, labels = [], [], [], 0
         with torch.no_grad():
             for x, y in data.val_loader(job.splits.val, self.spec.data, self.spec.seed, self.pin, self._part):
-                if self._move:
+                if self._move_val:
                     x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
                 if not y.shape[0]:  # a rank's share of a batch shorter than the world
                     continue

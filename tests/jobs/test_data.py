@@ -199,3 +199,25 @@ def test_the_csv_target_column_is_named_when_it_was_not_given(spec_of, tmp_path)
     (tmp_path / "d.csv").write_text("a,b,kind\n" + "".join(f"{i},{i},{'xy'[i % 2]}\n" for i in range(20)))
     found = splits(spec_of, "source = 'csv'\npath = 'd.csv'")
     assert "target 'kind' (column 2) (the last; set data.target to pick another)" in found.description
+
+
+def test_data_is_resident_on_a_device_only_where_every_tensor_of_it_is_there():
+    """The loop moves no batch of in-memory data that `on_device` put on its device (the
+    meta device stands for a GPU here), and moves everything else."""
+    meta, cpu = torch.device("meta"), torch.device("cpu")
+    there = data.TensorPairs(torch.empty(8, 3, device="meta"), torch.empty(8, device="meta"))
+    assert data.resident(there, meta) and not data.resident(there, cpu)
+    assert not data.resident(data.TensorPairs(torch.zeros(8, 3), torch.zeros(8)), meta)
+    assert not data.resident(data.TensorPairs(torch.empty(8, 3, device="meta"), torch.zeros(8)), meta)
+    assert not data.resident(TensorDataset(torch.empty(8, 3, device="meta")), meta)  # not traind's in-memory pairs
+    assert not data.resident(None, meta)
+    cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
+
+    class Pretend:  # a tensor's device as a GPU's would read (no GPU here)
+        def __init__(self, device):
+            self.device = device
+
+    pair = data.TensorPairs.__new__(data.TensorPairs)
+    pair.x, pair.y = Pretend(cuda0), Pretend(cuda0)
+    assert data.resident(pair, torch.device("cuda")) and data.resident(pair, cuda0)
+    assert not data.resident(pair, cuda1)
