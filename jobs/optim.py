@@ -122,5 +122,5 @@ def correct_count(out: torch.Tensor, y: torch.Tensor, loss: str) -> tuple[torch.
     above the loss's threshold."""
     threshold = BINARY_LOSSES.get(loss)
     if threshold is None:
-        return (out.argmax(dim=-1) == y).sum(), len(y)
+        return (out.argmax(dim=-1) == y).sum(), y.shape[0]  # (len() of a tensor costs a microsecond)
     return ((out > threshold) == (y.reshape(out.shape) > 0.5)).sum(), out.numel()

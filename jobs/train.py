@@ -420,23 +420,26 @@ class Trainer:
         model = job.ema if job.ema is not None else job.model
         model.eval()
         losses, sizes, rights, labels = [], [], [], 0
+        move, autocast, loss_fn, device = self._move_val, self._autocast, job.loss_fn, job.device
+        classification, loss_name = job.classification, self.spec.train.loss
         with torch.no_grad():
             for x, y in data.val_loader(job.splits.val, self.spec.data, self.spec.seed, self.pin, self._part):
-                if self._move_val:
-                    x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
-                if not y.shape[0]:  # a rank's share of a batch shorter than the world
+                if move:
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                size = y.shape[0]
+                if not size:  # a rank's share of a batch shorter than the world
                     continue
-                if self._autocast is None:
+                if autocast is None:
                     out = model(x)
-                    loss = job.loss_fn(out, y)
+                    loss = loss_fn(out, y)
                 else:
-                    with torch.autocast(job.device.type, self._autocast):
+                    with torch.autocast(device.type, autocast):
                         out = model(x)
-                        loss = job.loss_fn(out, y)
+                        loss = loss_fn(out, y)
                 losses.append(loss)  # on the device, summed there at the end: one wait, no op a batch
-                sizes.append(y.shape[0])
-                if job.classification:
-                    right, n = correct_count(out, y, self.spec.train.loss)
+                sizes.append(size)
+                if classification:
+                    right, n = correct_count(out, y, loss_name)
                     rights.append(right)
                     labels += n
         model.train()
