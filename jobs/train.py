@@ -329,7 +329,8 @@ class Trainer:
 
     def _update(self) -> None:
         """After the backward passes: the optimizer's step (`_optimize`), counted, and a
-        look at the losses when due."""
+        look at the losses when due. `_run_alone` does the same inline (a call a step less),
+        which tests/jobs/test_train.py holds to this path bit for bit."""
         self._optimize()
         p = self.progress
         p.step += 1
